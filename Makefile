@@ -1,0 +1,37 @@
+# The same commands CI runs (.ci/run calls `make test`).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test unit lint typecheck services slow clean
+
+$(BIN)/numbering: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/numbering ## Create .venv and install numbering with its test tools.
+
+demo: install ## The quick start: number invoices on an SQLite file and audit the ledger.
+	./scripts/demo.sh
+
+services: ## Start PostgreSQL and Redis on this machine if they are down.
+	./scripts/services.sh
+
+lint: install ## ruff and mypy.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	./scripts/typecheck.sh $(BIN)/mypy
+
+test: install services lint ## Everything CI runs: lint, types, unit, integration, acceptance.
+	$(BIN)/pytest
+
+unit: install ## The tests that need no server.
+	$(BIN)/pytest tests/unit
+
+slow: install services ## Long soaks, excluded from `make test`.
+	$(BIN)/pytest -m slow
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache numbering.db*

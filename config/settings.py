@@ -1,0 +1,196 @@
+"""Settings from ``NUMBERING_*`` environment variables, validated with clear errors.
+
+This file lives in the repository's top-level ``config/`` folder (the design card's
+layout) and is installed as ``numbering.config.settings``, so it never shadows a user's
+own ``config`` package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from numbering.errors import ConfigurationError, NumberingError
+from numbering.retry import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WAIT_INITIAL,
+    DEFAULT_WAIT_MAX,
+    RetryPolicy,
+)
+from numbering.validation import check_isolation_level, check_seconds
+
+__all__ = [
+    "DEFAULT_BROKER_URL",
+    "DEFAULT_DATABASE_FILE",
+    "DEFAULT_ISOLATION_LEVEL",
+    "DEFAULT_RESULT_BACKEND",
+    "ENV",
+    "Settings",
+    "mask_url",
+]
+
+# The database file used when NUMBERING_DATABASE_URL is unset: in the working directory,
+# so that trying numbering needs no server.
+DEFAULT_DATABASE_FILE = "numbering.db"
+# Redis on the local machine is the default broker ...
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+# ... and result backend (another database number, so results and queues stay apart).
+DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
+# The isolation level of numbering's own transactions.
+DEFAULT_ISOLATION_LEVEL = "READ COMMITTED"
+
+# Environment variable for each setting. Names are part of the public contract.
+ENV = {
+    "database_url": "NUMBERING_DATABASE_URL",
+    "broker_url": "NUMBERING_BROKER_URL",
+    "result_backend": "NUMBERING_RESULT_BACKEND",
+    "isolation_level": "NUMBERING_ISOLATION_LEVEL",
+    "retry_attempts": "NUMBERING_RETRY_ATTEMPTS",
+    "retry_timeout": "NUMBERING_RETRY_TIMEOUT",
+    "retry_wait_initial": "NUMBERING_RETRY_WAIT_INITIAL",
+    "retry_wait_max": "NUMBERING_RETRY_WAIT_MAX",
+}
+
+_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
+_BACKEND_SCHEMES = ("redis", "rediss", "rpc", "db+postgresql", "db+sqlite", "cache+memory")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs, errors and output.
+
+    >>> mask_url("postgresql://app:s3cret@db/numbers")
+    'postgresql://app:***@db/numbers'
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable URL>"
+    if not password:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    userinfo = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[2]}"))
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{Path.cwd() / DEFAULT_DATABASE_FILE}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """numbering's settings. Build them with :meth:`from_env` or directly."""
+
+    database_url: str = ""
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str = DEFAULT_RESULT_BACKEND
+    isolation_level: str = DEFAULT_ISOLATION_LEVEL
+    retry_attempts: int = DEFAULT_ATTEMPTS
+    retry_timeout: float = DEFAULT_TIMEOUT
+    retry_wait_initial: float = DEFAULT_WAIT_INITIAL
+    retry_wait_max: float = DEFAULT_WAIT_MAX
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            object.__setattr__(self, "database_url", _default_database_url())
+        object.__setattr__(self, "database_url", _check_database_url(self.database_url))
+        _check_url("broker_url", self.broker_url, _BROKER_SCHEMES)
+        _check_url("result_backend", self.result_backend, _BACKEND_SCHEMES)
+        try:
+            level = check_isolation_level(self.isolation_level)
+            self.retry_policy()
+        except (NumberingError, TypeError, ValueError) as exc:
+            raise ConfigurationError(str(exc)) from None
+        object.__setattr__(self, "isolation_level", level)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``NUMBERING_*`` variables (``os.environ`` by default).
+
+        Unset or empty variables take the defaults. An unknown ``NUMBERING_`` variable is
+        an error, so that a typo cannot silently fall back to a default database.
+        """
+        env = os.environ if environ is None else environ
+        known = set(ENV.values())
+        unknown = sorted(k for k in env if k.startswith("NUMBERING_") and k not in known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(ENV[f.name], "").strip()
+            if raw:
+                values[f.name] = _parse(f.name, raw)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy these settings describe."""
+        return RetryPolicy(
+            attempts=self.retry_attempts,
+            timeout=self.retry_timeout,
+            wait_initial=self.retry_wait_initial,
+            wait_max=self.retry_wait_max,
+        )
+
+    def masked(self) -> dict[str, str]:
+        """Every setting as text, keyed by environment variable, passwords masked."""
+        shown: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            is_url = f.name.endswith(("_url", "_backend"))
+            shown[ENV[f.name]] = mask_url(value) if is_url else str(value)
+        return shown
+
+
+def _parse(name: str, raw: str) -> object:
+    variable = ENV[name]
+    if name == "retry_attempts":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{variable} must be a whole number, got {raw!r}") from None
+    if name.startswith("retry_"):
+        try:
+            return check_seconds(float(raw), variable, allow_zero=name.startswith("retry_wait"))
+        except ValueError:
+            raise ConfigurationError(
+                f"{variable} must be a finite, positive number of seconds, got {raw!r}"
+            ) from None
+    return raw
+
+
+def _check_database_url(url: str) -> str:
+    if url.startswith("postgres://"):  # the spelling Heroku and others hand out
+        url = "postgresql://" + url.removeprefix("postgres://")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError(
+            f"{ENV['database_url']} is not a database URL: {mask_url(url)!r}; "
+            "expected e.g. postgresql://user:password@host/dbname or sqlite:///numbering.db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "sqlite"):
+        raise ConfigurationError(
+            f"{ENV['database_url']} names an unsupported database {backend!r}; "
+            "numbering supports postgresql and sqlite"
+        )
+    return url
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    variable = ENV[name]
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in schemes:
+        raise ConfigurationError(
+            f"{variable} must be a URL starting with one of "
+            f"{', '.join(s + '://' for s in schemes)}; got {mask_url(url)!r}"
+        )

@@ -1,0 +1,87 @@
+"""Gapless sequence numbers from a real database.
+
+In your own transaction (the django-sequences model)::
+
+    from numbering import allocate
+    with Session(engine) as session, session.begin():
+        invoice.number = allocate(session, "invoices", key=f"invoice:{invoice.id}")
+
+In numbering's own short, retried transaction::
+
+    from numbering import Allocator
+    numbers = Allocator.from_env()
+    numbers.next_value("invoices", key="invoice:42")
+"""
+
+from __future__ import annotations
+
+from numbering.allocator import Assignment, Outcome, Request, allocate, assign, new_key
+from numbering.config.settings import Settings
+from numbering.database import create_engine
+from numbering.errors import (
+    ConfigurationError,
+    ConflictError,
+    ConnectionLost,
+    DatabaseError,
+    DatabaseUnavailable,
+    InvalidRequestError,
+    KeyReusedError,
+    NumberingError,
+    RetriesExhaustedError,
+    RetryableError,
+    SequenceExhaustedError,
+    SequenceExistsError,
+    SequenceNotFoundError,
+)
+from numbering.ledger import AuditReport, audit, export
+from numbering.migrations import upgrade as init_db
+from numbering.retry import RetryPolicy
+from numbering.runner import Allocator
+from numbering.sequences import (
+    SequenceInfo,
+    create_sequence,
+    get_sequence,
+    last_value,
+    list_sequences,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    # allocation in the caller's transaction
+    "allocate",
+    "assign",
+    "new_key",
+    "Request",
+    "Assignment",
+    "Outcome",
+    # numbering's own retried transactions
+    "Allocator",
+    "RetryPolicy",
+    "Settings",
+    # sequences, schema and audit
+    "create_sequence",
+    "get_sequence",
+    "last_value",
+    "list_sequences",
+    "SequenceInfo",
+    "init_db",
+    "create_engine",
+    "audit",
+    "export",
+    "AuditReport",
+    # errors
+    "NumberingError",
+    "InvalidRequestError",
+    "SequenceNotFoundError",
+    "SequenceExistsError",
+    "KeyReusedError",
+    "SequenceExhaustedError",
+    "ConfigurationError",
+    "DatabaseError",
+    "RetryableError",
+    "ConflictError",
+    "ConnectionLost",
+    "DatabaseUnavailable",
+    "RetriesExhaustedError",
+]

@@ -1,0 +1,3 @@
+from numbering.cli import main
+
+main(prog_name="numbering")

@@ -1,0 +1,288 @@
+"""Assigning gapless values inside a transaction: lock, look the keys up, assign.
+
+Everything here runs in the transaction it is given and never commits: the values become
+real when, and only when, the caller's transaction commits. A rolled-back transaction
+consumes nothing.
+
+The order of the three steps is what makes resent requests safe:
+
+1. **Lock** the sequence row (``SELECT ... FOR UPDATE``; on SQLite, the database write
+   lock). Every transaction that assigns from this sequence now waits for us.
+2. **Look the request keys up** in the ledger. A key that already has a block gets that
+   same block back. Because the look-up runs *after* the lock is granted, a copy of the
+   same request that committed while we waited is seen, even when both arrived at once.
+3. **Assign** the next values, update the counter and append to the ledger.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, NamedTuple, overload
+
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from numbering.database import is_sqlite, translate_error
+from numbering.errors import (
+    InvalidCountError,
+    KeyReusedError,
+    NumberingError,
+    SequenceExhaustedError,
+    SequenceNotFoundError,
+)
+from numbering.schema import STATUS_ASSIGNED, ledger, sequences
+from numbering.validation import (
+    MAX_INT64,
+    check_count,
+    check_key,
+    check_reference,
+    check_sequence_name,
+)
+
+__all__ = ["Assignment", "Bind", "Outcome", "Request", "allocate", "assign", "new_key"]
+
+Bind = Session | Connection
+
+
+def new_key() -> str:
+    """A fresh request key for a caller that gave none."""
+    return f"auto:{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request for ``count`` consecutive values, identified by ``key``.
+
+    Validated on construction, so an invalid request never reaches a transaction.
+    """
+
+    key: str
+    count: int = 1
+    reference: Any = None
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        check_count(self.count)
+        check_reference(self.reference)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The block of values a request got: ``value .. value + count - 1`` of ``cycle``."""
+
+    sequence: str
+    key: str
+    value: int
+    count: int
+    cycle: int
+    #: True when the key already had this block (the request was a resend).
+    resent: bool = False
+
+    @property
+    def values(self) -> range:
+        """The assigned values as a range."""
+        return range(self.value, self.value + self.count)
+
+    @property
+    def last(self) -> int:
+        """The last value of the block."""
+        return self.value + self.count - 1
+
+
+#: What one request in a batch ends with: its block, or the error it alone failed with.
+Outcome = Assignment | NumberingError
+
+
+class _Prior(NamedTuple):
+    sequence_id: int
+    cycle: int
+    value: int
+    size: int
+
+
+def assign(
+    bind: Bind, sequence: str, requests: Sequence[Request], *, nowait: bool = False
+) -> list[Outcome]:
+    """Assign blocks to ``requests`` from ``sequence`` in the caller's transaction.
+
+    Returns one outcome per request, in order: an :class:`Assignment`, or the
+    :class:`NumberingError` that request alone failed with (its key belongs to another
+    request, the sequence is exhausted, ...). The other requests are still assigned.
+    Raises for what fails them all: an unknown sequence, a database error.
+
+    With ``nowait=True`` a sequence locked by another transaction raises
+    :class:`~numbering.errors.LockNotAvailable` at once instead of waiting (PostgreSQL).
+    """
+    name = check_sequence_name(sequence)
+    if not requests:
+        return []
+    try:
+        return _assign(bind, name, requests, nowait)
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+
+
+def _lock(bind: Bind, name: str, nowait: bool) -> Any:
+    if is_sqlite(bind):
+        # SQLite ignores FOR UPDATE; a write takes the database lock before we read.
+        bind.execute(
+            update(sequences).where(sequences.c.name == name).values(cycle=sequences.c.cycle)
+        )
+    row = bind.execute(
+        select(
+            sequences.c.id,
+            sequences.c.initial_value,
+            sequences.c.reset_value,
+            sequences.c.max_value,
+            sequences.c.last_value,
+            sequences.c.cycle,
+        )
+        .where(sequences.c.name == name)
+        .with_for_update(nowait=nowait)
+    ).one_or_none()
+    if row is None:
+        raise SequenceNotFoundError(name)
+    return row
+
+
+def _next_block(name: str, seq: Any, last: int | None, cycle: int, count: int) -> tuple[int, int]:
+    """The first value and cycle of the next block of ``count`` values."""
+    first = seq.initial_value if last is None else last + 1
+    if seq.reset_value is not None:
+        span = seq.reset_value - seq.initial_value
+        if count > span:
+            raise InvalidCountError(
+                f"a block of {count} values cannot fit in sequence {name!r}: it loops "
+                f"every {span} values"
+            )
+        if first >= seq.reset_value:
+            return seq.initial_value, cycle + 1
+        if first + count > seq.reset_value:
+            raise InvalidCountError(
+                f"a block of {count} values does not fit in the {seq.reset_value - first} "
+                f"value(s) left before sequence {name!r} loops; ask for at most that many"
+            )
+        return first, cycle
+    maximum = MAX_INT64 if seq.max_value is None else seq.max_value
+    if first + count - 1 > maximum:
+        raise SequenceExhaustedError(name, last, maximum, count)
+    return first, cycle
+
+
+def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) -> list[Outcome]:
+    seq = _lock(bind, name, nowait)
+    keys = {request.key for request in requests}
+    prior = {
+        row.request_key: _Prior(row.sequence_id, row.cycle, row.value, row.block_count)
+        for row in bind.execute(
+            select(
+                ledger.c.request_key,
+                ledger.c.sequence_id,
+                ledger.c.cycle,
+                ledger.c.value,
+                ledger.c.count.label("block_count"),  # Row.count is tuple.count
+            ).where(ledger.c.request_key.in_(keys))
+        )
+    }
+
+    now = datetime.now(timezone.utc)
+    last: int | None = seq.last_value
+    cycle: int = seq.cycle
+    outcomes: list[Outcome] = []
+    rows: list[dict[str, Any]] = []
+    for request in requests:
+        known = prior.get(request.key)
+        if known is not None:
+            outcomes.append(_resend(name, seq.id, request, known))
+            continue
+        try:
+            first, cycle = _next_block(name, seq, last, cycle, request.count)
+        except NumberingError as error:
+            outcomes.append(error)
+            continue
+        last = first + request.count - 1
+        prior[request.key] = _Prior(seq.id, cycle, first, request.count)
+        outcomes.append(Assignment(name, request.key, first, request.count, cycle))
+        rows.append(
+            {
+                "sequence_id": seq.id,
+                "cycle": cycle,
+                "value": first,
+                "count": request.count,
+                "request_key": request.key,
+                "reference": request.reference,
+                "status": STATUS_ASSIGNED,
+                "assigned_at": now,
+            }
+        )
+
+    if rows:
+        bind.execute(
+            update(sequences)
+            .where(sequences.c.id == seq.id)
+            .values(last_value=last, cycle=cycle, updated_at=now)
+        )
+        bind.execute(insert(ledger), rows)
+    return outcomes
+
+
+def _resend(name: str, sequence_id: int, request: Request, known: _Prior) -> Outcome:
+    if known.sequence_id != sequence_id:
+        return KeyReusedError(request.key, "is already used on another sequence")
+    if known.size != request.count:
+        return KeyReusedError(
+            request.key,
+            f"was already used for a block of {known.size} value(s), not {request.count}",
+        )
+    return Assignment(name, request.key, known.value, known.size, known.cycle, resent=True)
+
+
+@overload
+def allocate(
+    bind: Bind,
+    sequence: str,
+    *,
+    key: str | None = ...,
+    count: None = ...,
+    reference: Any = ...,
+    nowait: bool = ...,
+) -> int: ...
+@overload
+def allocate(
+    bind: Bind,
+    sequence: str,
+    *,
+    key: str | None = ...,
+    count: int,
+    reference: Any = ...,
+    nowait: bool = ...,
+) -> int | range: ...
+def allocate(
+    bind: Bind,
+    sequence: str,
+    *,
+    key: str | None = None,
+    count: int | None = None,
+    reference: Any = None,
+    nowait: bool = False,
+) -> int | range:
+    """Take the next value of ``sequence`` in the caller's transaction; never commits.
+
+    Returns an int, or a contiguous ``range`` when ``count`` is more than 1. Pass the
+    document's id as ``key``: calling again with the same key returns the same value
+    instead of taking a new one. **The value is only yours if the transaction that
+    allocated it commits, together with the document that uses it.**
+
+    >>> with Session(engine) as session, session.begin():
+    ...     number = allocate(session, "invoices", key=f"invoice:{invoice.id}")
+    ...     invoice.number = number
+    """
+    request = Request(new_key() if key is None else key, 1 if count is None else count, reference)
+    [outcome] = assign(bind, sequence, [request], nowait=nowait)
+    if isinstance(outcome, NumberingError):
+        raise outcome
+    return outcome.value if count is None or count == 1 else outcome.values

@@ -1,0 +1,322 @@
+"""The ``numbering`` command.
+
+Every command reads the ``NUMBERING_*`` settings (``--database-url`` overrides the
+database). Errors are one line on standard error and a non-zero exit status, never a
+traceback (``--traceback`` shows one, for bug reports).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from numbering import migrations
+from numbering.config.settings import ENV, Settings, mask_url
+from numbering.errors import NumberingError
+from numbering.ledger import EXPORT_FIELDS
+from numbering.runner import Allocator
+from numbering.sequences import SequenceInfo
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exit status of a command that failed (bad input, database error, audit problems).
+EXIT_FAILURE = 1
+
+
+class _Group(click.Group):
+    """A click group that turns numbering's errors into one line and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except NumberingError as exc:
+            if ctx.meta.get("numbering.traceback"):
+                raise
+            _fail(str(exc))
+        except Exception as exc:
+            if ctx.meta.get("numbering.traceback"):
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} (run with --traceback for details)")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_FAILURE)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj["settings"]
+    return settings
+
+
+def _allocator(ctx: click.Context) -> Allocator:
+    if "allocator" not in ctx.obj:
+        allocator = Allocator.from_settings(_settings(ctx))
+        ctx.obj["allocator"] = allocator
+        ctx.call_on_close(allocator.close)
+    allocator_: Allocator = ctx.obj["allocator"]
+    return allocator_
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    metavar="URL",
+    help=f"Database to use (default: ${ENV['database_url']}, else ./numbering.db).",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Log retries and progress to stderr.")
+@click.option("--traceback", is_flag=True, help="Show a traceback on errors.")
+@click.version_option(package_name="numbering")
+@click.pass_context
+def main(ctx: click.Context, database_url: str | None, verbose: bool, traceback: bool) -> None:
+    """Gapless sequence numbers from a real database.
+
+    \b
+    Try it:
+      numbering init-db
+      numbering sequence create invoices
+      numbering next invoices --key invoice:1
+      numbering audit
+    """
+    ctx.meta["numbering.traceback"] = traceback
+    # Errors reach the user once, as the command's own error line; logs are opt-in.
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.CRITICAL,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    settings = Settings.from_env()
+    if database_url:
+        settings = replace(settings, database_url=database_url)
+    ctx.obj = {"settings": settings}
+
+
+@main.command("init-db")
+@click.pass_context
+def init_db(ctx: click.Context) -> None:
+    """Create numbering's tables, or upgrade them to this version's schema.
+
+    Safe to run again and from several processes at once.
+    """
+    allocator = _allocator(ctx)
+    before = migrations.current_revision(allocator.engine)
+    after = migrations.upgrade(allocator.engine)
+    where = mask_url(_settings(ctx).database_url)
+    if before == after:
+        click.echo(f"schema already at revision {after} in {where}")
+    else:
+        click.echo(f"schema upgraded from {before or 'empty'} to revision {after} in {where}")
+
+
+@main.command("config")
+@click.pass_context
+def show_config(ctx: click.Context) -> None:
+    """Show the settings in effect (passwords masked)."""
+    for variable, value in _settings(ctx).masked().items():
+        click.echo(f"{variable}={value}")
+
+
+# -- sequences ---------------------------------------------------------------------------------
+
+
+@main.group("sequence")
+def sequence() -> None:
+    """Create and inspect sequences."""
+
+
+@sequence.command("create")
+@click.argument("name")
+@click.option("--initial-value", type=int, default=1, show_default=True, help="First value.")
+@click.option(
+    "--reset-value",
+    type=int,
+    help="Loop: after reset_value - 1 start again at the initial value (new cycle).",
+)
+@click.option("--max-value", type=int, help="Stop with 'sequence exhausted' past this value.")
+@click.option("--exist-ok", is_flag=True, help="Succeed if it exists with the same definition.")
+@click.pass_context
+def sequence_create(
+    ctx: click.Context,
+    name: str,
+    initial_value: int,
+    reset_value: int | None,
+    max_value: int | None,
+    exist_ok: bool,
+) -> None:
+    """Create sequence NAME."""
+    info = _allocator(ctx).create_sequence(
+        name,
+        initial_value=initial_value,
+        reset_value=reset_value,
+        max_value=max_value,
+        exist_ok=exist_ok,
+    )
+    click.echo(f"sequence {info.name!r} ready; next value {info.next_value}")
+
+
+@sequence.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def sequence_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show sequence NAME: its definition, last value and next value."""
+    info = _allocator(ctx).sequence(name)
+    shown = _describe(info)
+    if as_json:
+        click.echo(json.dumps(shown, indent=2))
+        return
+    for field, value in shown.items():
+        click.echo(f"{field + ':':<15}{'-' if value is None else value}")
+
+
+def _describe(info: SequenceInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "initial_value": info.initial_value,
+        "reset_value": info.reset_value,
+        "max_value": info.max_value,
+        "last_value": info.last_value,
+        "next_value": info.next_value,
+        "cycle": info.cycle,
+        "created_at": info.created_at.isoformat(),
+        "updated_at": info.updated_at.isoformat(),
+    }
+
+
+@sequence.command("list")
+@click.pass_context
+def sequence_list(ctx: click.Context) -> None:
+    """List every sequence with its last value."""
+    infos = _allocator(ctx).sequences()
+    if not infos:
+        click.echo("no sequences yet (numbering sequence create NAME)")
+        return
+    width = max(len("NAME"), *(len(i.name) for i in infos))
+    click.echo(f"{'NAME':<{width}}  {'LAST':>12}  {'NEXT':>12}  CYCLE")
+    for info in infos:
+        last = "-" if info.last_value is None else str(info.last_value)
+        click.echo(f"{info.name:<{width}}  {last:>12}  {info.next_value:>12}  {info.cycle}")
+
+
+# -- numbers -----------------------------------------------------------------------------------
+
+
+@main.command("next")
+@click.argument("name")
+@click.option("--key", help="Request key; the same key always gets the same number.")
+@click.option("--count", type=int, default=1, show_default=True, help="Consecutive values.")
+@click.option("--reference", metavar="JSON", help="A JSON note stored in the ledger.")
+@click.option("--json", "as_json", is_flag=True, help="Print the assignment as JSON.")
+@click.pass_context
+def next_(
+    ctx: click.Context,
+    name: str,
+    key: str | None,
+    count: int,
+    reference: str | None,
+    as_json: bool,
+) -> None:
+    """Take the next value (or COUNT values) of sequence NAME, in the database directly.
+
+    Prints the value, or FIRST..LAST for a block.
+    """
+    note = None
+    if reference is not None:
+        try:
+            note = json.loads(reference)
+        except json.JSONDecodeError as exc:
+            _fail(f"--reference is not valid JSON: {exc}")
+    assignment = _allocator(ctx).next_block(name, count=count, key=key, reference=note)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "sequence": assignment.sequence,
+                    "key": assignment.key,
+                    "value": assignment.value,
+                    "last": assignment.last,
+                    "count": assignment.count,
+                    "cycle": assignment.cycle,
+                    "resent": assignment.resent,
+                }
+            )
+        )
+    elif assignment.count == 1:
+        click.echo(assignment.value)
+    else:
+        click.echo(f"{assignment.value}..{assignment.last}")
+
+
+# -- audit -------------------------------------------------------------------------------------
+
+
+@main.command("audit")
+@click.argument("name", required=False)
+@click.pass_context
+def audit(ctx: click.Context, name: str | None) -> None:
+    """Check that every ledger (or NAME's) is gapless and agrees with its counter.
+
+    Exits with status 1 if any sequence has a problem.
+    """
+    reports = _allocator(ctx).audit(name)
+    if not reports:
+        click.echo("no sequences to audit")
+        return
+    bad = 0
+    for report in reports:
+        state = "ok" if report.ok else "PROBLEM"
+        last = "-" if report.last_value is None else report.last_value
+        click.echo(
+            f"{report.sequence}: {state}: last value {last}, cycle {report.cycle}, "
+            f"{report.values} value(s) in {report.assignments} assignment(s), "
+            f"{report.voided} voided"
+        )
+        for problem in report.problems:
+            click.echo(f"  - {problem}")
+        if report.unlisted_problems:
+            click.echo(f"  - ... and {report.unlisted_problems} more")
+        bad += not report.ok
+    if bad:
+        _fail(f"{bad} of {len(reports)} sequence(s) failed the audit")
+
+
+@main.command("export")
+@click.argument("name")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "json"]),
+    default="csv",
+    show_default=True,
+    help="Output format.",
+)
+@click.option(
+    "--output", "-o", type=click.File("w"), default="-", help="File to write (default: stdout)."
+)
+@click.pass_context
+def export(ctx: click.Context, name: str, fmt: str, output: Any) -> None:
+    """Write sequence NAME's ledger for auditors, one row per assignment, in value order."""
+    rows = _allocator(ctx).export(name)
+    if fmt == "csv":
+        writer = csv.DictWriter(output, fieldnames=EXPORT_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            row["reference"] = None if row["reference"] is None else json.dumps(row["reference"])
+            writer.writerow(row)
+        return
+    output.write("[")
+    for index, row in enumerate(rows):
+        output.write(("," if index else "") + "\n  " + json.dumps(row))
+    output.write("\n]\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

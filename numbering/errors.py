@@ -1,0 +1,210 @@
+"""Every error numbering raises.
+
+One shallow tree rooted at :class:`NumberingError`::
+
+    NumberingError
+    ├── InvalidRequestError (also ValueError)   bad input, refused before anything is written
+    │   ├── InvalidSequenceNameError
+    │   ├── InvalidKeyError
+    │   ├── InvalidCountError
+    │   ├── InvalidValueError
+    │   ├── PayloadTooLargeError
+    │   ├── SequenceNotFoundError (also LookupError)
+    │   ├── SequenceExistsError
+    │   └── KeyReusedError
+    ├── ConfigurationError (also ValueError)    a NUMBERING_* setting is wrong
+    ├── SequenceExhaustedError                  the next value would pass the maximum
+    ├── DatabaseError                           the database failed; driver error in __cause__
+    │   └── RetryableError                      safe to run the whole transaction again
+    │       ├── ConflictError                   another transaction got in the way
+    │       │   ├── SerializationConflict       SQLSTATE 40001
+    │       │   ├── DeadlockConflict            SQLSTATE 40P01
+    │       │   ├── LockNotAvailable            SQLSTATE 55P03, SQLite "database is locked"
+    │       │   └── KeyRaceConflict             another transaction inserted the same key
+    │       ├── ConnectionLost                  outcome unknown; resolved by key look-up
+    │       └── DatabaseUnavailable             could not connect; nothing was sent
+    └── RetriesExhaustedError                   retried until the bounds ran out
+
+An error's docstring is its default message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ConflictError",
+    "ConnectionLost",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "DeadlockConflict",
+    "InvalidCountError",
+    "InvalidKeyError",
+    "InvalidRequestError",
+    "InvalidSequenceNameError",
+    "InvalidValueError",
+    "KeyRaceConflict",
+    "KeyReusedError",
+    "LockNotAvailable",
+    "NumberingError",
+    "PayloadTooLargeError",
+    "RetriesExhaustedError",
+    "RetryableError",
+    "SequenceExhaustedError",
+    "SequenceExistsError",
+    "SequenceNotFoundError",
+    "SerializationConflict",
+]
+
+
+class NumberingError(Exception):
+    """A numbering operation failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or (self.__doc__ or "").strip().splitlines()[0]
+        super().__init__(self.message)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+class InvalidRequestError(NumberingError, ValueError):
+    """The request is invalid; nothing was written."""
+
+
+class InvalidSequenceNameError(InvalidRequestError):
+    """Invalid sequence name."""
+
+
+class InvalidKeyError(InvalidRequestError):
+    """Invalid request key."""
+
+
+class InvalidCountError(InvalidRequestError):
+    """Invalid count."""
+
+
+class InvalidValueError(InvalidRequestError):
+    """Invalid value."""
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The reference payload is too large."""
+
+
+class SequenceNotFoundError(InvalidRequestError, LookupError):
+    """No such sequence."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"sequence {name!r} does not exist; create it first (numbering sequence create {name})"
+        )
+
+
+class SequenceExistsError(InvalidRequestError):
+    """The sequence already exists."""
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        self.name = name
+        super().__init__(message or f"sequence {name!r} already exists")
+
+
+class KeyReusedError(InvalidRequestError):
+    """The request key already belongs to another request."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        self.key = key
+        super().__init__(f"request key {key!r} {detail}")
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+class ConfigurationError(NumberingError, ValueError):
+    """Invalid configuration."""
+
+
+# -- the sequence itself ---------------------------------------------------------------------
+
+
+class SequenceExhaustedError(NumberingError):
+    """Sequence exhausted."""
+
+    def __init__(self, name: str, last: int | None, maximum: int, count: int) -> None:
+        self.name = name
+        self.maximum = maximum
+        super().__init__(
+            f"sequence exhausted: {name!r} cannot give {count} more value(s) "
+            f"after {last if last is not None else 'none'} without passing its maximum {maximum}"
+        )
+
+
+# -- database --------------------------------------------------------------------------------
+
+
+class DatabaseError(NumberingError):
+    """The database failed."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        sqlstate: str | None = None,
+        constraint: str | None = None,
+    ) -> None:
+        self.sqlstate = sqlstate
+        self.constraint = constraint
+        super().__init__(message)
+
+
+class RetryableError(DatabaseError):
+    """The transaction failed in a way that makes running it again safe."""
+
+
+class ConflictError(RetryableError):
+    """The transaction conflicted with another one; retrying it is safe."""
+
+
+class SerializationConflict(ConflictError):
+    """Could not serialize access due to a concurrent update (SQLSTATE 40001)."""
+
+
+class DeadlockConflict(ConflictError):
+    """Deadlock detected (SQLSTATE 40P01)."""
+
+
+class LockNotAvailable(ConflictError):
+    """The sequence is locked by another transaction."""
+
+
+class KeyRaceConflict(ConflictError):
+    """Another transaction assigned the same request key at the same time."""
+
+
+class ConnectionLost(RetryableError):
+    """The database connection was lost; the outcome is resolved by looking the key up."""
+
+
+class DatabaseUnavailable(RetryableError):
+    """Could not connect to the database."""
+
+
+class RetriesExhaustedError(NumberingError):
+    """Gave up retrying a transaction."""
+
+    def __init__(
+        self, attempts: int, elapsed: float, last: BaseException, *, outcome_unknown: bool
+    ) -> None:
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.outcome_unknown = outcome_unknown
+        if outcome_unknown:
+            outcome = (
+                "a connection was lost, so an attempt may have committed: send the request "
+                "again with the same request key to get its number"
+            )
+        else:
+            outcome = "every attempt was rolled back, nothing was written"
+        super().__init__(
+            f"gave up after {attempts} attempt(s) in {elapsed:.2f}s; last error: {last}; {outcome}"
+        )

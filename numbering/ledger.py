@@ -1,0 +1,179 @@
+"""Reading the ledger back: the gapless audit and the export for auditors.
+
+The audit re-derives every sequence from its ledger alone and compares the result with
+the counter: each cycle must hold exactly ``initial_value .. end`` with every value in
+exactly one block, non-final cycles must end just before ``reset_value``, and the last
+block must end at the counter's ``last_value``. Rows are streamed in value order, so
+memory stays flat however long the ledger is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import DBAPIError
+
+from numbering.database import translate_error
+from numbering.errors import SequenceNotFoundError
+from numbering.schema import STATUS_VOIDED, ledger, sequences
+from numbering.validation import check_sequence_name
+
+__all__ = ["EXPORT_FIELDS", "AuditReport", "audit", "export"]
+
+# The fields of each exported assignment, in order.
+EXPORT_FIELDS = (
+    "sequence",
+    "cycle",
+    "value",
+    "last",
+    "count",
+    "request_key",
+    "reference",
+    "status",
+    "void_reason",
+    "assigned_at",
+    "voided_at",
+)
+
+# A report lists at most this many problems per sequence, then counts the rest.
+MAX_LISTED_PROBLEMS = 50
+# Rows fetched from the server at a time while streaming the ledger.
+STREAM_CHUNK = 10_000
+
+
+@dataclass
+class AuditReport:
+    """What the audit found for one sequence."""
+
+    sequence: str
+    last_value: int | None
+    cycle: int
+    assignments: int = 0
+    values: int = 0
+    voided: int = 0
+    problems: list[str] = field(default_factory=list)
+    unlisted_problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when the ledger is gapless, duplicate-free and agrees with the counter."""
+        return not self.problems
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < MAX_LISTED_PROBLEMS:
+            self.problems.append(text)
+        else:
+            self.unlisted_problems += 1
+
+
+def _sequence_rows(connection: Connection, name: str | None) -> list[Any]:
+    query = select(sequences).order_by(sequences.c.name)
+    if name is not None:
+        query = query.where(sequences.c.name == check_sequence_name(name))
+    rows = list(connection.execute(query).all())
+    if name is not None and not rows:
+        raise SequenceNotFoundError(name)
+    return rows
+
+
+def audit(connection: Connection, name: str | None = None) -> list[AuditReport]:
+    """Audit sequence ``name``, or every sequence; one report per sequence."""
+    try:
+        return [_audit_one(connection, seq) for seq in _sequence_rows(connection, name)]
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+
+
+def _audit_one(connection: Connection, seq: Any) -> AuditReport:
+    report = AuditReport(seq.name, seq.last_value, seq.cycle)
+    rows = connection.execution_options(yield_per=STREAM_CHUNK).execute(
+        select(
+            ledger.c.cycle,
+            ledger.c.value,
+            ledger.c.count.label("block_count"),  # Row.count is tuple.count
+            ledger.c.status,
+        )
+        .where(ledger.c.sequence_id == seq.id)
+        .order_by(ledger.c.cycle, ledger.c.value)
+    )
+    cycle = 0
+    expected = seq.initial_value  # the next value the ledger should hold
+    for row in rows:
+        report.assignments += 1
+        report.values += row.block_count
+        if row.status == STATUS_VOIDED:
+            report.voided += 1
+        if row.cycle != cycle:
+            _check_cycle_end(report, seq, cycle, expected)
+            if row.cycle != cycle + 1:
+                report.problem(f"cycles {cycle + 1}..{row.cycle - 1} are missing")
+            cycle, expected = row.cycle, seq.initial_value
+        if row.value > expected:
+            report.problem(f"gap: cycle {cycle} is missing values {expected}..{row.value - 1}")
+        elif row.value < expected:
+            overlap_end = min(expected, row.value + row.block_count) - 1
+            report.problem(
+                f"duplicate: cycle {cycle} gives values {row.value}..{overlap_end} more than once"
+            )
+        expected = max(expected, row.value + row.block_count)
+
+    ledger_last = expected - 1 if report.assignments else None
+    if (ledger_last, cycle) != (seq.last_value, seq.cycle):
+        report.problem(
+            f"counter disagrees with ledger: counter says last value {seq.last_value} in cycle "
+            f"{seq.cycle}, ledger ends at {ledger_last} in cycle {cycle}"
+        )
+    return report
+
+
+def _check_cycle_end(report: AuditReport, seq: Any, cycle: int, expected: int) -> None:
+    if seq.reset_value is None:
+        report.problem(f"sequence does not loop but its ledger has cycle {cycle + 1}")
+    elif expected < seq.reset_value:
+        report.problem(
+            f"gap: cycle {cycle} is missing values {expected}..{seq.reset_value - 1} "
+            "before it loops"
+        )
+
+
+def export(connection: Connection, name: str) -> Iterator[dict[str, Any]]:
+    """Yield sequence ``name``'s ledger in value order, one dict per assignment.
+
+    The keys are :data:`EXPORT_FIELDS`; times are ISO 8601 in UTC.
+    """
+    try:
+        [seq] = _sequence_rows(connection, name)
+        rows = connection.execution_options(yield_per=STREAM_CHUNK).execute(
+            select(ledger)
+            .where(ledger.c.sequence_id == seq.id)
+            .order_by(ledger.c.cycle, ledger.c.value)
+        )
+        for row in rows:
+            data = row._mapping  # by name: Row.count is tuple.count
+            yield {
+                "sequence": seq.name,
+                "cycle": data["cycle"],
+                "value": data["value"],
+                "last": data["value"] + data["count"] - 1,
+                "count": data["count"],
+                "request_key": data["request_key"],
+                "reference": data["reference"],
+                "status": data["status"],
+                "void_reason": data["void_reason"],
+                "assigned_at": _iso(data["assigned_at"]),
+                "voided_at": _iso(data["voided_at"]),
+            }
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # SQLite keeps no time zone; numbering writes UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.isoformat()

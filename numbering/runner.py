@@ -1,0 +1,200 @@
+"""The transactional runner: numbering's own short transactions, retried when safe.
+
+:class:`Allocator` opens one short transaction per call at the configured isolation
+level, assigns, commits, and runs the whole transaction again on a serialization
+failure, a deadlock, a locked sequence or a lost connection. A request key is fixed
+*before* the first attempt, so every attempt asks for the same key: an attempt whose
+COMMIT reply was lost is resolved by the next attempt, which locks the sequence (waiting
+for the lost transaction to finish either way) and finds the key if it committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+
+from numbering import allocator, ledger, sequences
+from numbering.allocator import Assignment, Outcome, Request, new_key
+from numbering.config.settings import DEFAULT_ISOLATION_LEVEL, Settings, mask_url
+from numbering.database import begin, create_engine, translate_error
+from numbering.errors import NumberingError
+from numbering.ledger import AuditReport
+from numbering.retry import RetryPolicy, RetryStats
+from numbering.sequences import SequenceInfo
+from numbering.validation import check_count, check_isolation_level
+
+__all__ = ["Allocator"]
+
+T = TypeVar("T")
+
+
+class Allocator:
+    """Gapless numbers from a database, each call in its own retried transaction.
+
+    >>> numbers = Allocator("postgresql://localhost/app", isolation_level="REPEATABLE READ")
+    >>> numbers.create_sequence("invoices", exist_ok=True)
+    >>> numbers.next_value("invoices", key="invoice:42")
+    1
+    >>> numbers.next_value("invoices", key="invoice:42")   # same key, same number
+    1
+    """
+
+    def __init__(
+        self,
+        database: Engine | str | URL,
+        *,
+        isolation_level: str = DEFAULT_ISOLATION_LEVEL,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.engine = database if isinstance(database, Engine) else create_engine(database)
+        self.isolation_level = check_isolation_level(isolation_level)
+        self.retry = retry or RetryPolicy()
+        #: Retries so far, by error class (``stats.total`` for all of them).
+        self.stats = RetryStats()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Allocator:
+        """An allocator for ``settings.database_url`` with the settings' level and retries."""
+        return cls(
+            settings.database_url,
+            isolation_level=settings.isolation_level,
+            retry=settings.retry_policy(),
+        )
+
+    @classmethod
+    def from_env(cls) -> Allocator:
+        """An allocator configured from ``NUMBERING_*`` environment variables."""
+        return cls.from_settings(Settings.from_env())
+
+    def __repr__(self) -> str:
+        url = mask_url(self.engine.url.render_as_string(hide_password=False))
+        return f"<Allocator {url} {self.isolation_level}>"
+
+    def close(self) -> None:
+        """Close the engine's pooled connections."""
+        self.engine.dispose()
+
+    def run(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        describe: str = "transaction",
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> T:
+        """Run ``work(connection)`` in one transaction; commit; retry the whole on conflict.
+
+        ``work`` may run more than once, so it must do nothing outside the transaction
+        (no e-mails, no appends to outside lists) that would be wrong to repeat. Use it
+        to allocate a number and write the document that carries it in one transaction::
+
+            def create(conn):
+                number = allocate(conn, "invoices", key=f"invoice:{invoice_id}")
+                conn.execute(invoices.insert().values(id=invoice_id, number=number))
+                return number
+
+            number = numbers.run(create)
+        """
+
+        level = self.isolation_level if isolation_level is None else isolation_level
+
+        def attempt() -> T:
+            try:
+                with (
+                    begin(self.engine, level, readonly=readonly) as connection,
+                    connection.begin(),
+                ):
+                    return work(connection)
+            except DBAPIError as exc:
+                raise translate_error(exc) from exc
+
+        return self.retry.call(attempt, stats=self.stats, describe=describe)
+
+    # -- sequences ---------------------------------------------------------------------------
+
+    def create_sequence(
+        self,
+        name: str,
+        *,
+        initial_value: int = 1,
+        reset_value: int | None = None,
+        max_value: int | None = None,
+        exist_ok: bool = False,
+    ) -> SequenceInfo:
+        """Create a sequence (see :func:`numbering.sequences.create_sequence`)."""
+        return self.run(
+            lambda c: sequences.create_sequence(
+                c,
+                name,
+                initial_value=initial_value,
+                reset_value=reset_value,
+                max_value=max_value,
+                exist_ok=exist_ok,
+            ),
+            describe=f"create sequence {name!r}",
+        )
+
+    def sequence(self, name: str) -> SequenceInfo:
+        """The definition and state of sequence ``name``."""
+        return self.run(lambda c: sequences.get_sequence(c, name), readonly=True)
+
+    def sequences(self) -> list[SequenceInfo]:
+        """Every sequence, by name."""
+        return self.run(sequences.list_sequences, readonly=True)
+
+    def last_value(self, name: str) -> int | None:
+        """The last value given by sequence ``name`` (None before the first)."""
+        return self.run(lambda c: sequences.last_value(c, name), readonly=True)
+
+    # -- allocation --------------------------------------------------------------------------
+
+    def assign(self, sequence: str, requests: Sequence[Request]) -> list[Outcome]:
+        """Assign a batch of requests in one transaction; one outcome per request."""
+        return self.run(
+            lambda c: allocator.assign(c, sequence, requests),
+            describe=f"assignment of {len(requests)} request(s) on {sequence!r}",
+        )
+
+    def next_block(
+        self, sequence: str, *, count: int = 1, key: str | None = None, reference: Any = None
+    ) -> Assignment:
+        """Take ``count`` consecutive values; the full :class:`Assignment` with its key."""
+        request = Request(new_key() if key is None else key, check_count(count), reference)
+        [outcome] = self.assign(sequence, [request])
+        if isinstance(outcome, NumberingError):
+            raise outcome
+        return outcome
+
+    def next_value(self, sequence: str, *, key: str | None = None, reference: Any = None) -> int:
+        """Take the next value of ``sequence``; the same ``key`` always gets the same value."""
+        return self.next_block(sequence, key=key, reference=reference).value
+
+    def next_values(
+        self, sequence: str, count: int, *, key: str | None = None, reference: Any = None
+    ) -> range:
+        """Take ``count`` consecutive values as a range."""
+        return self.next_block(sequence, count=count, key=key, reference=reference).values
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def audit(self, name: str | None = None) -> list[AuditReport]:
+        """Audit one sequence or all (see :func:`numbering.ledger.audit`)."""
+        # One snapshot for counters and ledger, or a busy sequence would look inconsistent.
+        return self.run(
+            lambda c: ledger.audit(c, name),
+            describe="audit",
+            readonly=True,
+            isolation_level="REPEATABLE READ",
+        )
+
+    def export(self, name: str) -> Iterator[dict[str, Any]]:
+        """Stream sequence ``name``'s ledger in value order (one consistent snapshot)."""
+        with (
+            begin(self.engine, "REPEATABLE READ", readonly=True) as connection,
+            connection.begin(),
+        ):
+            yield from ledger.export(connection, name)

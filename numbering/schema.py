@@ -1,0 +1,115 @@
+"""The two tables numbering keeps: the counters and the append-only ledger.
+
+``numbering_sequence`` holds one row per sequence: its bounds and the last value given.
+``numbering_ledger`` holds one row per *assignment*: the block ``value .. value + count - 1``
+of a sequence's cycle given to one request key. A single number is a block of one; a batch
+job's chunk of 10,000 documents is one row, so the ledger does not double the cost of
+numbering documents in bulk (the documents themselves carry the individual numbers).
+
+Every integer that holds a sequence value is 64-bit. On SQLite the primary keys are plain
+INTEGER so that they alias the rowid and autoincrement.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from numbering.validation import MAX_KEY_LENGTH, MAX_NAME_LENGTH
+
+__all__ = [
+    "LEDGER_KEY_CONSTRAINT",
+    "LEDGER_VALUE_CONSTRAINT",
+    "SEQUENCE_NAME_CONSTRAINT",
+    "STATUS_ASSIGNED",
+    "STATUS_VOIDED",
+    "ledger",
+    "metadata",
+    "sequences",
+]
+
+STATUS_ASSIGNED = "assigned"
+STATUS_VOIDED = "voided"
+
+# Constraint names are part of the contract: errors are recognised by them.
+SEQUENCE_NAME_CONSTRAINT = "uq_numbering_sequence_name"
+LEDGER_KEY_CONSTRAINT = "uq_numbering_ledger_request_key"
+LEDGER_VALUE_CONSTRAINT = "uq_numbering_ledger_value"
+
+_ID = BigInteger().with_variant(Integer, "sqlite")
+_PAYLOAD = JSON().with_variant(JSONB(), "postgresql")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+sequences = Table(
+    "numbering_sequence",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("name", String(MAX_NAME_LENGTH), nullable=False),
+    Column("initial_value", BigInteger, nullable=False),
+    # A looping sequence gives initial_value .. reset_value - 1, then starts a new cycle.
+    Column("reset_value", BigInteger, nullable=True),
+    # A non-looping sequence stops with "sequence exhausted" past max_value (default 2**63-1).
+    Column("max_value", BigInteger, nullable=True),
+    # NULL until the first value is given.
+    Column("last_value", BigInteger, nullable=True),
+    Column("cycle", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("name", name=SEQUENCE_NAME_CONSTRAINT),
+    CheckConstraint(
+        "reset_value IS NULL OR reset_value > initial_value", name="reset_after_initial"
+    ),
+    CheckConstraint("max_value IS NULL OR max_value >= initial_value", name="max_after_initial"),
+    CheckConstraint("last_value IS NULL OR last_value >= initial_value", name="last_after_initial"),
+    CheckConstraint("cycle >= 0", name="cycle_not_negative"),
+)
+
+ledger = Table(
+    "numbering_ledger",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column(
+        "sequence_id",
+        _ID,
+        ForeignKey("numbering_sequence.id", ondelete="RESTRICT"),
+        nullable=False,
+    ),
+    Column("cycle", BigInteger, nullable=False),
+    # First value of the block; the block is value .. value + count - 1.
+    Column("value", BigInteger, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("request_key", String(MAX_KEY_LENGTH), nullable=False),
+    Column("reference", _PAYLOAD, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("void_reason", Text, nullable=True),
+    Column("assigned_at", DateTime(timezone=True), nullable=False),
+    Column("voided_at", DateTime(timezone=True), nullable=True),
+    # A request key names one request across all sequences: reusing it elsewhere is refused
+    # by the database itself, not only by a look-up that a race could slip past.
+    UniqueConstraint("request_key", name=LEDGER_KEY_CONSTRAINT),
+    UniqueConstraint("sequence_id", "cycle", "value", name=LEDGER_VALUE_CONSTRAINT),
+    CheckConstraint("count >= 1", name="count_positive"),
+    CheckConstraint("status IN ('assigned', 'voided')", name="status_known"),
+)
