@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from numbering.database import translate_error
 from numbering.errors import SequenceNotFoundError
-from numbering.schema import STATUS_VOIDED, ledger, sequences
+from numbering.schema import STATUS_VOIDED, as_utc, ledger, sequences
 from numbering.validation import check_sequence_name
 
 __all__ = ["EXPORT_FIELDS", "AuditReport", "audit", "export"]
@@ -172,8 +172,4 @@ def export(connection: Connection, name: str) -> Iterator[dict[str, Any]]:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # SQLite keeps no time zone; numbering writes UTC
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat()
+    return None if moment is None else as_utc(moment).isoformat()

@@ -12,6 +12,8 @@ INTEGER so that they alias the rowid and autoincrement.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -31,6 +33,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from numbering.validation import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 
 __all__ = [
+    "as_utc",
     "LEDGER_KEY_CONSTRAINT",
     "LEDGER_VALUE_CONSTRAINT",
     "SEQUENCE_NAME_CONSTRAINT",
@@ -113,3 +116,8 @@ ledger = Table(
     CheckConstraint("count >= 1", name="count_positive"),
     CheckConstraint("status IN ('assigned', 'voided')", name="status_known"),
 )
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A stored time as an aware UTC datetime (SQLite hands times back without a zone)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment

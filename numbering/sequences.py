@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import CursorResult, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
 from numbering.allocator import Bind
-from numbering.database import translate_error
-from numbering.errors import DatabaseError, SequenceExistsError, SequenceNotFoundError
-from numbering.schema import SEQUENCE_NAME_CONSTRAINT, ledger, sequences
+from numbering.database import is_sqlite, translate_error
+from numbering.errors import SequenceExistsError, SequenceNotFoundError
+from numbering.schema import as_utc, ledger, sequences
 from numbering.validation import check_sequence_bounds, check_sequence_name
 
 __all__ = ["SequenceInfo", "create_sequence", "get_sequence", "last_value", "list_sequences"]
@@ -49,8 +51,8 @@ class SequenceInfo:
             max_value=row.max_value,
             last_value=row.last_value,
             cycle=row.cycle,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
+            created_at=as_utc(row.created_at),
+            updated_at=as_utc(row.updated_at),
         )
 
 
@@ -89,24 +91,35 @@ def create_sequence(
     if existing is not None:
         return _existing(existing, initial, reset, maximum, exist_ok)
     now = datetime.now(timezone.utc)
+    values = {
+        "name": name,
+        "initial_value": initial,
+        "reset_value": reset,
+        "max_value": maximum,
+        "last_value": None,
+        "cycle": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    # ON CONFLICT DO NOTHING waits for a concurrent creator of the same name and then
+    # skips, so a race ends with "exists" (or its definition under exist_ok), not an
+    # aborted transaction. Under REPEATABLE READ PostgreSQL raises 40001 instead, which
+    # the runner retries.
+    dialect_insert = sqlite_insert if is_sqlite(bind) else postgresql_insert
     try:
-        bind.execute(
-            insert(sequences).values(
-                name=name,
-                initial_value=initial,
-                reset_value=reset,
-                max_value=maximum,
-                last_value=None,
-                cycle=0,
-                created_at=now,
-                updated_at=now,
-            )
+        result = bind.execute(
+            dialect_insert(sequences)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["name"])
         )
+        inserted = cast(CursorResult[Any], result).rowcount
     except DBAPIError as exc:
-        error = translate_error(exc)
-        if isinstance(error, DatabaseError) and error.constraint == SEQUENCE_NAME_CONSTRAINT:
-            raise SequenceExistsError(name) from exc
-        raise error from exc
+        raise translate_error(exc) from exc
+    if not inserted:
+        existing = _find(bind, name)
+        if existing is None:  # pragma: no cover - only if the creator's row vanished
+            raise SequenceExistsError(name)
+        return _existing(existing, initial, reset, maximum, exist_ok)
     return SequenceInfo(name, initial, reset, maximum, None, 0, now, now)
 
 

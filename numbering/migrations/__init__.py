@@ -6,14 +6,18 @@ live in the same database as an application that uses Alembic for its own tables
 
 from __future__ import annotations
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from typing import TYPE_CHECKING
+
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from numbering.database import translate_error
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported inside the functions: applications that only allocate numbers
+# should not pay for loading it.
 
 __all__ = ["VERSION_TABLE", "current_revision", "head_revision", "upgrade"]
 
@@ -21,6 +25,8 @@ VERSION_TABLE = "numbering_alembic_version"
 
 
 def _config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "numbering:migrations")
     return config
@@ -28,6 +34,8 @@ def _config() -> Config:
 
 def head_revision() -> str:
     """The newest schema revision this version of numbering knows."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(_config()).get_current_head()
     assert head is not None
     return head
@@ -35,6 +43,8 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision the database is at (None before ``init-db``)."""
+    from alembic.runtime.migration import MigrationContext
+
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
@@ -49,6 +59,8 @@ def upgrade(engine: Engine, revision: str = "head") -> str:
     Safe to run from several processes at once: on PostgreSQL the migration holds an
     advisory lock, so a second process waits and then finds nothing left to do.
     """
+    from alembic import command
+
     config = _config()
     try:
         with engine.begin() as connection:

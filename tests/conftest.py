@@ -1,0 +1,137 @@
+"""Fixtures: a real database per test, on PostgreSQL and on SQLite.
+
+PostgreSQL tests each get a fresh database cloned from a template that was migrated once
+per test session (the procrastinate approach). The server comes from TEST_DATABASE_URL
+(an admin connection; default: the local server as user postgres). When CI is set, a
+missing server fails the run instead of skipping, and so does any skipped test.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from numbering import RetryPolicy, create_engine, init_db
+
+ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+IN_CI = bool(os.environ.get("CI"))
+TEMPLATE = f"numbering_template_{os.getpid()}"
+
+# Retry waits kept short so that tests do not sleep, but not zero: colliding threads need
+# a little jitter to stop colliding.
+FAST_RETRY = RetryPolicy(attempts=200, timeout=60, wait_initial=0.001, wait_max=0.02)
+
+
+def _admin() -> Engine:
+    return create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+
+
+def _url_for(database: str) -> str:
+    return make_url(ADMIN_URL).set(database=database).render_as_string(hide_password=False)
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"PostgreSQL is required under CI but unavailable: {reason}")
+    pytest.skip(f"PostgreSQL unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """Name of a database migrated to the current schema, to clone per test."""
+    admin = _admin()
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+            conn.exec_driver_sql(f'CREATE DATABASE "{TEMPLATE}"')
+    except sa.exc.OperationalError as exc:
+        _unavailable(str(exc.orig).strip())
+    engine = create_engine(_url_for(TEMPLATE), poolclass=sa.pool.NullPool)
+    init_db(engine)
+    engine.dispose()
+    yield TEMPLATE
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+    admin.dispose()
+
+
+def _fresh_database(template: str | None) -> Iterator[str]:
+    name = f"numbering_test_{uuid.uuid4().hex[:12]}"
+    admin = _admin()
+    clone = f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"{clone}')
+    except sa.exc.OperationalError as exc:
+        _unavailable(str(exc.orig).strip())
+    yield _url_for(name)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    """URL of a fresh, migrated PostgreSQL database for this test alone."""
+    yield from _fresh_database(pg_template)
+
+
+@pytest.fixture
+def pg_empty_url() -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database (no schema) for this test alone."""
+    yield from _fresh_database(None)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """URL of a fresh, migrated SQLite file for this test alone."""
+    url = f"sqlite:///{tmp_path / 'numbering.db'}"
+    engine = create_engine(url)
+    init_db(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, migrated database on each backend in turn."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+    else:
+        url = request.getfixturevalue("sqlite_url")
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if {"pg_url", "pg_empty_url", "pg_template"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    if IN_CI and skipped:
+        terminalreporter.write_line(
+            f"CI is set and {len(skipped)} test(s) were skipped: failing the run", red=True
+        )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if IN_CI and skipped and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

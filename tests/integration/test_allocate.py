@@ -1,0 +1,274 @@
+"""Allocation against real databases: PostgreSQL and SQLite files."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from conftest import FAST_RETRY
+from ledger_check import check_gapless
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from numbering import (
+    Allocator,
+    InvalidRequestError,
+    KeyReusedError,
+    Request,
+    SequenceExhaustedError,
+    SequenceExistsError,
+    SequenceNotFoundError,
+    allocate,
+    create_sequence,
+)
+from numbering.errors import InvalidCountError
+from numbering.validation import MAX_INT64
+
+
+@pytest.fixture
+def numbers(engine: Engine) -> Allocator:
+    return Allocator(engine, retry=FAST_RETRY)
+
+
+def ledger_rows(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM numbering_ledger")).scalar_one())
+
+
+def test_values_start_at_initial_and_increase(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("invoices")
+    numbers.create_sequence("cases", initial_value=1000)
+    assert [numbers.next_value("invoices") for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert [numbers.next_value("cases") for _ in range(2)] == [1000, 1001]
+    assert numbers.last_value("invoices") == 5
+    assert len(check_gapless(engine, "invoices")) == 5
+    assert len(check_gapless(engine, "cases")) == 2
+
+
+def test_same_key_gets_same_value(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("invoices")
+    first = numbers.next_block("invoices", key="invoice:1")
+    other = numbers.next_value("invoices", key="invoice:2")
+    again = numbers.next_block("invoices", key="invoice:1")
+    assert (first.value, first.resent) == (1, False)
+    assert (again.value, again.resent) == (1, True)
+    assert other == 2
+    assert check_gapless(engine, "invoices", keys=["invoice:1", "invoice:2"]) == {
+        "invoice:1": [1],
+        "invoice:2": [2],
+    }
+
+
+def test_resend_racing_an_open_transaction_waits_and_gets_its_value(
+    numbers: Allocator, engine: Engine
+) -> None:
+    """Lock first, then look up: a copy of a request arriving while the first copy's
+    transaction is still open waits for it and returns its value, without retrying."""
+    numbers.create_sequence("invoices")
+    events: list[str] = []
+    result: dict[str, int] = {}
+
+    def resend() -> None:
+        events.append("resend started")
+        result["value"] = numbers.next_value("invoices", key="invoice:7")
+        events.append("resend returned")
+
+    with Session(engine) as session, session.begin():
+        assert allocate(session, "invoices", key="invoice:7") == 1
+        thread = threading.Thread(target=resend)
+        thread.start()
+        time.sleep(0.5)  # the resend is now waiting for the sequence lock
+        events.append("first committed")
+    thread.join(10)
+
+    assert events == ["resend started", "first committed", "resend returned"]
+    assert result["value"] == 1
+    assert numbers.stats.total == 0
+    check_gapless(engine, "invoices", keys=["invoice:7"])
+
+
+def test_concurrent_copies_of_one_request_get_one_value(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("invoices")
+    barrier = threading.Barrier(8)
+    results: list[int] = []
+
+    def request(i: int) -> None:
+        barrier.wait()
+        results.append(numbers.next_value("invoices", key="invoice:dup"))
+        results.append(numbers.next_value("invoices", key=f"invoice:{i}"))
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    by_key = check_gapless(
+        engine, "invoices", keys=["invoice:dup", *(f"invoice:{i}" for i in range(8))]
+    )
+    assert results.count(by_key["invoice:dup"][0]) == 8
+    assert ledger_rows(engine) == 9
+
+
+def test_rolled_back_transaction_consumes_nothing(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("invoices")
+    with Session(engine) as session:
+        with session.begin():
+            assert allocate(session, "invoices", key="kept") == 1
+        session.begin()
+        assert allocate(session, "invoices", key="dropped") == 2
+        session.rollback()
+    assert numbers.next_value("invoices", key="next") == 2
+    check_gapless(engine, "invoices", keys=["kept", "next"])
+
+
+def test_allocate_never_commits(engine: Engine, numbers: Allocator) -> None:
+    numbers.create_sequence("invoices")
+    with engine.connect() as conn:
+        with conn.begin():
+            assert allocate(conn, "invoices", key="a") == 1
+            assert allocate(conn, "invoices", count=3) == range(2, 5)
+            assert conn.in_transaction()
+        assert numbers.last_value("invoices") == 4
+
+
+def test_looping_sequence_wraps_like_django_sequences(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("seconds", initial_value=0, reset_value=3)
+    blocks = [numbers.next_block("seconds") for _ in range(7)]
+    assert [b.value for b in blocks] == [0, 1, 2, 0, 1, 2, 0]
+    assert [b.cycle for b in blocks] == [0, 0, 0, 1, 1, 1, 2]
+    check_gapless(engine, "seconds")
+    assert numbers.sequence("seconds").cycle == 2
+
+
+def test_blocks_are_contiguous_and_do_not_overlap(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("invoices")
+    assert numbers.next_values("invoices", 5, key="b1") == range(1, 6)
+    assert numbers.next_value("invoices") == 6
+    assert numbers.next_values("invoices", 5, key="b1") == range(1, 6)  # resent
+    ranges: list[range] = []
+
+    def take(i: int) -> None:
+        for j in range(20):
+            ranges.append(numbers.next_values("invoices", 1 + (i + j) % 7, key=f"t{i}-{j}"))
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    values = sorted(v for r in ranges for v in r)
+    assert values == list(range(7, 7 + len(values)))
+    check_gapless(engine, "invoices")
+
+
+def test_block_that_would_straddle_the_loop_is_refused(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("loop", initial_value=1, reset_value=6)
+    assert numbers.next_values("loop", 3) == range(1, 4)
+    with pytest.raises(InvalidCountError, match="does not fit in the 2 value"):
+        numbers.next_values("loop", 3)
+    with pytest.raises(InvalidCountError, match="loops every 5 values"):
+        numbers.next_values("loop", 6)
+    assert numbers.next_values("loop", 2) == range(4, 6)
+    assert numbers.next_values("loop", 3).start == 1
+    check_gapless(engine, "loop")
+
+
+def test_exhausted_sequence_raises_and_writes_nothing(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("small", max_value=3)
+    assert numbers.next_values("small", 2) == range(1, 3)
+    with pytest.raises(SequenceExhaustedError, match="sequence exhausted"):
+        numbers.next_values("small", 2)
+    assert numbers.next_value("small") == 3
+    with pytest.raises(SequenceExhaustedError):
+        numbers.next_value("small", key="late")
+    assert numbers.last_value("small") == 3
+    check_gapless(engine, "small")
+    assert ledger_rows(engine) == 2
+
+
+def test_values_reach_two_to_the_63_minus_1(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("huge", initial_value=MAX_INT64 - 1)
+    assert numbers.next_value("huge") == MAX_INT64 - 1
+    assert numbers.next_value("huge") == MAX_INT64
+    with pytest.raises(SequenceExhaustedError, match=str(MAX_INT64)):
+        numbers.next_value("huge")
+    check_gapless(engine, "huge")
+
+
+def test_unknown_sequence_is_a_clear_error(numbers: Allocator, engine: Engine) -> None:
+    with pytest.raises(SequenceNotFoundError, match="'nope' does not exist"):
+        numbers.next_value("nope", key="k")
+    assert ledger_rows(engine) == 0
+
+
+def test_key_reused_on_another_sequence_or_count(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("invoices")
+    numbers.create_sequence("credit-notes")
+    numbers.next_value("invoices", key="doc:1")
+    with pytest.raises(KeyReusedError, match="another sequence"):
+        numbers.next_value("credit-notes", key="doc:1")
+    with pytest.raises(KeyReusedError, match="block of 1 value"):
+        numbers.next_values("invoices", 2, key="doc:1")
+    assert numbers.last_value("credit-notes") is None
+    check_gapless(engine, "invoices", keys=["doc:1"])
+
+
+def test_invalid_request_in_a_batch_fails_alone(numbers: Allocator, engine: Engine) -> None:
+    numbers.create_sequence("invoices")
+    numbers.create_sequence("other")
+    numbers.next_value("other", key="taken")
+    outcomes = numbers.assign(
+        "invoices",
+        [Request("a"), Request("taken"), Request("b", count=3), Request("a"), Request("c")],
+    )
+    a, taken, b, a_again, c = outcomes
+    assert isinstance(taken, KeyReusedError)
+    assert [(o.value, o.count) for o in (a, b, c)] == [(1, 1), (2, 3), (5, 1)]  # type: ignore[union-attr]
+    assert a_again == a.__class__(a.sequence, "a", 1, 1, 0, resent=True)  # type: ignore[union-attr]
+    check_gapless(engine, "invoices", keys=["a", "b", "c"])
+
+
+def test_create_sequence_rules(numbers: Allocator) -> None:
+    numbers.create_sequence("invoices", initial_value=10)
+    with pytest.raises(SequenceExistsError):
+        numbers.create_sequence("invoices", initial_value=10)
+    assert numbers.create_sequence("invoices", initial_value=10, exist_ok=True).initial_value == 10
+    with pytest.raises(SequenceExistsError, match="already exists with initial_value=10"):
+        numbers.create_sequence("invoices", initial_value=1, exist_ok=True)
+    with pytest.raises(InvalidRequestError, match="reset_value"):
+        numbers.create_sequence("bad", initial_value=5, reset_value=5)
+    assert [s.name for s in numbers.sequences()] == ["invoices"]
+
+
+def test_concurrent_creation_of_one_sequence(engine: Engine) -> None:
+    numbers = Allocator(engine, retry=FAST_RETRY)
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        barrier.wait()
+        try:
+            numbers.create_sequence("invoices", exist_ok=True)
+        except BaseException as exc:  # collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert [s.name for s in numbers.sequences()] == ["invoices"]
+
+
+def test_in_session_api_works_with_orm_sessions(engine: Engine) -> None:
+    with Session(engine) as session, session.begin():
+        create_sequence(session, "invoices")
+    with Session(engine) as session, session.begin():
+        assert allocate(session, "invoices", key="k", reference={"invoice": 1}) == 1
+    with Session(engine) as session, session.begin():
+        assert allocate(session, "invoices", key="k") == 1
+    check_gapless(engine, "invoices", keys=["k"])

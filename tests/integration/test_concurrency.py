@@ -1,0 +1,189 @@
+"""Many threads on one sequence, every isolation level, and injected commit failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+import pytest
+import sqlalchemy as sa
+from conftest import FAST_RETRY
+from ledger_check import check_gapless
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from numbering import Allocator, RetriesExhaustedError, RetryPolicy, allocate, create_engine
+from numbering.errors import LockNotAvailable, SerializationConflict
+
+THREADS = 8
+PER_THREAD = 250
+
+
+def hammer(numbers: Allocator, name: str) -> dict[int, list[int]]:
+    """THREADS threads each take PER_THREAD values one at a time; values per thread."""
+    barrier = threading.Barrier(THREADS)
+    got: dict[int, list[int]] = {t: [] for t in range(THREADS)}
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(PER_THREAD):
+                got[t].append(numbers.next_value(name, key=f"{name}:{t}:{i}"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == [], errors[:3]
+    return got
+
+
+def assert_hammered(engine: Engine, name: str, got: dict[int, list[int]]) -> None:
+    total = THREADS * PER_THREAD
+    keys = [f"{name}:{t}:{i}" for t in range(THREADS) for i in range(PER_THREAD)]
+    by_key = check_gapless(engine, name, keys=keys)
+    assert sorted(v for values in by_key.values() for v in values) == list(range(1, total + 1))
+    for t, values in got.items():
+        assert values == sorted(values), f"thread {t} got decreasing numbers"
+        assert values == [by_key[f"{name}:{t}:{i}"][0] for i in range(PER_THREAD)]
+
+
+@pytest.mark.parametrize("level", ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"])
+def test_threads_on_one_sequence_postgresql(pg_url: str, level: str) -> None:
+    engine = create_engine(pg_url, pool_size=THREADS)
+    numbers = Allocator(engine, isolation_level=level, retry=FAST_RETRY)
+    numbers.create_sequence("hot")
+    got = hammer(numbers, "hot")
+    assert_hammered(engine, "hot", got)
+    retries = numbers.stats.as_dict()
+    if level == "READ COMMITTED":
+        # The row lock serialises writers; READ COMMITTED re-reads after waiting.
+        assert retries.get("total", 0) == 0, retries
+    else:
+        # A snapshot taken before the lock wait is stale once the lock is granted.
+        assert retries.get("SerializationConflict", 0) > 0, retries
+    engine.dispose()
+
+
+def test_threads_on_one_sequence_sqlite(sqlite_url: str) -> None:
+    engine = create_engine(sqlite_url, pool_size=THREADS)
+    numbers = Allocator(engine, retry=FAST_RETRY)
+    numbers.create_sequence("hot")
+    got = hammer(numbers, "hot")
+    assert_hammered(engine, "hot", got)
+    engine.dispose()
+
+
+def wait_for_lock_waiter(engine: Engine, timeout: float = 10) -> None:
+    """Block until some other session is waiting on a lock."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one()
+            if waiting:
+                return
+            conn.rollback()
+            time.sleep(0.01)
+    raise AssertionError("nobody started waiting for the lock")
+
+
+def test_exhausted_retries_raise_a_clear_error_and_write_nothing(pg_url: str) -> None:
+    engine = create_engine(pg_url)
+    numbers = Allocator(
+        engine,
+        isolation_level="REPEATABLE READ",
+        retry=RetryPolicy(attempts=1, timeout=10, wait_initial=0, wait_max=0),
+    )
+    numbers.create_sequence("invoices")
+    outcome: dict[str, BaseException] = {}
+
+    def request() -> None:
+        try:
+            numbers.next_value("invoices", key="victim")
+        except BaseException as exc:  # asserted below
+            outcome["error"] = exc
+
+    # An outside writer holds the counter row; the REPEATABLE READ request queues behind it
+    # with a snapshot that is stale once the writer commits.
+    with Session(engine) as session, session.begin():
+        allocate(session, "invoices", key="outside")
+        thread = threading.Thread(target=request)
+        thread.start()
+        wait_for_lock_waiter(engine)
+    thread.join(10)
+
+    error = outcome["error"]
+    assert isinstance(error, RetriesExhaustedError)
+    assert isinstance(error.__cause__, SerializationConflict)
+    assert "gave up after 1 attempt" in str(error)
+    assert "nothing was written" in str(error)
+    check_gapless(engine, "invoices", keys=["outside"])
+
+
+def test_nowait_refuses_a_locked_sequence(pg_url: str) -> None:
+    engine = create_engine(pg_url)
+    Allocator(engine).create_sequence("invoices")
+    with Session(engine) as holder, holder.begin():
+        allocate(holder, "invoices", key="holder")
+        with Session(engine) as other, other.begin(), pytest.raises(LockNotAvailable):
+            allocate(other, "invoices", key="impatient", nowait=True)
+    check_gapless(engine, "invoices", keys=["holder"])
+
+
+class LostCommitReply:
+    """Make the next COMMIT's reply "never arrive": the connection drops around it.
+
+    ``after=True``: the server commits, then the client sees the connection drop.
+    ``after=False``: the connection drops before the COMMIT is sent (nothing commits).
+    """
+
+    def __init__(self, engine: Engine, *, after: bool) -> None:
+        self.dialect = engine.dialect
+        self.real: Callable[[Any], None] = engine.dialect.do_commit
+        self.after = after
+        self.fired = False
+
+    def __enter__(self) -> LostCommitReply:
+        def do_commit(dbapi_connection: Any) -> None:
+            if self.fired:
+                return self.real(dbapi_connection)
+            self.fired = True
+            if self.after:
+                self.real(dbapi_connection)
+            dbapi_connection.close()
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+        self.dialect.do_commit = do_commit  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dialect.do_commit = self.real  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
+def test_lost_commit_reply_is_resolved_by_key_lookup(pg_url: str, committed: bool) -> None:
+    engine = create_engine(pg_url)
+    numbers = Allocator(engine, retry=FAST_RETRY)
+    numbers.create_sequence("invoices")
+    numbers.next_value("invoices", key="before")
+    with LostCommitReply(engine, after=committed) as fault:
+        block = numbers.next_block("invoices", key="invoice:9")
+    assert fault.fired
+    assert numbers.stats.as_dict().get("ConnectionLost") == 1
+    # Either way the key has exactly one number, and it is the next one.
+    assert block.value == 2
+    assert block.resent is committed
+    check_gapless(engine, "invoices", keys=["before", "invoice:9"])
+    assert numbers.next_value("invoices", key="after") == 3
