@@ -106,14 +106,14 @@ def init_db(ctx: click.Context) -> None:
 
     Safe to run again and from several processes at once.
     """
-    allocator = _allocator(ctx)
-    before = migrations.current_revision(allocator.engine)
-    after = migrations.upgrade(allocator.engine)
+    done = migrations.upgrade(_allocator(ctx).engine)
     where = mask_url(_settings(ctx).database_url)
-    if before == after:
-        click.echo(f"schema already at revision {after} in {where}")
+    if done.changed:
+        click.echo(
+            f"schema upgraded from {done.before or 'empty'} to revision {done.after} in {where}"
+        )
     else:
-        click.echo(f"schema upgraded from {before or 'empty'} to revision {after} in {where}")
+        click.echo(f"schema already at revision {done.after} in {where}")
 
 
 @main.command("config")

@@ -6,9 +6,11 @@ live in the same database as an application that uses Alembic for its own tables
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from numbering.database import translate_error
@@ -19,9 +21,16 @@ if TYPE_CHECKING:
 # Alembic is imported inside the functions: applications that only allocate numbers
 # should not pay for loading it.
 
-__all__ = ["VERSION_TABLE", "current_revision", "head_revision", "upgrade"]
+__all__ = ["VERSION_TABLE", "SchemaUpgrade", "current_revision", "head_revision", "upgrade"]
 
 VERSION_TABLE = "numbering_alembic_version"
+
+# Any constant shared by every numbering process; it serialises concurrent migrations.
+MIGRATION_LOCK_KEY = 7_360_401_111
+
+# Alembic's `context` is one global per process: two threads must not migrate at once.
+# Across processes the advisory lock taken in upgrade() does the same job.
+_UPGRADE_LOCK = threading.Lock()
 
 
 def _config() -> Config:
@@ -53,21 +62,43 @@ def current_revision(engine: Engine) -> str | None:
         raise translate_error(exc) from exc
 
 
-def upgrade(engine: Engine, revision: str = "head") -> str:
-    """Create numbering's tables, or upgrade them to ``revision``; return the revision.
+@dataclass(frozen=True)
+class SchemaUpgrade:
+    """What :func:`upgrade` did: the revision before and after."""
+
+    before: str | None
+    after: str
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+def upgrade(engine: Engine, revision: str = "head") -> SchemaUpgrade:
+    """Create numbering's tables, or upgrade them to ``revision``.
 
     Safe to run from several processes at once: on PostgreSQL the migration holds an
-    advisory lock, so a second process waits and then finds nothing left to do.
+    advisory lock, so a second process waits and then finds nothing left to do (and
+    says so: the revision before is read under the lock).
     """
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
 
     config = _config()
     try:
-        with engine.begin() as connection:
+        with _UPGRADE_LOCK, engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
+            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+            before = context.get_current_revision()
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+            after = MigrationContext.configure(
+                connection, opts={"version_table": VERSION_TABLE}
+            ).get_current_revision()
     except DBAPIError as exc:
         raise translate_error(exc) from exc
-    current = current_revision(engine)
-    assert current is not None
-    return current
+    assert after is not None
+    return SchemaUpgrade(before, after)
