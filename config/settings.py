@@ -24,6 +24,7 @@ from numbering.retry import (
     DEFAULT_WAIT_MAX,
     RetryPolicy,
 )
+from numbering.routing import Shard
 from numbering.validation import check_isolation_level, check_seconds
 
 __all__ = [
@@ -39,12 +40,18 @@ __all__ = [
 # The database file used when NUMBERING_DATABASE_URL is unset: in the working directory,
 # so that trying numbering needs no server.
 DEFAULT_DATABASE_FILE = "numbering.db"
+# The largest micro-batch a worker may be configured for.
+MAX_BATCH_SIZE = 10_000
 # Redis on the local machine is the default broker ...
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 # ... and result backend (another database number, so results and queues stay apart).
 DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 # The isolation level of numbering's own transactions.
 DEFAULT_ISOLATION_LEVEL = "READ COMMITTED"
+# The most requests a worker assigns in one transaction.
+DEFAULT_BATCH_SIZE = 500
+# Seconds a client waits for its number before raising (it resends on the way).
+DEFAULT_REQUEST_TIMEOUT = 10.0
 
 # Environment variable for each setting. Names are part of the public contract.
 ENV = {
@@ -56,6 +63,9 @@ ENV = {
     "retry_timeout": "NUMBERING_RETRY_TIMEOUT",
     "retry_wait_initial": "NUMBERING_RETRY_WAIT_INITIAL",
     "retry_wait_max": "NUMBERING_RETRY_WAIT_MAX",
+    "shards": "NUMBERING_SHARDS",
+    "batch_size": "NUMBERING_BATCH_SIZE",
+    "request_timeout": "NUMBERING_REQUEST_TIMEOUT",
 }
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
@@ -96,6 +106,10 @@ class Settings:
     retry_timeout: float = DEFAULT_TIMEOUT
     retry_wait_initial: float = DEFAULT_WAIT_INITIAL
     retry_wait_max: float = DEFAULT_WAIT_MAX
+    #: None: every sequence has its own queue. K: sequences share K shard queues.
+    shards: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -106,6 +120,10 @@ class Settings:
         try:
             level = check_isolation_level(self.isolation_level)
             self.retry_policy()
+            if self.shards is not None:
+                Shard(0, self.shards)
+            _check_positive_int(self.batch_size, ENV["batch_size"], MAX_BATCH_SIZE)
+            check_seconds(self.request_timeout, ENV["request_timeout"])
         except (NumberingError, TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
         object.__setattr__(self, "isolation_level", level)
@@ -150,14 +168,21 @@ class Settings:
         return shown
 
 
+def _check_positive_int(value: object, what: str, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ConfigurationError(
+            f"{what} must be a whole number from 1 to {maximum}, got {value!r}"
+        )
+
+
 def _parse(name: str, raw: str) -> object:
     variable = ENV[name]
-    if name == "retry_attempts":
+    if name in ("retry_attempts", "shards", "batch_size"):
         try:
             return int(raw)
         except ValueError:
             raise ConfigurationError(f"{variable} must be a whole number, got {raw!r}") from None
-    if name.startswith("retry_"):
+    if name.startswith("retry_") or name == "request_timeout":
         try:
             return check_seconds(float(raw), variable, allow_zero=name.startswith("retry_wait"))
         except ValueError:

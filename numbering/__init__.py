@@ -15,6 +15,8 @@ In numbering's own short, retried transaction::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from numbering.allocator import Assignment, Outcome, Request, allocate, assign, new_key
 from numbering.config.settings import Settings
 from numbering.database import create_engine
@@ -27,6 +29,7 @@ from numbering.errors import (
     InvalidRequestError,
     KeyReusedError,
     NumberingError,
+    RequestTimeout,
     RetriesExhaustedError,
     RetryableError,
     SequenceExhaustedError,
@@ -36,6 +39,7 @@ from numbering.errors import (
 from numbering.ledger import AuditReport, audit, export
 from numbering.migrations import upgrade as init_db
 from numbering.retry import RetryPolicy
+from numbering.routing import queue_for
 from numbering.runner import Allocator
 from numbering.sequences import (
     SequenceInfo,
@@ -45,9 +49,24 @@ from numbering.sequences import (
     list_sequences,
 )
 
+if TYPE_CHECKING:
+    from numbering.client import Client
+
 __version__ = "0.1.0.dev0"
 
+
+def __getattr__(name: str) -> Any:
+    # The client brings in Celery; load it only for those who use it.
+    if name == "Client":
+        from numbering.client import Client
+
+        return Client
+    raise AttributeError(f"module 'numbering' has no attribute {name!r}")
+
 __all__ = [
+    # enqueue and await
+    "Client",
+    "queue_for",
     # allocation in the caller's transaction
     "allocate",
     "assign",
@@ -84,4 +103,5 @@ __all__ = [
     "ConnectionLost",
     "DatabaseUnavailable",
     "RetriesExhaustedError",
+    "RequestTimeout",
 ]

@@ -214,6 +214,16 @@ def sequence_list(ctx: click.Context) -> None:
 @click.option("--key", help="Request key; the same key always gets the same number.")
 @click.option("--count", type=int, default=1, show_default=True, help="Consecutive values.")
 @click.option("--reference", metavar="JSON", help="A JSON note stored in the ledger.")
+@click.option(
+    "--timeout",
+    type=float,
+    help=f"Seconds to wait for a worker (default: ${ENV['request_timeout']}, else 10).",
+)
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="Assign in the database from this process instead of through the queue.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the assignment as JSON.")
 @click.pass_context
 def next_(
@@ -222,10 +232,14 @@ def next_(
     key: str | None,
     count: int,
     reference: str | None,
+    timeout: float | None,
+    direct: bool,
     as_json: bool,
 ) -> None:
-    """Take the next value (or COUNT values) of sequence NAME, in the database directly.
+    """Take the next value (or COUNT values) of sequence NAME.
 
+    The request goes through the sequence's queue to its worker (start one with
+    `numbering worker --sequence NAME`), or with --direct straight to the database.
     Prints the value, or FIRST..LAST for a block.
     """
     note = None
@@ -234,7 +248,14 @@ def next_(
             note = json.loads(reference)
         except json.JSONDecodeError as exc:
             _fail(f"--reference is not valid JSON: {exc}")
-    assignment = _allocator(ctx).next_block(name, count=count, key=key, reference=note)
+    if direct:
+        assignment = _allocator(ctx).next_block(name, count=count, key=key, reference=note)
+    else:
+        from numbering.client import Client
+
+        client = Client.from_settings(_settings(ctx))
+        ctx.call_on_close(client.close)
+        assignment = client.next_block(name, count=count, key=key, reference=note, timeout=timeout)
     if as_json:
         click.echo(
             json.dumps(
@@ -253,6 +274,48 @@ def next_(
         click.echo(assignment.value)
     else:
         click.echo(f"{assignment.value}..{assignment.last}")
+
+
+@main.command("worker")
+@click.option(
+    "--sequence",
+    "sequences",
+    multiple=True,
+    metavar="NAME",
+    help="Consume this sequence's queue (repeatable).",
+)
+@click.option("--shard", metavar="I/K", help="Consume shard queue I of K (see NUMBERING_SHARDS).")
+@click.option(
+    "--batch-size",
+    type=int,
+    help=f"Most requests per transaction (default: ${ENV['batch_size']}, else 500).",
+)
+@click.option("--loglevel", default="INFO", show_default=True, help="Celery worker log level.")
+@click.pass_context
+def worker(
+    ctx: click.Context,
+    sequences: tuple[str, ...],
+    shard: str | None,
+    batch_size: int | None,
+    loglevel: str,
+) -> None:
+    """Run the single consumer for the given sequence queues.
+
+    A Celery worker with one bulk consumer per queue: it drains up to --batch-size waiting
+    requests, assigns them in one transaction, answers each one, then acknowledges. A
+    second worker on the same queue waits as a standby and takes over if the first dies.
+    Stop it with Ctrl-C or SIGTERM: it finishes the batch in hand first.
+    """
+    from numbering.routing import Shard
+    from numbering.tasks.worker import build_worker
+
+    settings = _settings(ctx)
+    if batch_size is not None:
+        settings = replace(settings, batch_size=batch_size)
+    parsed = Shard.parse(shard) if shard else None
+    if not sequences and parsed is None:
+        _fail("give at least one --sequence NAME or a --shard I/K")
+    build_worker(settings, sequences, parsed, loglevel=loglevel).start()
 
 
 # -- audit -------------------------------------------------------------------------------------

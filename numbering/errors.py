@@ -23,7 +23,8 @@ One shallow tree rooted at :class:`NumberingError`::
     │       │   └── KeyRaceConflict             another transaction inserted the same key
     │       ├── ConnectionLost                  outcome unknown; resolved by key look-up
     │       └── DatabaseUnavailable             could not connect; nothing was sent
-    └── RetriesExhaustedError                   retried until the bounds ran out
+    ├── RetriesExhaustedError                   retried until the bounds ran out
+    └── RequestTimeout (also TimeoutError)      no answer from a worker in time
 
 An error's docstring is its default message.
 """
@@ -47,6 +48,7 @@ __all__ = [
     "LockNotAvailable",
     "NumberingError",
     "PayloadTooLargeError",
+    "RequestTimeout",
     "RetriesExhaustedError",
     "RetryableError",
     "SequenceExhaustedError",
@@ -207,4 +209,19 @@ class RetriesExhaustedError(NumberingError):
             outcome = "every attempt was rolled back, nothing was written"
         super().__init__(
             f"gave up after {attempts} attempt(s) in {elapsed:.2f}s; last error: {last}; {outcome}"
+        )
+
+
+class RequestTimeout(NumberingError, TimeoutError):
+    """No answer to the number request in time."""
+
+    def __init__(self, key: str, sequence: str, timeout: float) -> None:
+        self.key = key
+        self.sequence = sequence
+        self.timeout = timeout
+        super().__init__(
+            f"no answer for request key {key!r} on sequence {sequence!r} within "
+            f"{timeout:g}s (is a worker running? numbering worker --sequence {sequence}); "
+            f"the request may still be assigned: ask again with key={key!r} to get its "
+            "number, never with a new key"
         )

@@ -31,6 +31,6 @@ print(f"8 clerks numbered 2000 invoices in {time.monotonic() - started:.1f}s: "
       f"{min(done)}..{max(done)}, {numbers.stats.total} retried transaction(s)")
 PY
 echo "asking again for demo-$run-clerk0-invoice0 gives the same number:" \
-    "$($bin/numbering next invoices --key "demo-$run-clerk0-invoice0")"
+    "$($bin/numbering next --direct invoices --key "demo-$run-clerk0-invoice0")"
 $bin/numbering sequence show invoices
 $bin/numbering audit invoices

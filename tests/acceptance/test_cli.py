@@ -57,10 +57,12 @@ def test_quick_start_path(cli: CLI) -> None:
     assert "schema upgraded from empty to revision 0001" in cli("init-db").stdout
     assert "schema already at revision 0001" in cli("init-db").stdout
     assert "next value 1" in cli("sequence", "create", "invoices").stdout
-    assert cli("next", "invoices", "--key", "invoice:1").stdout == "1\n"
-    assert cli("next", "invoices", "--key", "invoice:1").stdout == "1\n"
-    assert cli("next", "invoices", "--count", "3", "--key", "batch").stdout == "2..4\n"
-    shown = json.loads(cli("next", "invoices", "--json", "--reference", '{"doc": 5}').stdout)
+    assert cli("next", "--direct", "invoices", "--key", "invoice:1").stdout == "1\n"
+    assert cli("next", "--direct", "invoices", "--key", "invoice:1").stdout == "1\n"
+    assert cli("next", "--direct", "invoices", "--count", "3", "--key", "batch").stdout == "2..4\n"
+    shown = json.loads(
+        cli("next", "--direct", "invoices", "--json", "--reference", '{"doc": 5}').stdout
+    )
     assert (shown["value"], shown["resent"], shown["key"].startswith("auto:")) == (5, False, True)
 
     listing = cli("sequence", "list").stdout.splitlines()
@@ -92,11 +94,11 @@ def test_bad_input_is_one_clear_line(cli: CLI) -> None:
             "must be greater than initial_value"
         ),
         ("sequence", "create", "neg", "--initial-value", "-3"): "at least 0",
-        ("next", "nosuch"): "'nosuch' does not exist",
-        ("next", "invoices", "--count", "0"): "count must be at least 1",
-        ("next", "invoices", "--key", ""): "must not be empty",
-        ("next", "invoices", "--key", "x" * 300): "300 characters long",
-        ("next", "invoices", "--reference", "{oops"): "not valid JSON",
+        ("next", "--direct", "nosuch"): "'nosuch' does not exist",
+        ("next", "--direct", "invoices", "--count", "0"): "count must be at least 1",
+        ("next", "--direct", "invoices", "--key", ""): "must not be empty",
+        ("next", "--direct", "invoices", "--key", "x" * 300): "300 characters long",
+        ("next", "--direct", "invoices", "--reference", "{oops"): "not valid JSON",
         ("sequence", "show", "nosuch"): "does not exist",
         ("export", "nosuch"): "does not exist",
     }
@@ -128,8 +130,8 @@ def test_audit_finds_a_planted_gap_and_duplicate(cli: CLI) -> None:
     cli("sequence", "create", "invoices")
     cli("sequence", "create", "clean")
     for i in range(6):
-        cli("next", "invoices", "--key", f"k{i}")
-    cli("next", "clean")
+        cli("next", "--direct", "invoices", "--key", f"k{i}")
+    cli("next", "--direct", "clean")
     engine = create_engine(cli.env["NUMBERING_DATABASE_URL"])
     check_gapless(engine, "invoices")
     with engine.begin() as conn:

@@ -1,0 +1,380 @@
+"""Enqueue a number request and await the answer, from threads or asyncio.
+
+::
+
+    from numbering import Client
+
+    client = Client.from_env()
+    n = client.next_value("invoices", key="invoice:42", timeout=10)   # int
+    r = client.next_values("invoices", count=500, key="batch:7")      # range
+    n = await client.next_value_async("invoices", key="invoice:42")
+
+Requests are real Celery task messages, published with ``send_task`` on the sequence's
+queue. Answers come back on a Redis list owned by this process (see
+:mod:`numbering.replies`), read by one listener thread that wakes the waiting callers.
+
+A request that gets no answer in time is sent again with the *same* key (it can never get
+a second number), and when ``timeout`` runs out :class:`RequestTimeout` names the key to
+retry with. A ``Client`` may be shared by threads, and survives ``fork()``: a child
+process (gunicorn ``--preload``, uWSGI) opens its own broker and Redis connections on
+first use and never touches its parent's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import Celery
+
+from numbering.allocator import Assignment, Request, new_key
+from numbering.config.celery import celery_config
+from numbering.config.settings import Settings, mask_url
+from numbering.errors import ConfigurationError, NumberingError, RequestTimeout
+from numbering.messages import error_from_reply
+from numbering.replies import new_reply_list
+from numbering.routing import REPLY_HEADER, TASK_NAME, queue_for
+from numbering.validation import check_count, check_seconds, check_sequence_name
+
+__all__ = ["Client"]
+
+log = logging.getLogger("numbering.client")
+
+# Seconds the listener blocks on the reply list before checking whether it should stop.
+_LISTEN_SECONDS = 1.0
+# Replies popped per round trip once one has arrived.
+_REPLY_BATCH = 200
+
+Waiter = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _ProcessState:
+    """Connections and waiters that belong to one process; rebuilt after a fork."""
+
+    pid: int
+    app: Celery
+    replies: redis.Redis
+    reply_list: str
+    waiters: dict[str, list[Waiter]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    listener: threading.Thread | None = None
+
+
+class Client:
+    """Sends number requests to the workers and waits for the answers."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        reply_url: str,
+        *,
+        shards: int | None = None,
+        timeout: float = 10.0,
+        resend_after: float | None = None,
+    ) -> None:
+        if not reply_url.startswith(("redis://", "rediss://")):
+            raise ConfigurationError(
+                f"numbering replies travel over Redis; {mask_url(reply_url)!r} is not a "
+                "redis:// URL (set NUMBERING_RESULT_BACKEND)"
+            )
+        self.broker_url = broker_url
+        self.reply_url = reply_url
+        self.shards = shards
+        self.timeout = check_seconds(timeout, "timeout")
+        self.resend_after = (
+            None if resend_after is None else check_seconds(resend_after, "resend_after")
+        )
+        self._state: _ProcessState | None = None
+        self._state_lock = threading.Lock()
+        _forget_after_fork.add(self)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Client:
+        return cls(
+            settings.broker_url,
+            settings.result_backend,
+            shards=settings.shards,
+            timeout=settings.request_timeout,
+        )
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """A client configured from ``NUMBERING_*`` environment variables."""
+        return cls.from_settings(Settings.from_env())
+
+    def __repr__(self) -> str:
+        return f"<Client broker={mask_url(self.broker_url)} replies={mask_url(self.reply_url)}>"
+
+    # -- per-process state -------------------------------------------------------------------
+
+    def _process_state(self) -> _ProcessState:
+        state = self._state
+        if state is not None and state.pid == os.getpid():
+            return state
+        with self._state_lock:
+            state = self._state
+            if state is None or state.pid != os.getpid():
+                state = self._open()
+                self._state = state
+        return state
+
+    def _open(self) -> _ProcessState:
+        settings = Settings(broker_url=self.broker_url, result_backend=self.reply_url)
+        app = Celery("numbering-client", set_as_current=False)
+        app.conf.update(celery_config(settings))
+        app.conf.result_backend = None  # answers come on the reply list, not the backend
+        state = _ProcessState(
+            pid=os.getpid(),
+            app=app,
+            replies=redis.Redis.from_url(self.reply_url),
+            reply_list=new_reply_list(),
+        )
+        state.listener = threading.Thread(
+            target=self._listen, args=(state,), name="numbering-replies", daemon=True
+        )
+        state.listener.start()
+        return state
+
+    def _forget(self) -> None:
+        """Drop the parent's connections in a forked child, without closing them."""
+        self._state = None
+        self._state_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the listener and close this process's connections."""
+        with self._state_lock:
+            state, self._state = self._state, None
+        if state is not None and state.pid == os.getpid():
+            state.stop.set()
+            if state.listener is not None:
+                state.listener.join(_LISTEN_SECONDS * 3)
+            state.replies.close()
+            state.app.close()
+
+    def _listen(self, state: _ProcessState) -> None:
+        while not state.stop.is_set():
+            try:
+                first = state.replies.brpop([state.reply_list], timeout=_LISTEN_SECONDS)
+                if first is None:
+                    continue
+                more = state.replies.rpop(state.reply_list, _REPLY_BATCH) or []
+            except redis.RedisError as exc:
+                log.warning("reply listener: %s; reconnecting", exc)
+                state.stop.wait(0.5)
+                continue
+            for raw in [first[1], *more]:
+                self._deliver(state, raw)
+
+    def _deliver(self, state: _ProcessState, raw: bytes) -> None:
+        try:
+            reply = json.loads(raw)
+            key = reply["key"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed reply: %r", raw[:200])
+            return
+        with state.lock:
+            waiters = state.waiters.pop(key, [])
+        for wake in waiters:
+            wake(reply)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _publish(self, state: _ProcessState, sequence: str, request: Request) -> None:
+        state.app.send_task(
+            TASK_NAME,
+            kwargs={
+                "sequence": sequence,
+                "key": request.key,
+                "count": request.count,
+                "reference": request.reference,
+            },
+            queue=queue_for(sequence, self.shards),
+            headers={REPLY_HEADER: state.reply_list},
+            ignore_result=True,
+        )
+
+    def _prepare(
+        self, sequence: str, count: int, key: str | None, reference: Any, timeout: float | None
+    ) -> tuple[str, Request, float, float]:
+        name = check_sequence_name(sequence)
+        request = Request(new_key() if key is None else key, check_count(count), reference)
+        wait = self.timeout if timeout is None else check_seconds(timeout, "timeout")
+        resend = self.resend_after or max(wait / 3, 0.05)
+        return name, request, wait, resend
+
+    def _register(self, state: _ProcessState, key: str, wake: Waiter) -> None:
+        with state.lock:
+            state.waiters.setdefault(key, []).append(wake)
+
+    def _unregister(self, state: _ProcessState, key: str, wake: Waiter) -> None:
+        with state.lock:
+            waiters = state.waiters.get(key)
+            if waiters and wake in waiters:
+                waiters.remove(wake)
+                if not waiters:
+                    del state.waiters[key]
+
+    def next_block(
+        self,
+        sequence: str,
+        *,
+        count: int = 1,
+        key: str | None = None,
+        reference: Any = None,
+        timeout: float | None = None,
+    ) -> Assignment:
+        """Request ``count`` consecutive values; block until they are assigned."""
+        name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout)
+        state = self._process_state()
+        answered = threading.Event()
+        box: list[dict[str, Any]] = []
+
+        def wake(reply: dict[str, Any]) -> None:
+            box.append(reply)
+            answered.set()
+
+        self._register(state, request.key, wake)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                self._publish(state, name, request)
+                left = deadline - time.monotonic()
+                if answered.wait(min(resend, max(left, 0))):
+                    return _result(name, request, box[0])
+                if time.monotonic() >= deadline:
+                    raise RequestTimeout(request.key, name, wait)
+                log.info("no answer yet for key %r on %s; sending it again", request.key, name)
+        finally:
+            self._unregister(state, request.key, wake)
+
+    def next_value(
+        self,
+        sequence: str,
+        *,
+        key: str | None = None,
+        reference: Any = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Request the next value of ``sequence``; the same key always gets the same value."""
+        return self.next_block(sequence, key=key, reference=reference, timeout=timeout).value
+
+    def next_values(
+        self,
+        sequence: str,
+        count: int,
+        *,
+        key: str | None = None,
+        reference: Any = None,
+        timeout: float | None = None,
+    ) -> range:
+        """Request ``count`` consecutive values, as a range."""
+        return self.next_block(
+            sequence, count=count, key=key, reference=reference, timeout=timeout
+        ).values
+
+    async def next_block_async(
+        self,
+        sequence: str,
+        *,
+        count: int = 1,
+        key: str | None = None,
+        reference: Any = None,
+        timeout: float | None = None,
+    ) -> Assignment:
+        """:meth:`next_block` for asyncio: waiting does not block the event loop."""
+        name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout)
+        loop = asyncio.get_running_loop()
+        state = await loop.run_in_executor(None, self._process_state)
+        answer: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        def settle(reply: dict[str, Any]) -> None:
+            if not answer.done():
+                answer.set_result(reply)
+
+        def wake(reply: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(settle, reply)
+
+        self._register(state, request.key, wake)
+        try:
+            deadline = loop.time() + wait
+            while True:
+                await loop.run_in_executor(None, self._publish, state, name, request)
+                left = deadline - loop.time()
+                try:
+                    reply = await asyncio.wait_for(
+                        asyncio.shield(answer), timeout=min(resend, max(left, 0))
+                    )
+                    return _result(name, request, reply)
+                except asyncio.TimeoutError:
+                    if loop.time() >= deadline:
+                        raise RequestTimeout(request.key, name, wait) from None
+        finally:
+            self._unregister(state, request.key, wake)
+
+    async def next_value_async(
+        self,
+        sequence: str,
+        *,
+        key: str | None = None,
+        reference: Any = None,
+        timeout: float | None = None,
+    ) -> int:
+        """:meth:`next_value` for asyncio."""
+        block = await self.next_block_async(sequence, key=key, reference=reference, timeout=timeout)
+        return block.value
+
+    async def next_values_async(
+        self,
+        sequence: str,
+        count: int,
+        *,
+        key: str | None = None,
+        reference: Any = None,
+        timeout: float | None = None,
+    ) -> range:
+        """:meth:`next_values` for asyncio."""
+        block = await self.next_block_async(
+            sequence, count=count, key=key, reference=reference, timeout=timeout
+        )
+        return block.values
+
+
+def _result(sequence: str, request: Request, reply: dict[str, Any]) -> Assignment:
+    error = reply.get("error")
+    if error is not None:
+        raise error_from_reply(error)
+    try:
+        return Assignment(
+            sequence=sequence,
+            key=request.key,
+            value=int(reply["value"]),
+            count=int(reply["count"]),
+            cycle=int(reply["cycle"]),
+            resent=bool(reply["resent"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise NumberingError(f"malformed reply for key {request.key!r}: {reply!r}") from None
+
+
+# Clients to reset in a forked child: connections and threads do not survive a fork, and
+# sharing the parent's sockets would interleave two processes' traffic.
+_forget_after_fork: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_forget_after_fork):
+        client._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

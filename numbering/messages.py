@@ -1,0 +1,159 @@
+"""Number requests as Celery task messages, and the replies to them.
+
+A request is a Celery (protocol 2) task message for :data:`~numbering.routing.TASK_NAME`
+with keyword arguments ``sequence``, ``key``, ``count`` (default 1) and ``reference``
+(optional JSON). The broker is not trusted: every message is parsed and validated like
+user input (content type, sizes, types) before it gets near the database, and a
+malformed one fails alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from numbering import errors
+from numbering.allocator import Assignment, Request
+from numbering.errors import InvalidRequestError, NumberingError
+from numbering.routing import REPLY_HEADER, TASK_NAME
+from numbering.validation import MAX_REFERENCE_BYTES, check_sequence_name
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Job",
+    "decode_redis_message",
+    "error_from_reply",
+    "parse_task",
+    "reply_for",
+]
+
+# A request message is small; anything bigger is refused before JSON parsing.
+MAX_MESSAGE_BYTES = 16 * 1024 + 2 * MAX_REFERENCE_BYTES
+# Reply lists are Redis keys of this shape.
+_REPLY_PREFIX = "numbering.reply."
+_KWARGS = {"sequence", "key", "count", "reference"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A parsed request: what to assign, and where the answer goes."""
+
+    task_id: str
+    sequence: str
+    request: Request
+    reply_to: str | None  # the client's Redis reply list, or None: use the result backend
+
+
+@dataclass(frozen=True)
+class BadMessage:
+    """A message that could not be parsed; it fails alone with ``error``."""
+
+    task_id: str | None
+    key: str | None
+    reply_to: str | None
+    error: NumberingError
+
+
+def decode_redis_message(raw: bytes | str) -> tuple[dict[str, Any], Any]:
+    """Split a kombu Redis envelope into (headers, decoded body)."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidRequestError(f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    try:
+        envelope = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError("message is not a JSON kombu envelope") from None
+    if not isinstance(envelope, dict):
+        raise InvalidRequestError("message is not a JSON kombu envelope")
+    headers = envelope.get("headers")
+    properties = envelope.get("properties")
+    if not isinstance(headers, dict) or not isinstance(properties, dict):
+        raise InvalidRequestError("message has no headers or properties")
+    if envelope.get("content-type") != "application/json":
+        raise InvalidRequestError(
+            f"message content type {envelope.get('content-type')!r} refused: JSON only"
+        )
+    body = envelope.get("body")
+    if not isinstance(body, str):
+        raise InvalidRequestError("message body is missing")
+    if properties.get("body_encoding") == "base64":
+        try:
+            body = base64.b64decode(body, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise InvalidRequestError("message body is not valid base64") from None
+    try:
+        return headers, json.loads(body)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise InvalidRequestError("message body is not JSON") from None
+
+
+def _reply_to(headers: dict[str, Any]) -> str | None:
+    value = headers.get(REPLY_HEADER)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith(_REPLY_PREFIX) or len(value) > 100:
+        raise InvalidRequestError(f"invalid {REPLY_HEADER} header")
+    return value
+
+
+def parse_task(headers: dict[str, Any], body: Any) -> Job | BadMessage:
+    """Turn a decoded Celery task message into a :class:`Job`, or why it is refused."""
+    task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+    key = None
+    reply_to = None
+    try:
+        reply_to = _reply_to(headers)
+        if headers.get("task") != TASK_NAME:
+            raise InvalidRequestError(f"task {headers.get('task')!r} is not {TASK_NAME}")
+        if task_id is None or not 0 < len(task_id) <= 200:
+            raise InvalidRequestError("message has no valid task id")
+        if headers.get("eta") or headers.get("countdown"):
+            raise InvalidRequestError("numbering requests take no ETA or countdown")
+        if not isinstance(body, list) or len(body) != 3:
+            raise InvalidRequestError("message body is not a Celery protocol 2 body")
+        args, kwargs, _embed = body
+        if args:
+            raise InvalidRequestError(
+                "pass sequence, key, count and reference as keyword arguments"
+            )
+        if not isinstance(kwargs, dict):
+            raise InvalidRequestError("task keyword arguments are not a mapping")
+        unknown = set(kwargs) - _KWARGS
+        if unknown:
+            raise InvalidRequestError(f"unknown task argument(s): {', '.join(sorted(unknown))}")
+        if "key" in kwargs and isinstance(kwargs["key"], str):
+            key = kwargs["key"]
+        if "key" not in kwargs:
+            raise InvalidRequestError("a request key is required")
+        sequence = check_sequence_name(kwargs.get("sequence"))
+        request = Request(kwargs["key"], kwargs.get("count", 1), kwargs.get("reference"))
+    except NumberingError as error:
+        return BadMessage(task_id, key, reply_to, error)
+    return Job(task_id, sequence, request, reply_to)
+
+
+def reply_for(key: str | None, outcome: Assignment | NumberingError) -> dict[str, Any]:
+    """The JSON reply to a request: its assignment, or its error."""
+    if isinstance(outcome, NumberingError):
+        return {"key": key, "error": {"type": type(outcome).__name__, "message": str(outcome)}}
+    return {
+        "key": outcome.key,
+        "sequence": outcome.sequence,
+        "value": outcome.value,
+        "count": outcome.count,
+        "cycle": outcome.cycle,
+        "resent": outcome.resent,
+    }
+
+
+def error_from_reply(error: dict[str, Any]) -> NumberingError:
+    """Rebuild the error a worker replied with (an unknown type becomes NumberingError)."""
+    cls = getattr(errors, str(error.get("type")), None)
+    message = str(error.get("message", "request failed"))
+    if isinstance(cls, type) and issubclass(cls, NumberingError):
+        instance = NumberingError.__new__(cls)
+        NumberingError.__init__(instance, message)
+        return instance
+    return NumberingError(message)

@@ -1,0 +1,39 @@
+"""The lean reply path: one Redis list per client process.
+
+A client names its list in each request's ``numbering_reply`` header; the worker pushes
+one JSON reply per request onto it, in one pipeline per batch, and the client's listener
+thread pops them. Replies are matched to waiting callers by request key, so the reply to
+any copy of a resent request answers the caller. Lists expire when nobody reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+__all__ = ["REPLY_TTL", "new_reply_list", "push_replies"]
+
+# Seconds a reply list outlives its last reply; an abandoned client's list then vanishes.
+REPLY_TTL = 300
+
+
+def new_reply_list() -> str:
+    """A fresh reply list name for one client process."""
+    return f"numbering.reply.{uuid.uuid4().hex}"
+
+
+def push_replies(client: redis.Redis, replies: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    """Push each ``(list, reply)`` in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    lists = set()
+    for name, reply in replies:
+        pipe.lpush(name, json.dumps(reply, separators=(",", ":")))
+        lists.add(name)
+    for name in lists:
+        pipe.expire(name, REPLY_TTL)
+    if lists:
+        pipe.execute()

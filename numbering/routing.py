@@ -1,0 +1,93 @@
+"""Names of tasks and queues, and which queue serves which sequence.
+
+Every sequence has its own Celery queue, ``numbering.<sequence>``. A deployment with
+thousands of sequences can map them instead onto K shard queues,
+``numbering.shard.<i>-of-<K>``, by a stable hash of the name (CRC-32, the same in every
+process and every Python version), still with one consumer per queue, so each sequence's
+requests stay in order.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from numbering.errors import InvalidValueError
+from numbering.validation import check_sequence_name
+
+__all__ = [
+    "QUEUE_PREFIX",
+    "REPLY_HEADER",
+    "TASK_NAME",
+    "Shard",
+    "queue_for",
+    "sequence_queue",
+]
+
+# The Celery task that assigns numbers; callable with send_task from any Celery app.
+TASK_NAME = "numbering.assign"
+# Prefix of every queue numbering consumes.
+QUEUE_PREFIX = "numbering."
+# Message header naming the Redis list a lean client waits on for its reply.
+REPLY_HEADER = "numbering_reply"
+# The most shard queues a deployment may use.
+MAX_SHARDS = 4096
+
+
+def sequence_queue(sequence: str) -> str:
+    """The queue of ``sequence`` when it has its own: ``numbering.<sequence>``."""
+    return QUEUE_PREFIX + check_sequence_name(sequence)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0 <= index < count)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        for value in (self.index, self.count):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidValueError("shard index and count must be integers")
+        if not 1 <= self.count <= MAX_SHARDS:
+            raise InvalidValueError(f"shard count must be 1..{MAX_SHARDS}, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise InvalidValueError(
+                f"shard index must be 0..{self.count - 1} for {self.count} shards, got {self.index}"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """Parse ``"I/K"``, e.g. ``"3/8"`` for shard 3 of 8."""
+        index, sep, count = text.partition("/")
+        try:
+            if not sep:
+                raise ValueError
+            return cls(int(index), int(count))
+        except ValueError:
+            raise InvalidValueError(f"shard must be written I/K, e.g. 0/8, got {text!r}") from None
+
+    @property
+    def queue(self) -> str:
+        return f"{QUEUE_PREFIX}shard.{self.index}-of-{self.count}"
+
+    @classmethod
+    def of(cls, sequence: str, count: int) -> Shard:
+        """The shard that serves ``sequence`` among ``count`` shards."""
+        name = check_sequence_name(sequence)
+        return cls(zlib.crc32(name.encode()) % count, count)
+
+    def serves(self, sequence: str) -> bool:
+        return Shard.of(sequence, self.count) == self
+
+
+def queue_for(sequence: str, shards: int | None = None) -> str:
+    """The queue that carries requests for ``sequence``.
+
+    ``shards=None`` (the default) gives the sequence's own queue; ``shards=K`` gives its
+    shard queue among K. Clients and workers must agree on K.
+    """
+    if shards is None:
+        return sequence_queue(sequence)
+    return Shard.of(sequence, shards).queue

@@ -1,0 +1,46 @@
+"""The Celery app and the ``numbering.assign`` task.
+
+A numbering worker drains its queues in bulk (see :mod:`numbering.tasks.drain`). The
+task registered here is the same operation for a message that a stock Celery worker
+consumes one at a time (``celery -A numbering.tasks.app worker -Q numbering.invoices``):
+slower, equally correct, because the database does the serialising.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from numbering.config.celery import celery_config
+from numbering.config.settings import Settings
+from numbering.errors import NumberingError
+from numbering.messages import reply_for
+from numbering.routing import TASK_NAME
+from numbering.runner import Allocator
+
+__all__ = ["app", "create_app"]
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app configured for numbering, with the ``numbering.assign`` task."""
+    settings = settings or Settings.from_env()
+    celery = Celery("numbering", set_as_current=False)
+    celery.conf.update(celery_config(settings))
+    allocators: dict[int, Allocator] = {}
+
+    @celery.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, max_retries=0)
+    def assign(sequence: str, key: str, count: int = 1, reference: Any = None) -> dict[str, Any]:
+        allocator = allocators.get(0)
+        if allocator is None:
+            allocator = allocators.setdefault(0, Allocator.from_settings(settings))
+        try:
+            block = allocator.next_block(sequence, count=count, key=key, reference=reference)
+        except NumberingError as error:
+            return reply_for(key, error)
+        return reply_for(key, block)
+
+    return celery
+
+
+app = create_app()

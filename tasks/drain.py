@@ -1,0 +1,226 @@
+"""The bulk consumer: drain a queue, assign a batch in one transaction, answer each request.
+
+Stock Celery over Redis delivers one message per round trip and books each one in and
+out of an "unacked" hash: about 500 messages a second for one consumer. This consumer
+reads the same Celery messages from the same Redis list, but moves up to ``batch_size``
+of them at a time, atomically, into an in-flight list (one round trip), assigns them all
+in one database transaction, answers every request, and only then clears the in-flight
+list: that is the acknowledgement. A consumer killed at any point leaves its batch in the
+in-flight list, and the next active consumer of the queue (the same worker restarted, or
+a standby) finishes it first. Redelivery is harmless: requests are idempotent by key.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from celery import Celery, states
+from sqlalchemy import Connection
+
+from numbering.allocator import Outcome, assign
+from numbering.errors import InvalidRequestError, NumberingError, RetriesExhaustedError
+from numbering.messages import BadMessage, Job, decode_redis_message, parse_task, reply_for
+from numbering.replies import push_replies
+from numbering.routing import Shard
+from numbering.runner import Allocator
+from numbering.tasks.guard import ConsumerLock
+
+__all__ = ["BatchProcessor", "RedisDrain", "inflight_list"]
+
+log = logging.getLogger("numbering.worker")
+
+# Seconds a consumer blocks on an empty queue before checking its lock and stop flag.
+POLL_SECONDS = 1
+# Seconds between checks that the consumer lock's database session is alive.
+LOCK_CHECK_SECONDS = 5.0
+# Seconds a standby waits between attempts to become the active consumer.
+STANDBY_SECONDS = 1.0
+# Seconds to wait before retrying a batch the database could not take.
+OUTAGE_BACKOFF_SECONDS = 1.0
+
+# Atomically move up to ARGV[1] messages from the queue (oldest first) to the in-flight
+# list. Needs Redis 6.2+ (RPOP with a count).
+_DRAIN = """
+local items = redis.call('RPOP', KEYS[1], ARGV[1])
+if not items then return {} end
+for i = 1, #items do redis.call('LPUSH', KEYS[2], items[i]) end
+return items
+"""
+
+
+def inflight_list(queue: str) -> str:
+    """The Redis list holding the batch the active consumer of ``queue`` is working on."""
+    return f"_numbering.inflight.{queue}"
+
+
+class BatchProcessor:
+    """Assigns a batch of parsed requests in one transaction and answers each one."""
+
+    def __init__(
+        self,
+        allocator: Allocator,
+        replies: redis.Redis,
+        app: Celery | None = None,
+        shard: Shard | None = None,
+    ) -> None:
+        self.allocator = allocator
+        self.replies = replies
+        self.app = app
+        self.shard = shard
+
+    def process(self, items: Sequence[Job | BadMessage]) -> None:
+        """Assign and answer; raises only if the database could not take the batch."""
+        outcomes: dict[int, Outcome] = {}
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            if isinstance(item, BadMessage):
+                outcomes[index] = item.error
+            elif self.shard is not None and not self.shard.serves(item.sequence):
+                outcomes[index] = InvalidRequestError(
+                    f"sequence {item.sequence!r} does not belong to {self.shard.queue}"
+                )
+            else:
+                groups[item.sequence].append(index)
+
+        def work(connection: Connection) -> dict[int, Outcome]:
+            assigned: dict[int, Outcome] = {}
+            # One transaction for the whole batch; sequences locked in name order, so two
+            # consumers of overlapping shards cannot deadlock each other.
+            for sequence in sorted(groups):
+                indexes = groups[sequence]
+                requests = [items[i].request for i in indexes]  # type: ignore[union-attr]
+                try:
+                    results: list[Outcome] = assign(connection, sequence, requests)
+                except InvalidRequestError as error:  # e.g. unknown sequence: fails alone
+                    results = [error] * len(indexes)
+                assigned.update(zip(indexes, results, strict=True))
+            return assigned
+
+        if groups:
+            started = time.monotonic()
+            outcomes.update(
+                self.allocator.run(work, describe=f"batch of {sum(map(len, groups.values()))}")
+            )
+            log.debug(
+                "assigned %d request(s) in %.1f ms", len(items), 1e3 * (time.monotonic() - started)
+            )
+        self._answer(items, outcomes)
+
+    def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Outcome]) -> None:
+        lean: list[tuple[str, dict[str, Any]]] = []
+        for index, item in enumerate(items):
+            outcome = outcomes[index]
+            key = item.request.key if isinstance(item, Job) else item.key
+            if isinstance(outcome, NumberingError):
+                log.info("request %s (key %r) failed: %s", item.task_id, key, outcome)
+            reply = reply_for(key, outcome)
+            if item.reply_to is not None:
+                lean.append((item.reply_to, reply))
+            elif item.task_id is not None and self.app is not None:
+                # A plain Celery caller: answer through the result backend.
+                state = states.FAILURE if isinstance(outcome, NumberingError) else states.SUCCESS
+                if state == states.FAILURE:
+                    self.app.backend.mark_as_failure(item.task_id, outcome)
+                else:
+                    self.app.backend.store_result(item.task_id, reply, state)
+        push_replies(self.replies, lean)
+
+
+class RedisDrain:
+    """The consumer of one queue on a Redis broker (run it in its own thread)."""
+
+    def __init__(
+        self,
+        broker: redis.Redis,
+        queue: str,
+        processor: BatchProcessor,
+        lock: ConsumerLock,
+        *,
+        batch_size: int,
+        stop: threading.Event,
+    ) -> None:
+        self.broker = broker
+        self.queue = queue
+        self.inflight = inflight_list(queue)
+        self.processor = processor
+        self.lock = lock
+        self.batch_size = batch_size
+        self.stop = stop
+        self._drain = broker.register_script(_DRAIN)
+        #: Requests answered since start (for logs and tests).
+        self.handled = 0
+
+    def run(self) -> None:
+        """Be the active consumer whenever the lock allows, until ``stop`` is set."""
+        standby_logged = False
+        while not self.stop.is_set():
+            try:
+                if not self.lock.try_acquire():
+                    if not standby_logged:
+                        log.warning(
+                            "standby: another consumer is active on %s; waiting to take over",
+                            self.queue,
+                        )
+                        standby_logged = True
+                    self.stop.wait(STANDBY_SECONDS)
+                    continue
+                standby_logged = False
+                log.info("active consumer of %s", self.queue)
+                self._consume()
+            except (redis.RedisError, NumberingError, OSError) as exc:
+                log.error("consumer of %s: %s; retrying", self.queue, exc)
+                self.stop.wait(OUTAGE_BACKOFF_SECONDS)
+            finally:
+                if self.stop.is_set():
+                    self.lock.release()
+
+    def _consume(self) -> None:
+        self._finish_inflight()
+        checked = time.monotonic()
+        while not self.stop.is_set():
+            if time.monotonic() - checked > LOCK_CHECK_SECONDS:
+                if not self.lock.still_held():
+                    return
+                checked = time.monotonic()
+            first = self.broker.blmove(self.queue, self.inflight, POLL_SECONDS, "RIGHT", "LEFT")
+            if first is None:
+                continue
+            rest = self._drain(keys=[self.queue, self.inflight], args=[self.batch_size - 1])
+            self._handle([first, *rest])
+
+    def _finish_inflight(self) -> None:
+        left = self.broker.lrange(self.inflight, 0, -1)
+        if left:
+            left.reverse()  # LPUSHed oldest first: the oldest is at the right end
+            log.warning(
+                "%s: finishing %d request(s) left in flight by a stopped consumer",
+                self.queue,
+                len(left),
+            )
+            self._handle(left)
+
+    def _handle(self, raws: list[bytes | str]) -> None:
+        items: list[Job | BadMessage] = []
+        for raw in raws:
+            try:
+                items.append(parse_task(*decode_redis_message(raw)))
+            except NumberingError as error:
+                items.append(BadMessage(None, None, None, error))
+        while True:
+            try:
+                self.processor.process(items)
+                break
+            except RetriesExhaustedError as exc:
+                # The database is away: keep the batch in flight and try again; clients
+                # time out and resend with the same keys meanwhile, which is harmless.
+                log.error("%s: database unavailable (%s); retrying the batch", self.queue, exc)
+                if self.stop.wait(OUTAGE_BACKOFF_SECONDS):
+                    return  # leave it in flight for the next consumer
+        self.broker.delete(self.inflight)
+        self.handled += len(items)

@@ -1,0 +1,129 @@
+"""Worker start-up: a Celery worker whose numbering queues are drained in bulk.
+
+``numbering worker --sequence invoices`` starts a Celery worker (visible to ``celery
+inspect`` and Flower, with remote control on the control queue) plus one bulk consumer
+thread per numbering queue, started and stopped with the worker as a bootstep.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import redis
+from celery import Celery, bootsteps
+
+from numbering.config.celery import CONTROL_QUEUE
+from numbering.config.settings import Settings
+from numbering.errors import ConfigurationError
+from numbering.routing import Shard, sequence_queue
+from numbering.runner import Allocator
+from numbering.tasks.app import create_app
+from numbering.tasks.drain import BatchProcessor, RedisDrain
+from numbering.tasks.guard import ConsumerLock
+
+__all__ = ["NumberingWorker", "build_worker", "queues_for"]
+
+log = logging.getLogger("numbering.worker")
+
+
+def queues_for(sequences: Sequence[str], shard: Shard | None) -> list[str]:
+    """The queues a worker for ``sequences`` and ``shard`` consumes."""
+    queues = [sequence_queue(s) for s in sequences]
+    if shard is not None:
+        queues.append(shard.queue)
+    if not queues:
+        raise ConfigurationError("give at least one --sequence NAME or a --shard I/K")
+    if len(set(queues)) != len(queues):
+        raise ConfigurationError("a queue was named twice")
+    return queues
+
+
+class NumberingWorker:
+    """The bulk consumers of one worker process: one thread per queue."""
+
+    def __init__(
+        self, settings: Settings, queues: Sequence[str], shard: Shard | None, app: Celery
+    ) -> None:
+        if not settings.broker_url.startswith(("redis://", "rediss://")):
+            raise ConfigurationError(
+                "the bulk consumer needs a Redis broker for now; "
+                f"NUMBERING_BROKER_URL is {settings.broker_url.split('://')[0]}://"
+            )
+        if not settings.result_backend.startswith(("redis://", "rediss://")):
+            raise ConfigurationError("numbering replies need a Redis NUMBERING_RESULT_BACKEND")
+        self.settings = settings
+        self.allocator = Allocator.from_settings(settings)
+        self.broker = redis.Redis.from_url(settings.broker_url)
+        self.replies = redis.Redis.from_url(settings.result_backend)
+        self.stop = threading.Event()
+        processor = BatchProcessor(self.allocator, self.replies, app, shard)
+        self.drains = [
+            RedisDrain(
+                self.broker,
+                queue,
+                processor,
+                ConsumerLock(self.allocator.engine, queue),
+                batch_size=settings.batch_size,
+                stop=self.stop,
+            )
+            for queue in queues
+        ]
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for drain in self.drains:
+            thread = threading.Thread(
+                target=drain.run, name=f"numbering:{drain.queue}", daemon=True
+            )
+            thread.start()
+            self.threads.append(thread)
+
+    def shutdown(self, timeout: float = 60) -> None:
+        """Finish the batches in hand, then stop."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout)
+        self.allocator.close()
+
+
+def build_worker(
+    settings: Settings,
+    sequences: Sequence[str],
+    shard: Shard | None = None,
+    *,
+    loglevel: str = "INFO",
+) -> Any:
+    """A Celery worker (``WorkController``) with numbering's bulk consumers attached."""
+    if shard is not None and settings.shards not in (None, shard.count):
+        raise ConfigurationError(
+            f"--shard {shard.index}/{shard.count} disagrees with NUMBERING_SHARDS={settings.shards}"
+        )
+    queues = queues_for(sequences, shard)
+    app = create_app(settings)
+    numbering = NumberingWorker(settings, queues, shard, app)
+
+    class BulkConsumers(bootsteps.StartStopStep):
+        requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
+
+        def start(self, worker: Any) -> None:
+            log.info("numbering worker consuming %s", ", ".join(queues))
+            numbering.start()
+
+        def stop(self, worker: Any) -> None:
+            numbering.shutdown()
+
+    app.steps["worker"].add(BulkConsumers)
+    return app.Worker(
+        queues=[CONTROL_QUEUE],
+        concurrency=1,
+        pool="solo",
+        loglevel=loglevel,
+        hostname=f"numbering-{os.getpid()}@{socket.gethostname()}",
+        without_mingle=True,
+        without_gossip=True,
+    )
