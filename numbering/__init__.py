@@ -63,6 +63,10 @@ def __getattr__(name: str) -> Any:
         return Client
     raise AttributeError(f"module 'numbering' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 __all__ = [
     # enqueue and await
     "Client",
