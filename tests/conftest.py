@@ -14,12 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
+from integration.stack import Stack
 from sqlalchemy.engine import Engine, make_url
 
 from numbering import RetryPolicy, create_engine, init_db
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Tests own two Redis databases (broker and replies) and flush them around each test.
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+TEST_BROKER_DB, TEST_REPLY_DB = 14, 15
 IN_CI = bool(os.environ.get("CI"))
 TEMPLATE = f"numbering_template_{os.getpid()}"
 
@@ -36,10 +41,10 @@ def _url_for(database: str) -> str:
     return make_url(ADMIN_URL).set(database=database).render_as_string(hide_password=False)
 
 
-def _unavailable(reason: str) -> None:
+def _unavailable(reason: str, server: str = "PostgreSQL") -> None:
     if IN_CI:
-        pytest.fail(f"PostgreSQL is required under CI but unavailable: {reason}")
-    pytest.skip(f"PostgreSQL unavailable: {reason}")
+        pytest.fail(f"{server} is required under CI but unavailable: {reason}")
+    pytest.skip(f"{server} unavailable: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -115,9 +120,35 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture
+def redis_urls() -> Iterator[tuple[str, str]]:
+    """(broker URL, reply URL) on two Redis databases flushed before and after the test."""
+    urls = (f"{REDIS_URL}/{TEST_BROKER_DB}", f"{REDIS_URL}/{TEST_REPLY_DB}")
+    clients = [redis.Redis.from_url(url) for url in urls]
+    try:
+        for client in clients:
+            client.flushdb()
+    except redis.RedisError as exc:
+        _unavailable(str(exc), "Redis")
+    yield urls
+    for client in clients:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """A real stack: PostgreSQL database, Redis broker and replies; start workers on it."""
+    stack = Stack(pg_url, *redis_urls, tmp_path)
+    yield stack
+    stack.close()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"pg_url", "pg_empty_url", "pg_template"} & set(getattr(item, "fixturenames", ())):
+        if {"pg_url", "pg_empty_url", "pg_template", "redis_urls"} & set(
+            getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.integration)
 
 

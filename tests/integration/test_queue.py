@@ -1,0 +1,304 @@
+"""The queue layer end to end: real worker processes, Redis, PostgreSQL, client processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+
+import pytest
+import redis
+from celery import Celery
+from integration.stack import Stack
+from ledger_check import check_gapless
+
+from numbering import Allocator, Client, RequestTimeout, create_engine
+from numbering.errors import (
+    InvalidCountError,
+    InvalidKeyError,
+    KeyReusedError,
+    SequenceNotFoundError,
+)
+from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, queue_for, sequence_queue
+from numbering.tasks.drain import inflight_list
+
+
+def setup_sequences(stack: Stack, *names: str) -> Allocator:
+    allocator = Allocator(stack.settings.database_url)
+    for name in names:
+        allocator.create_sequence(name)
+    return allocator
+
+
+def assert_increasing(results: list[list[int]]) -> None:
+    for values in results:
+        assert values == sorted(values), "a client got decreasing numbers"
+        assert len(set(values)) == len(values)
+
+
+def test_four_client_processes_on_one_sequence(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    results = stack.client_processes([("invoices", f"c{c}", 250) for c in range(4)])
+    engine = create_engine(stack.settings.database_url)
+    by_key = check_gapless(
+        engine, "invoices", keys=[f"c{c}:{i}" for c in range(4) for i in range(250)]
+    )
+    assert sorted(v for values in results for v in values) == list(range(1, 1001))
+    for c, values in enumerate(results):
+        assert values == [by_key[f"c{c}:{i}"][0] for i in range(250)]
+    assert_increasing(results)
+
+
+def test_two_sequences_on_two_workers(stack: Stack) -> None:
+    setup_sequences(stack, "invoices", "credit-notes")
+    stack.worker("--sequence", "invoices")
+    stack.worker("--sequence", "credit-notes")
+    jobs = [(seq, f"{seq}-{c}", 100) for seq in ("invoices", "credit-notes") for c in range(2)]
+    results = stack.client_processes(jobs)
+    assert_increasing(results)
+    engine = create_engine(stack.settings.database_url)
+    for seq in ("invoices", "credit-notes"):
+        keys = [f"{seq}-{c}:{i}" for c in range(2) for i in range(100)]
+        assert len(check_gapless(engine, seq, keys=keys)) == 200
+
+
+def test_sequences_on_shard_queues(stack: Stack) -> None:
+    names = [f"tenant-{t}" for t in range(6)]
+    assert {Shard.of(name, 2).index for name in names} == {0, 1}
+    setup_sequences(stack, *names)
+    stack.env["NUMBERING_SHARDS"] = "2"
+    stack.worker("--shard", "0/2")
+    stack.worker("--shard", "1/2")
+    results = stack.client_processes([(name, f"{name}-c", 40) for name in names])
+    assert_increasing(results)
+    engine = create_engine(stack.settings.database_url)
+    for name, values in zip(names, results, strict=True):
+        assert values == list(range(1, 41))
+        check_gapless(engine, name, keys=[f"{name}-c:{i}" for i in range(40)])
+
+
+def publish(app: Celery, queue: str, reply_to: str, **kwargs: object) -> None:
+    app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers={REPLY_HEADER: reply_to})
+
+
+def read_replies(url: str, reply_to: str, count: int) -> dict[str | None, dict[str, object]]:
+    client = redis.Redis.from_url(url)
+    replies: dict[str | None, dict[str, object]] = {}
+    deadline = time.monotonic() + 30
+    while len(replies) < count and time.monotonic() < deadline:
+        item = client.brpop([reply_to], timeout=1)
+        if item is not None:
+            reply = json.loads(item[1])
+            replies[reply["key"]] = reply
+    return replies
+
+
+def test_invalid_requests_in_a_batch_fail_alone(stack: Stack) -> None:
+    """Requests queued before the worker starts arrive as one batch; bad ones fail alone."""
+    allocator = setup_sequences(stack, "invoices", "other")
+    allocator.next_value("other", key="taken")
+    settings = stack.settings
+    app = Celery(broker=settings.broker_url)
+    queue = sequence_queue("invoices")
+    reply_to = "numbering.reply.test"
+    publish(app, queue, reply_to, sequence="invoices", key="a")
+    publish(app, queue, reply_to, sequence="invoices", key="zero", count=0)
+    publish(app, queue, reply_to, sequence="invoices", key="taken")
+    publish(app, queue, reply_to, sequence="nosuch", key="lost")
+    publish(app, queue, reply_to, sequence="invoices", key="a")  # a resend
+    publish(app, queue, reply_to, sequence="invoices", key=" spaced")
+    publish(app, queue, reply_to, sequence="invoices", key="b", count=2)
+    redis.Redis.from_url(settings.broker_url).lpush(queue, b"{not json")
+    assert redis.Redis.from_url(settings.broker_url).llen(queue) == 8
+
+    worker = stack.worker("--sequence", "invoices")
+    replies = read_replies(settings.result_backend, reply_to, 6)
+    assert replies["a"]["value"] == 1
+    assert replies["b"]["value"] == 2
+    assert replies["b"]["count"] == 2
+    errors = {key: r["error"]["type"] for key, r in replies.items() if "error" in r}  # type: ignore[index]
+    assert errors == {
+        "zero": InvalidCountError.__name__,
+        "taken": KeyReusedError.__name__,
+        "lost": SequenceNotFoundError.__name__,
+        " spaced": InvalidKeyError.__name__,
+    }
+    engine = create_engine(settings.database_url)
+    check_gapless(engine, "invoices", keys=["a", "b"])
+    worker.wait_for("not a JSON kombu envelope")
+
+
+def test_resent_key_gets_its_first_number(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    client = stack.client()
+    first = client.next_block("invoices", key="invoice:1")
+    other = client.next_value("invoices", key="invoice:2")
+    again = client.next_block("invoices", key="invoice:1")
+    assert (first.value, first.resent, other, again.value, again.resent) == (1, False, 2, 1, True)
+    with pytest.raises(KeyReusedError):
+        client.next_values("invoices", 3, key="invoice:1")
+
+
+def test_a_batch_left_in_flight_is_finished_by_the_next_consumer(stack: Stack) -> None:
+    """A worker killed after taking a batch (before answering) loses nothing."""
+    setup_sequences(stack, "invoices")
+    settings = stack.settings
+    broker = redis.Redis.from_url(settings.broker_url)
+    queue = sequence_queue("invoices")
+    app = Celery(broker=settings.broker_url)
+    for i in range(5):
+        publish(app, queue, "numbering.reply.test", sequence="invoices", key=f"k{i}")
+    # What a consumer killed mid-batch leaves: the batch moved to its in-flight list.
+    broker.eval(
+        "local items = redis.call('RPOP', KEYS[1], 5) "
+        "for i = 1, #items do redis.call('LPUSH', KEYS[2], items[i]) end",
+        2,
+        queue,
+        inflight_list(queue),
+    )
+    assert (broker.llen(queue), broker.llen(inflight_list(queue))) == (0, 5)
+    worker = stack.worker("--sequence", "invoices")
+    replies = read_replies(settings.result_backend, "numbering.reply.test", 5)
+    assert [replies[f"k{i}"]["value"] for i in range(5)] == [1, 2, 3, 4, 5]
+    assert broker.llen(inflight_list(queue)) == 0
+    worker.wait_for("finishing 5 request(s) left in flight")
+
+
+def test_killed_worker_under_load_loses_nothing(stack: Stack) -> None:
+    """SIGKILL the worker while clients are waiting; a new worker finishes the work and
+    the clients' resends (same keys) cost no gap and no duplicate."""
+    setup_sequences(stack, "invoices")
+    worker = stack.worker("--sequence", "invoices")
+    stack.env["NUMBERING_REQUEST_TIMEOUT"] = "120"
+    results: list[list[int]] = []
+    runner = threading.Thread(
+        target=lambda: results.extend(
+            stack.client_processes([("invoices", f"c{c}", 150) for c in range(3)])
+        )
+    )
+    runner.start()
+    engine = create_engine(stack.settings.database_url)
+    allocator = Allocator(engine)
+    deadline = time.monotonic() + 60
+    while (allocator.last_value("invoices") or 0) < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.kill()
+    time.sleep(1)
+    stack.worker("--sequence", "invoices")
+    runner.join(240)
+    assert len(results) == 3
+    assert_increasing(results)
+    keys = [f"c{c}:{i}" for c in range(3) for i in range(150)]
+    check_gapless(engine, "invoices", keys=keys)
+
+
+def test_second_worker_waits_as_standby_and_takes_over(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    first = stack.worker("--sequence", "invoices")
+    second = stack.worker("--sequence", "invoices", active=False)
+    client = stack.client()
+    assert client.next_value("invoices", key="before") == 1
+    assert "active consumer" not in second.output()
+    first.kill()
+    second.wait_for("active consumer")
+    assert client.next_value("invoices", key="after") == 2
+    check_gapless(create_engine(stack.settings.database_url), "invoices")
+
+
+def test_plain_celery_apps_can_call_the_task(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    settings = stack.settings
+    app = Celery(broker=settings.broker_url, backend=settings.result_backend)
+    result = app.send_task(
+        TASK_NAME, kwargs={"sequence": "invoices", "key": "celery:1"}, queue=queue_for("invoices")
+    )
+    assert result.get(timeout=30)["value"] == 1
+    failed = app.send_task(
+        TASK_NAME, kwargs={"sequence": "invoices", "key": ""}, queue=queue_for("invoices")
+    )
+    with pytest.raises(Exception, match="must not be empty"):
+        failed.get(timeout=30)
+
+
+def test_asyncio_client(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    client = stack.client()
+
+    async def main() -> list[int]:
+        firsts = await asyncio.gather(
+            *(client.next_value_async("invoices", key=f"a{i}") for i in range(50))
+        )
+        block = await client.next_values_async("invoices", 10, key="block")
+        again = await client.next_value_async("invoices", key="a7")
+        return [*firsts, block.start, again]
+
+    values = asyncio.run(main())
+    assert sorted(values[:50]) == list(range(1, 51))
+    assert values[50] == 51
+    engine = create_engine(stack.settings.database_url)
+    by_key = check_gapless(engine, "invoices")
+    assert values[51] == by_key["a7"][0]
+
+
+def test_timeout_names_the_key_and_asking_again_is_safe(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    client = stack.client(resend_after=0.3)
+    with pytest.raises(RequestTimeout) as info:
+        client.next_value("invoices", key="invoice:5", timeout=1)
+    assert info.value.key == "invoice:5"
+    assert "ask again with key='invoice:5'" in str(info.value)
+    # Several copies of the request are now queued; the worker answers them all the same.
+    stack.worker("--sequence", "invoices")
+    assert client.next_value("invoices", key="invoice:5") == 1
+    assert client.next_value("invoices", key="invoice:6") == 2
+    check_gapless(
+        create_engine(stack.settings.database_url), "invoices", keys=["invoice:5", "invoice:6"]
+    )
+
+
+def test_client_survives_fork(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    client = stack.client()
+    assert client.next_value("invoices", key="parent:1") == 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: must open its own connections and get its own answers
+        try:
+            values = [client.next_value("invoices", key=f"child:{i}") for i in range(20)]
+            os.write(write, json.dumps(values).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    parent = [client.next_value("invoices", key=f"parent:{i}") for i in range(2, 22)]
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = json.loads(pipe.read())
+    assert len(child) == 20
+    assert sorted([1, *parent, *child]) == list(range(1, 42))
+    check_gapless(create_engine(stack.settings.database_url), "invoices")
+
+
+def test_client_is_shared_by_threads(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    client: Client = stack.client()
+    got: dict[int, list[int]] = {}
+
+    def clerk(t: int) -> None:
+        got[t] = [client.next_value("invoices", key=f"t{t}:{i}") for i in range(50)]
+
+    threads = [threading.Thread(target=clerk, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert_increasing(list(got.values()))
+    keys = [f"t{t}:{i}" for t in range(8) for i in range(50)]
+    check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
