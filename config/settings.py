@@ -66,6 +66,7 @@ ENV = {
     "shards": "NUMBERING_SHARDS",
     "batch_size": "NUMBERING_BATCH_SIZE",
     "request_timeout": "NUMBERING_REQUEST_TIMEOUT",
+    "batch_tables": "NUMBERING_BATCH_TABLES",
 }
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
@@ -110,6 +111,8 @@ class Settings:
     shards: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    #: Tables batch jobs may number in place (the allow-list); empty allows none.
+    batch_tables: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -163,8 +166,12 @@ class Settings:
         shown: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            is_url = f.name.endswith(("_url", "_backend"))
-            shown[ENV[f.name]] = mask_url(value) if is_url else str(value)
+            if f.name.endswith(("_url", "_backend")):
+                shown[ENV[f.name]] = mask_url(value)
+            elif isinstance(value, tuple):
+                shown[ENV[f.name]] = ",".join(value)
+            else:
+                shown[ENV[f.name]] = "" if value is None else str(value)
         return shown
 
 
@@ -182,6 +189,8 @@ def _parse(name: str, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise ConfigurationError(f"{variable} must be a whole number, got {raw!r}") from None
+    if name == "batch_tables":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     if name.startswith("retry_") or name == "request_timeout":
         try:
             return check_seconds(float(raw), variable, allow_zero=name.startswith("retry_wait"))

@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from numbering import migrations
+from numbering.batch import DEFAULT_CHUNK_SIZE, BatchJob, BatchProgress, number_rows
 from numbering.config.settings import ENV, Settings, mask_url
 from numbering.errors import NumberingError
 from numbering.ledger import EXPORT_FIELDS
@@ -316,6 +317,84 @@ def worker(
     if not sequences and parsed is None:
         _fail("give at least one --sequence NAME or a --shard I/K")
     build_worker(settings, sequences, parsed, loglevel=loglevel).start()
+
+
+@main.command("batch")
+@click.argument("sequence")
+@click.option("--table", required=True, help="Table to number (must be in NUMBERING_BATCH_TABLES).")
+@click.option("--id-column", default="id", show_default=True, help="Unique id column.")
+@click.option(
+    "--number-column", default="number", show_default=True, help="Column that gets the number."
+)
+@click.option(
+    "--order-by",
+    multiple=True,
+    metavar="COLUMN",
+    help="Number in this column's order (repeatable; ties by id). Default: id.",
+)
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="COLUMN=VALUE",
+    help="Only rows where COLUMN equals VALUE (JSON if it parses, else text); repeatable.",
+)
+@click.option("--job", help="Job name for the ledger keys (default: TABLE.NUMBER_COLUMN).")
+@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, show_default=True)
+@click.pass_context
+def batch(
+    ctx: click.Context,
+    sequence: str,
+    table: str,
+    id_column: str,
+    number_column: str,
+    order_by: tuple[str, ...],
+    where: tuple[str, ...],
+    job: str | None,
+    chunk_size: int,
+) -> None:
+    """Number every row of --table that has no number yet from SEQUENCE, in place.
+
+    One transaction per chunk writes the numbers and the ledger together; run the same
+    command again after an interruption and it carries on where it stopped.
+    """
+    filters: dict[str, Any] = {}
+    for pair in where:
+        column, sep, raw = pair.partition("=")
+        if not sep or not column:
+            _fail(f"--where takes COLUMN=VALUE, got {pair!r}")
+        try:
+            filters[column] = json.loads(raw)
+        except json.JSONDecodeError:
+            filters[column] = raw
+    spec = BatchJob(
+        sequence=sequence,
+        table=table,
+        id_column=id_column,
+        number_column=number_column,
+        order_by=order_by,
+        where=filters,
+        job=job or "",
+        chunk_size=chunk_size,
+    )
+
+    def show(progress: BatchProgress) -> None:
+        total = max(progress.remaining_at_start, progress.numbered)
+        percent = 100 * progress.numbered / total if total else 100
+        click.echo(
+            f"numbered {progress.numbered}/{total} rows ({percent:.0f}%), "
+            f"{progress.rate:,.0f} rows/s, last number {progress.last_value}",
+            err=True,
+        )
+
+    done = number_rows(
+        _allocator(ctx), spec, allowed_tables=_settings(ctx).batch_tables, progress=show
+    )
+    if done.numbered:
+        click.echo(
+            f"numbered {done.numbered} row(s) of {table}: {done.first_value}..{done.last_value}"
+        )
+    else:
+        click.echo(f"nothing to number: every matching row of {table} has a number")
 
 
 # -- audit -------------------------------------------------------------------------------------

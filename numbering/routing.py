@@ -16,6 +16,7 @@ from numbering.errors import InvalidValueError
 from numbering.validation import check_sequence_name
 
 __all__ = [
+    "BATCH_TASK_NAME",
     "QUEUE_PREFIX",
     "REPLY_HEADER",
     "TASK_NAME",
@@ -26,6 +27,8 @@ __all__ = [
 
 # The Celery task that assigns numbers; callable with send_task from any Celery app.
 TASK_NAME = "numbering.assign"
+# The Celery task that numbers a table's rows in place (sent to the control queue).
+BATCH_TASK_NAME = "numbering.batch"
 # Prefix of every queue numbering consumes.
 QUEUE_PREFIX = "numbering."
 # Message header naming the Redis list a lean client waits on for its reply.

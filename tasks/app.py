@@ -12,11 +12,12 @@ from typing import Any
 
 from celery import Celery
 
+from numbering.batch import BatchJob, number_rows
 from numbering.config.celery import celery_config
 from numbering.config.settings import Settings
-from numbering.errors import NumberingError
+from numbering.errors import InvalidRequestError, NumberingError
 from numbering.messages import reply_for
-from numbering.routing import TASK_NAME
+from numbering.routing import BATCH_TASK_NAME, TASK_NAME
 from numbering.runner import Allocator
 
 __all__ = ["app", "create_app"]
@@ -39,6 +40,26 @@ def create_app(settings: Settings | None = None) -> Celery:
         except NumberingError as error:
             return reply_for(key, error)
         return reply_for(key, block)
+
+    @celery.task(name=BATCH_TASK_NAME, acks_late=True, reject_on_worker_lost=True, max_retries=0)
+    def batch(**spec: Any) -> dict[str, Any]:
+        # The broker is not trusted: BatchJob validates every field, and the table must
+        # be on this deployment's allow-list.
+        allocator = allocators.get(0)
+        if allocator is None:
+            allocator = allocators.setdefault(0, Allocator.from_settings(settings))
+        if "order_by" in spec and isinstance(spec["order_by"], list):
+            spec["order_by"] = tuple(spec["order_by"])
+        try:
+            done = number_rows(allocator, BatchJob(**spec), allowed_tables=settings.batch_tables)
+        except TypeError as exc:
+            raise InvalidRequestError(f"invalid batch job: {exc}") from None
+        return {
+            "numbered": done.numbered,
+            "chunks": done.chunks,
+            "first_value": done.first_value,
+            "last_value": done.last_value,
+        }
 
     return celery
 

@@ -1,0 +1,204 @@
+"""Number the rows of a table in place, chunk by chunk, gaplessly and resumably.
+
+Each chunk is one transaction: lock the next ``chunk_size`` rows that have no number yet
+(in the requested order), take one block of values for them from the sequence (one
+ledger row per chunk, keyed ``batch:<job>:<first id>``), and write the numbers into the
+rows. Numbers and documents commit together, so the table is gapless at the document
+level; a crash loses at most the chunk in hand, and running the job again skips the rows
+already numbered. Memory stays flat: a chunk's ids are all that is held.
+
+Table and column names are never pasted into SQL: the table must be on the deployment's
+allow-list (``NUMBERING_BATCH_TABLES``), is reflected from the database, and columns are
+looked up on the reflected table, which SQLAlchemy quotes. A filter is column/value
+pairs compared for equality, not SQL text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Table
+
+from numbering.allocator import Request, assign
+from numbering.errors import InvalidRequestError, NumberingError
+from numbering.runner import Allocator
+from numbering.validation import MAX_COUNT, check_count, check_key, check_sequence_name
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "BatchJob", "BatchProgress", "number_rows"]
+
+log = logging.getLogger("numbering.batch")
+
+# Rows numbered per transaction: large enough to amortise the commit, small enough that a
+# crash costs little and locks are short.
+DEFAULT_CHUNK_SIZE = 10_000
+# Batch job names become part of ledger keys ("batch:<job>:<first id>").
+MAX_JOB_LENGTH = 100
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What to number: a table's rows without a number, in order, optionally filtered."""
+
+    sequence: str
+    table: str
+    id_column: str = "id"
+    number_column: str = "number"
+    order_by: tuple[str, ...] = ()
+    where: Mapping[str, Any] = field(default_factory=dict)
+    job: str = ""
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self) -> None:
+        check_sequence_name(self.sequence)
+        for name in (self.table, self.id_column, self.number_column, *self.order_by):
+            if not isinstance(name, str) or not name:
+                raise InvalidRequestError("table and column names must be non-empty strings")
+        if not isinstance(self.where, Mapping):
+            raise InvalidRequestError("where must map column names to values")
+        job = self.job or f"{self.table}.{self.number_column}"
+        if len(job) > MAX_JOB_LENGTH:
+            raise InvalidRequestError(f"job name is longer than {MAX_JOB_LENGTH} characters")
+        check_key(f"batch:{job}:0")
+        object.__setattr__(self, "job", job)
+        if check_count(self.chunk_size) > MAX_COUNT:  # pragma: no cover - check_count caps
+            raise InvalidRequestError("chunk size too large")
+
+
+@dataclass
+class BatchProgress:
+    """How far a job is; handed to the progress callback after every chunk."""
+
+    numbered: int = 0
+    chunks: int = 0
+    remaining_at_start: int = 0
+    first_value: int | None = None
+    last_value: int | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        """Rows numbered per second so far."""
+        elapsed = time.monotonic() - self.started
+        return self.numbered / elapsed if elapsed > 0 else 0.0
+
+
+def _reflect(connection: Connection, job: BatchJob, allowed: Sequence[str]) -> Table:
+    if job.table not in allowed:
+        raise InvalidRequestError(
+            f"table {job.table!r} is not on the batch allow-list; list the tables numbering "
+            f"may write in NUMBERING_BATCH_TABLES (now: {', '.join(allowed) or 'empty'})"
+        )
+    try:
+        table = Table(job.table, sa.MetaData(), autoload_with=connection)
+    except sa.exc.NoSuchTableError:
+        raise InvalidRequestError(f"table {job.table!r} does not exist") from None
+    for column in (job.id_column, job.number_column, *job.order_by, *job.where):
+        if column not in table.c:
+            raise InvalidRequestError(f"table {job.table!r} has no column {column!r}")
+    return table
+
+
+def _chunk(connection: Connection, table: Table, job: BatchJob) -> list[Any]:
+    ident = table.c[job.id_column]
+    query = (
+        sa.select(ident)
+        .where(table.c[job.number_column].is_(None))
+        .where(*(table.c[column] == value for column, value in job.where.items()))
+        .order_by(*(table.c[column] for column in job.order_by), ident)
+        .limit(job.chunk_size)
+        .with_for_update()
+    )
+    return list(connection.execute(query).scalars())
+
+
+def _write_numbers(
+    connection: Connection, table: Table, job: BatchJob, ids: list[Any], first: int
+) -> int:
+    ident, number = table.c[job.id_column], table.c[job.number_column]
+    if connection.dialect.name == "postgresql":
+        # One statement; PostgreSQL computes each number from the id's position.
+        ordered = (
+            sa.func.unnest(sa.cast(sa.bindparam("ids"), sa.ARRAY(ident.type)))
+            .table_valued("id", with_ordinality="ordinality")
+            .render_derived(name="chunk")
+        )
+        result = connection.execute(
+            sa.update(table)
+            .values({number: first - 1 + ordered.c.ordinality})
+            .where(ident == ordered.c.id),
+            {"ids": ids},
+        )
+        return int(result.rowcount)
+    result = connection.execute(
+        sa.update(table).where(ident == sa.bindparam("_id")).values({number: sa.bindparam("_n")}),
+        [{"_id": row_id, "_n": first + i} for i, row_id in enumerate(ids)],
+    )
+    return int(result.rowcount)
+
+
+def number_rows(
+    allocator: Allocator,
+    job: BatchJob,
+    *,
+    allowed_tables: Sequence[str],
+    progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchProgress:
+    """Number every row of ``job.table`` that has no number yet; return the final progress.
+
+    Safe to run again after a crash or an interruption: it carries on where the last
+    committed chunk ended. Each chunk's transaction is retried on conflicts like any
+    other numbering transaction.
+    """
+    with allocator.engine.connect() as connection:
+        table = _reflect(connection, job, allowed_tables)
+        remaining = connection.execute(
+            sa.select(sa.func.count())
+            .select_from(table)
+            .where(table.c[job.number_column].is_(None))
+            .where(*(table.c[column] == value for column, value in job.where.items()))
+        ).scalar_one()
+    state = BatchProgress(remaining_at_start=int(remaining))
+
+    def one_chunk(connection: Connection) -> tuple[int, int] | None:
+        ids = _chunk(connection, table, job)
+        if not ids:
+            return None
+        key = f"batch:{job.job}:{ids[0]}"
+        reference = {"table": job.table, "first_id": ids[0], "last_id": ids[-1]}
+        [outcome] = assign(connection, job.sequence, [Request(key, len(ids), _jsonable(reference))])
+        if isinstance(outcome, NumberingError):
+            raise outcome
+        if outcome.resent:
+            raise InvalidRequestError(
+                f"ledger key {key!r} was already used, yet its rows have no number: were "
+                "numbers cleared by hand? Refusing to number them twice."
+            )
+        written = _write_numbers(connection, table, job, ids, outcome.value)
+        if written != len(ids):
+            raise NumberingError(f"wrote {written} numbers for {len(ids)} locked rows; rolled back")
+        return outcome.value, len(ids)
+
+    while True:
+        done = allocator.run(one_chunk, describe=f"batch chunk of {job.table}")
+        if done is None:
+            break
+        first, count = done
+        state.numbered += count
+        state.chunks += 1
+        state.first_value = first if state.first_value is None else state.first_value
+        state.last_value = first + count - 1
+        if progress is not None:
+            progress(state)
+    log.info("batch %s: numbered %d row(s) in %d chunk(s)", job.job, state.numbered, state.chunks)
+    return state
+
+
+def _jsonable(reference: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v if isinstance(v, int | str | float | None) else str(v) for k, v in reference.items()
+    }
