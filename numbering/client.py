@@ -42,7 +42,7 @@ from numbering.config.settings import Settings, mask_url
 from numbering.errors import ConfigurationError, NumberingError, RequestTimeout
 from numbering.messages import error_from_reply
 from numbering.replies import new_reply_list
-from numbering.routing import REPLY_HEADER, TASK_NAME, queue_for
+from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
 from numbering.validation import check_count, check_seconds, check_sequence_name
 
 __all__ = ["Client"]
@@ -199,7 +199,7 @@ class Client:
                 "count": request.count,
                 "reference": request.reference,
             },
-            queue=queue_for(sequence, self.shards),
+            queue=kombu_queue(queue_for(sequence, self.shards)),
             headers={REPLY_HEADER: state.reply_list},
             ignore_result=True,
         )

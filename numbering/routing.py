@@ -12,6 +12,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+from kombu.entity import Exchange, Queue
+
 from numbering.errors import InvalidValueError
 from numbering.validation import check_sequence_name
 
@@ -21,6 +23,7 @@ __all__ = [
     "REPLY_HEADER",
     "TASK_NAME",
     "Shard",
+    "kombu_queue",
     "queue_for",
     "sequence_queue",
 ]
@@ -94,3 +97,21 @@ def queue_for(sequence: str, shards: int | None = None) -> str:
     if shards is None:
         return sequence_queue(sequence)
     return Shard.of(sequence, shards).queue
+
+
+def kombu_queue(name: str) -> Queue:
+    """The kombu declaration of numbering queue ``name``, the same for every party.
+
+    On RabbitMQ the queue is durable and single-active-consumer, so a standby worker
+    consumes only when the active one is gone. RabbitMQ refuses a second declaration with
+    different arguments, so plain Celery callers should publish with this object
+    (``send_task(..., queue=kombu_queue(queue_for("invoices")))``). Redis ignores the
+    arguments.
+    """
+    return Queue(
+        name,
+        Exchange(name, type="direct", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-single-active-consumer": True},
+    )

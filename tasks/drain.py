@@ -131,6 +131,23 @@ class BatchProcessor:
                     self.app.backend.store_result(item.task_id, reply, state)
         push_replies(self.replies, lean)
 
+    def process_until_done(
+        self, items: Sequence[Job | BadMessage], stop: threading.Event, queue: str
+    ) -> bool:
+        """:meth:`process`, retried through database outages; False if stopped first.
+
+        While the database is away the batch stays unacknowledged; clients time out and
+        resend with the same keys meanwhile, which is harmless.
+        """
+        while True:
+            try:
+                self.process(items)
+                return True
+            except RetriesExhaustedError as exc:
+                log.error("%s: database unavailable (%s); retrying the batch", queue, exc)
+                if stop.wait(OUTAGE_BACKOFF_SECONDS):
+                    return False
+
 
 class RedisDrain:
     """The consumer of one queue on a Redis broker (run it in its own thread)."""
@@ -212,15 +229,7 @@ class RedisDrain:
                 items.append(parse_task(*decode_redis_message(raw)))
             except NumberingError as error:
                 items.append(BadMessage(None, None, None, error))
-        while True:
-            try:
-                self.processor.process(items)
-                break
-            except RetriesExhaustedError as exc:
-                # The database is away: keep the batch in flight and try again; clients
-                # time out and resend with the same keys meanwhile, which is harmless.
-                log.error("%s: database unavailable (%s); retrying the batch", self.queue, exc)
-                if self.stop.wait(OUTAGE_BACKOFF_SECONDS):
-                    return  # leave it in flight for the next consumer
+        if not self.processor.process_until_done(items, self.stop, self.queue):
+            return  # stopped during an outage: leave the batch in flight for the next consumer
         self.broker.delete(self.inflight)
         self.handled += len(items)

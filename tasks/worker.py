@@ -22,6 +22,7 @@ from numbering.config.settings import Settings
 from numbering.errors import ConfigurationError
 from numbering.routing import Shard, sequence_queue
 from numbering.runner import Allocator
+from numbering.tasks.amqp import AmqpDrain
 from numbering.tasks.app import create_app
 from numbering.tasks.drain import BatchProcessor, RedisDrain
 from numbering.tasks.guard import ConsumerLock
@@ -49,30 +50,43 @@ class NumberingWorker:
     def __init__(
         self, settings: Settings, queues: Sequence[str], shard: Shard | None, app: Celery
     ) -> None:
-        if not settings.broker_url.startswith(("redis://", "rediss://")):
-            raise ConfigurationError(
-                "the bulk consumer needs a Redis broker for now; "
-                f"NUMBERING_BROKER_URL is {settings.broker_url.split('://')[0]}://"
-            )
         if not settings.result_backend.startswith(("redis://", "rediss://")):
             raise ConfigurationError("numbering replies need a Redis NUMBERING_RESULT_BACKEND")
         self.settings = settings
         self.allocator = Allocator.from_settings(settings)
-        self.broker = redis.Redis.from_url(settings.broker_url)
         self.replies = redis.Redis.from_url(settings.result_backend)
         self.stop = threading.Event()
         processor = BatchProcessor(self.allocator, self.replies, app, shard)
-        self.drains = [
-            RedisDrain(
-                self.broker,
-                queue,
-                processor,
-                ConsumerLock(self.allocator.engine, queue),
-                batch_size=settings.batch_size,
-                stop=self.stop,
+        self.drains: list[RedisDrain | AmqpDrain]
+        if settings.broker_url.startswith(("redis://", "rediss://")):
+            broker = redis.Redis.from_url(settings.broker_url)
+            self.drains = [
+                RedisDrain(
+                    broker,
+                    queue,
+                    processor,
+                    ConsumerLock(self.allocator.engine, queue),
+                    batch_size=settings.batch_size,
+                    stop=self.stop,
+                )
+                for queue in queues
+            ]
+        elif settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+            self.drains = [
+                AmqpDrain(
+                    settings.broker_url,
+                    queue,
+                    processor,
+                    batch_size=settings.batch_size,
+                    stop=self.stop,
+                )
+                for queue in queues
+            ]
+        else:
+            raise ConfigurationError(
+                "numbering workers need a Redis or RabbitMQ broker; NUMBERING_BROKER_URL is "
+                f"{settings.broker_url.split('://')[0]}://"
             )
-            for queue in queues
-        ]
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:

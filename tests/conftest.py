@@ -17,14 +17,17 @@ import pytest
 import redis
 import sqlalchemy as sa
 from integration.stack import Stack
+from kombu.connection import Connection
 from sqlalchemy.engine import Engine, make_url
 
 from numbering import RetryPolicy, create_engine, init_db
+from numbering.routing import kombu_queue
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # Tests own two Redis databases (broker and replies) and flush them around each test.
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 TEST_BROKER_DB, TEST_REPLY_DB = 14, 15
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 IN_CI = bool(os.environ.get("CI"))
 TEMPLATE = f"numbering_template_{os.getpid()}"
 
@@ -144,9 +147,26 @@ def stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[
     stack.close()
 
 
+@pytest.fixture
+def amqp_stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """Like ``stack`` with RabbitMQ as the broker (replies still travel over Redis)."""
+    try:
+        with Connection(AMQP_URL, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        _unavailable(str(exc), "RabbitMQ")
+    stack = Stack(pg_url, AMQP_URL, redis_urls[1], tmp_path)
+    yield stack
+    stack.close()
+    with Connection(AMQP_URL) as conn:
+        channel = conn.channel()
+        for queue in stack.queues:
+            kombu_queue(queue)(channel).delete()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"pg_url", "pg_empty_url", "pg_template", "redis_urls"} & set(
+        if {"pg_url", "pg_empty_url", "pg_template", "redis_urls", "amqp_stack"} & set(
             getattr(item, "fixturenames", ())
         ):
             item.add_marker(pytest.mark.integration)

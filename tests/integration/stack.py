@@ -13,6 +13,7 @@ from typing import Any
 
 from numbering import Client, Settings
 from numbering.config import ENV
+from numbering.routing import Shard, sequence_queue
 
 # A client process: take N numbers one at a time, print them as JSON.
 CLIENT_SCRIPT = """
@@ -79,15 +80,26 @@ class Stack:
         )
         self.workers: list[Worker] = []
         self.clients: list[Client] = []
+        #: Queues this stack's workers consumed (deleted afterwards on RabbitMQ).
+        self.queues: set[str] = set()
 
     @property
     def settings(self) -> Settings:
         return Settings.from_env({k: v for k, v in self.env.items() if k.startswith("NUMBERING_")})
 
     def worker(self, *args: str, active: bool = True) -> Worker:
+        """Start ``numbering worker ARGS``; wait until it is the active consumer (or a
+        standby). On RabbitMQ, the broker picks the active consumer: wait until it consumes."""
         worker = Worker(list(args), self.env, self.tmp / f"worker{len(self.workers)}.log")
         self.workers.append(worker)
-        worker.wait_for("active consumer" if active else "standby")
+        if args[0] == "--shard":
+            self.queues.add(Shard.parse(args[1]).queue)
+        else:
+            self.queues.update(sequence_queue(name) for name in args[1::2])
+        if self.env[ENV["broker_url"]].startswith("amqp"):
+            worker.wait_for("single-active-consumer decides")
+        else:
+            worker.wait_for("active consumer" if active else "standby")
         return worker
 
     def client(self, **kwargs: Any) -> Client:

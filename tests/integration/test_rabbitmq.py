@@ -1,0 +1,68 @@
+"""The queue layer on the local RabbitMQ: same guarantees, single-active-consumer queues."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from integration.stack import Stack
+from ledger_check import check_gapless
+from test_queue import assert_increasing, setup_sequences
+
+from numbering import Allocator, create_engine
+
+
+def unique(name: str) -> str:
+    # RabbitMQ queues outlive a test; a fresh sequence name gives each test its own queue.
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def test_four_client_processes_on_one_sequence(amqp_stack: Stack) -> None:
+    seq = unique("invoices")
+    setup_sequences(amqp_stack, seq)
+    amqp_stack.worker("--sequence", seq)
+    results = amqp_stack.client_processes([(seq, f"c{c}", 250) for c in range(4)])
+    assert sorted(v for values in results for v in values) == list(range(1, 1001))
+    assert_increasing(results)
+    keys = [f"c{c}:{i}" for c in range(4) for i in range(250)]
+    check_gapless(create_engine(amqp_stack.settings.database_url), seq, keys=keys)
+
+
+def test_standby_consumer_takes_over_when_the_active_one_is_killed(amqp_stack: Stack) -> None:
+    seq = unique("invoices")
+    setup_sequences(amqp_stack, seq)
+    first = amqp_stack.worker("--sequence", seq)
+    second = amqp_stack.worker("--sequence", seq)
+    client = amqp_stack.client()
+    assert [client.next_value(seq, key=f"before:{i}") for i in range(20)] == list(range(1, 21))
+    first.kill()
+    assert [client.next_value(seq, key=f"after:{i}") for i in range(20)] == list(range(21, 41))
+    second.terminate()
+    check_gapless(create_engine(amqp_stack.settings.database_url), seq)
+
+
+def test_killed_worker_under_load_loses_nothing(amqp_stack: Stack) -> None:
+    """Unacknowledged messages of a SIGKILLed worker are delivered again; keys make the
+    redelivery harmless."""
+    seq = unique("invoices")
+    setup_sequences(amqp_stack, seq)
+    worker = amqp_stack.worker("--sequence", seq)
+    results: list[list[int]] = []
+    runner = threading.Thread(
+        target=lambda: results.extend(
+            amqp_stack.client_processes([(seq, f"c{c}", 150) for c in range(3)])
+        )
+    )
+    runner.start()
+    engine = create_engine(amqp_stack.settings.database_url)
+    allocator = Allocator(engine)
+    deadline = time.monotonic() + 60
+    while (allocator.last_value(seq) or 0) < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.kill()
+    amqp_stack.worker("--sequence", seq)
+    runner.join(240)
+    assert len(results) == 3
+    assert_increasing(results)
+    check_gapless(engine, seq, keys=[f"c{c}:{i}" for c in range(3) for i in range(150)])
