@@ -40,7 +40,7 @@ from numbering.allocator import Assignment, Request, new_key
 from numbering.config.celery import celery_config
 from numbering.config.settings import Settings, mask_url
 from numbering.errors import ConfigurationError, NumberingError, RequestTimeout
-from numbering.messages import error_from_reply
+from numbering.messages import encode_redis_message, error_from_reply
 from numbering.replies import new_reply_list
 from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
 from numbering.validation import check_count, check_seconds, check_sequence_name
@@ -64,6 +64,7 @@ class _ProcessState:
     pid: int
     app: Celery
     replies: redis.Redis
+    broker: redis.Redis | None  # set when the broker is Redis: publish with one LPUSH
     reply_list: str
     waiters: dict[str, list[Waiter]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -138,6 +139,11 @@ class Client:
             pid=os.getpid(),
             app=app,
             replies=redis.Redis.from_url(self.reply_url),
+            broker=(
+                redis.Redis.from_url(self.broker_url)
+                if self.broker_url.startswith(("redis://", "rediss://"))
+                else None
+            ),
             reply_list=new_reply_list(),
         )
         state.listener = threading.Thread(
@@ -160,6 +166,8 @@ class Client:
             if state.listener is not None:
                 state.listener.join(_LISTEN_SECONDS * 3)
             state.replies.close()
+            if state.broker is not None:
+                state.broker.close()
             state.app.close()
 
     def _listen(self, state: _ProcessState) -> None:
@@ -191,15 +199,21 @@ class Client:
     # -- requests ----------------------------------------------------------------------------
 
     def _publish(self, state: _ProcessState, sequence: str, request: Request) -> None:
+        kwargs = {
+            "sequence": sequence,
+            "key": request.key,
+            "count": request.count,
+            "reference": request.reference,
+        }
+        queue = queue_for(sequence, self.shards)
+        if state.broker is not None:
+            message = encode_redis_message(state.app, queue, kwargs, state.reply_list)
+            state.broker.lpush(queue, message)
+            return
         state.app.send_task(
             TASK_NAME,
-            kwargs={
-                "sequence": sequence,
-                "key": request.key,
-                "count": request.count,
-                "reference": request.reference,
-            },
-            queue=kombu_queue(queue_for(sequence, self.shards)),
+            kwargs=kwargs,
+            queue=kombu_queue(queue),
             headers={REPLY_HEADER: state.reply_list},
             ignore_result=True,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "Job",
     "decode_redis_message",
+    "encode_redis_message",
     "error_from_reply",
     "parse_task",
     "reply_for",
@@ -87,6 +89,38 @@ def decode_redis_message(raw: bytes | str) -> tuple[dict[str, Any], Any]:
         return headers, json.loads(body)
     except (ValueError, TypeError, UnicodeDecodeError):
         raise InvalidRequestError("message body is not JSON") from None
+
+
+def encode_redis_message(app: Any, queue: str, kwargs: dict[str, Any], reply_to: str | None) -> str:
+    """A Celery protocol 2 task message in kombu's Redis envelope, ready to LPUSH.
+
+    Celery builds the message itself (``app.amqp.as_task_v2``), so it is exactly what
+    ``send_task`` would send; only the publishing is leaner: one LPUSH instead of kombu's
+    exchange look-up plus the push (``send_task`` costs about 2.3 times the client CPU).
+    """
+    task_id = str(uuid.uuid4())
+    message = app.amqp.as_task_v2(task_id, TASK_NAME, args=(), kwargs=kwargs, ignore_result=True)
+    headers = dict(message.headers)
+    if reply_to is not None:
+        headers[REPLY_HEADER] = reply_to
+    body = json.dumps(message.body, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                **message.properties,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": queue, "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        },
+        separators=(",", ":"),
+    )
 
 
 def _reply_to(headers: dict[str, Any]) -> str | None:

@@ -20,7 +20,7 @@ from numbering.messages import reply_for
 from numbering.routing import BATCH_TASK_NAME, TASK_NAME
 from numbering.runner import Allocator
 
-__all__ = ["app", "create_app"]
+__all__ = ["create_app"]  # and `app`, created on first access (see __getattr__)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -64,4 +64,11 @@ def create_app(settings: Settings | None = None) -> Celery:
     return celery
 
 
-app = create_app()
+def __getattr__(name: str) -> Any:
+    # `celery -A numbering.tasks.app` finds `app` here, configured from NUMBERING_*.
+    # Created on first use only: numbering's own worker builds its app from its settings,
+    # and two apps registering the same task names would warn.
+    if name == "app":
+        globals()["app"] = created = create_app()
+        return created
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
