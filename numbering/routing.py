@@ -70,9 +70,10 @@ class Shard:
         try:
             if not sep:
                 raise ValueError
-            return cls(int(index), int(count))
+            numbers = int(index), int(count)
         except ValueError:
             raise InvalidValueError(f"shard must be written I/K, e.g. 0/8, got {text!r}") from None
+        return cls(*numbers)  # range errors keep their own message
 
     @property
     def queue(self) -> str:

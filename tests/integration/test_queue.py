@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -302,3 +304,66 @@ def test_client_is_shared_by_threads(stack: Stack) -> None:
     assert_increasing(list(got.values()))
     keys = [f"t{t}:{i}" for t in range(8) for i in range(50)]
     check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+
+
+def test_cli_next_goes_through_the_queue(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "numbering", *args],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert cli("next", "invoices", "--key", "cli:1").stdout == "1\n"
+    assert cli("next", "invoices", "--key", "cli:1").stdout == "1\n"
+    assert cli("next", "invoices", "--count", "4").stdout == "2..5\n"
+    refused = cli("next", "invoices", "--key", "cli:1", "--count", "2")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "error: request key 'cli:1' was already used for a block of 1 value(s), not 2"
+    )
+    no_worker = cli("next", "other", "--key", "cli:9", "--timeout", "1")
+    assert no_worker.returncode == 1
+    assert "ask again with key='cli:9'" in no_worker.stderr
+    for args, message in [
+        (("worker",), "give at least one --sequence NAME or a --shard I/K"),
+        (("worker", "--shard", "9/4"), "shard index must be 0..3"),
+        (("worker", "--sequence", "bad name"), "invalid sequence name"),
+    ]:
+        done = cli(*args)
+        assert done.returncode == 1, args
+        assert message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_sigterm_finishes_the_batch_in_hand(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    worker = stack.worker("--sequence", "invoices")
+    results: list[list[int]] = []
+    runner = threading.Thread(
+        target=lambda: results.extend(
+            stack.client_processes([("invoices", f"c{c}", 100) for c in range(2)])
+        )
+    )
+    runner.start()
+    engine = create_engine(stack.settings.database_url)
+    allocator = Allocator(engine)
+    deadline = time.monotonic() + 60
+    while (allocator.last_value("invoices") or 0) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.terminate() == 0
+    assert (
+        redis.Redis.from_url(stack.settings.broker_url).llen(
+            inflight_list(sequence_queue("invoices"))
+        )
+        == 0
+    ), "a warm shutdown must not leave a batch in flight"
+    stack.worker("--sequence", "invoices")
+    runner.join(240)
+    assert_increasing(results)
+    check_gapless(engine, "invoices", keys=[f"c{c}:{i}" for c in range(2) for i in range(100)])

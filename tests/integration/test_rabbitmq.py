@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 import uuid
@@ -66,3 +68,30 @@ def test_killed_worker_under_load_loses_nothing(amqp_stack: Stack) -> None:
     assert len(results) == 3
     assert_increasing(results)
     check_gapless(engine, seq, keys=[f"c{c}:{i}" for c in range(3) for i in range(150)])
+
+
+def test_client_survives_fork_on_rabbitmq(amqp_stack: Stack) -> None:
+    """Stock Celery clients forked after connecting to RabbitMQ stalled for 20 s per
+    request; a forked numbering client opens its own connections."""
+    seq = unique("invoices")
+    setup_sequences(amqp_stack, seq)
+    amqp_stack.worker("--sequence", seq)
+    client = amqp_stack.client()
+    assert client.next_value(seq, key="parent:0") == 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            started = time.monotonic()
+            values = [client.next_value(seq, key=f"child:{i}") for i in range(10)]
+            os.write(write, json.dumps([values, time.monotonic() - started]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    parent = [client.next_value(seq, key=f"parent:{i}") for i in range(1, 11)]
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child, elapsed = json.loads(pipe.read())
+    assert elapsed < 10, f"the forked child took {elapsed:.1f}s for 10 numbers"
+    assert sorted([1, *parent, *child]) == list(range(1, 22))
+    check_gapless(create_engine(amqp_stack.settings.database_url), seq)
