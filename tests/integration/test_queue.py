@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -367,3 +368,23 @@ def test_sigterm_finishes_the_batch_in_hand(stack: Stack) -> None:
     runner.join(240)
     assert_increasing(results)
     check_gapless(engine, "invoices", keys=[f"c{c}:{i}" for c in range(2) for i in range(100)])
+
+
+def test_worker_on_sqlite_with_a_file_lock(
+    sqlite_url: str, redis_urls: tuple[str, str], tmp_path: Path
+) -> None:
+    """Embedded use: SQLite holds the ledger, a file lock elects the active consumer."""
+    stack = Stack(sqlite_url, *redis_urls, tmp_path)
+    try:
+        setup_sequences(stack, "invoices")
+        stack.worker("--sequence", "invoices")
+        standby = stack.worker("--sequence", "invoices", active=False)
+        results = stack.client_processes([("invoices", f"c{c}", 50) for c in range(2)])
+        assert_increasing(results)
+        assert "active consumer" not in standby.output()
+        stack.workers[0].kill()
+        standby.wait_for("active consumer")
+        assert stack.client().next_value("invoices", key="after") == 101
+        check_gapless(create_engine(sqlite_url), "invoices")
+    finally:
+        stack.close()
