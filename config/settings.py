@@ -69,6 +69,9 @@ ENV = {
     "batch_tables": "NUMBERING_BATCH_TABLES",
 }
 
+# NUMBERING_* variables read elsewhere, which are not settings.
+_NOT_SETTINGS = {"NUMBERING_FAILPOINTS"}  # fault injection for tests: numbering.failpoints
+
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
 _BACKEND_SCHEMES = ("redis", "rediss", "rpc", "db+postgresql", "db+sqlite", "cache+memory")
 
@@ -140,7 +143,9 @@ class Settings:
         """
         env = os.environ if environ is None else environ
         known = set(ENV.values())
-        unknown = sorted(k for k in env if k.startswith("NUMBERING_") and k not in known)
+        unknown = sorted(
+            k for k in env if k.startswith("NUMBERING_") and k not in known | _NOT_SETTINGS
+        )
         if unknown:
             raise ConfigurationError(
                 f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"

@@ -24,7 +24,8 @@ One shallow tree rooted at :class:`NumberingError`::
     │       ├── ConnectionLost                  outcome unknown; resolved by key look-up
     │       └── DatabaseUnavailable             could not connect; nothing was sent
     ├── RetriesExhaustedError                   retried until the bounds ran out
-    └── RequestTimeout (also TimeoutError)      no answer from a worker in time
+    ├── RequestTimeout (also TimeoutError)      no answer from a worker in time
+    └── QuarantinedError                        the request stopped the worker every time
 
 An error's docstring is its default message.
 """
@@ -48,6 +49,7 @@ __all__ = [
     "LockNotAvailable",
     "NumberingError",
     "PayloadTooLargeError",
+    "QuarantinedError",
     "RequestTimeout",
     "RetriesExhaustedError",
     "RetryableError",
@@ -225,3 +227,7 @@ class RequestTimeout(NumberingError, TimeoutError):
             f"the request may still be assigned: ask again with key={key!r} to get its "
             "number, never with a new key"
         )
+
+
+class QuarantinedError(NumberingError):
+    """The request was set aside: every attempt to assign it stopped the worker."""

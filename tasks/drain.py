@@ -12,6 +12,7 @@ a standby) finishes it first. Redelivery is harmless: requests are idempotent by
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -24,14 +25,20 @@ from celery import Celery, states
 from sqlalchemy import Connection
 
 from numbering.allocator import Outcome, assign
-from numbering.errors import InvalidRequestError, NumberingError, RetriesExhaustedError
+from numbering.errors import (
+    InvalidRequestError,
+    NumberingError,
+    QuarantinedError,
+    RetriesExhaustedError,
+)
+from numbering.failpoints import failpoint
 from numbering.messages import BadMessage, Job, decode_redis_message, parse_task, reply_for
 from numbering.replies import push_replies
 from numbering.routing import Shard
 from numbering.runner import Allocator
 from numbering.tasks.guard import ConsumerLock
 
-__all__ = ["BatchProcessor", "RedisDrain", "inflight_list"]
+__all__ = ["MAX_DELIVERIES", "BatchProcessor", "RedisDrain", "dead_letter_list", "inflight_list"]
 
 log = logging.getLogger("numbering.worker")
 
@@ -41,6 +48,8 @@ POLL_SECONDS = 1
 LOCK_CHECK_SECONDS = 5.0
 # Seconds a standby waits between attempts to become the active consumer.
 STANDBY_SECONDS = 1.0
+# A request left in flight this many times by a consumer that died is quarantined.
+MAX_DELIVERIES = 3
 # Seconds to wait before retrying a batch the database could not take.
 OUTAGE_BACKOFF_SECONDS = 1.0
 
@@ -57,6 +66,11 @@ return items
 def inflight_list(queue: str) -> str:
     """The Redis list holding the batch the active consumer of ``queue`` is working on."""
     return f"_numbering.inflight.{queue}"
+
+
+def dead_letter_list(queue: str) -> str:
+    """The Redis list where quarantined requests of ``queue`` are kept for an operator."""
+    return f"_numbering.dead.{queue}"
 
 
 class BatchProcessor:
@@ -88,7 +102,10 @@ class BatchProcessor:
             else:
                 groups[item.sequence].append(index)
 
+        keys = [item.request.key for item in items if isinstance(item, Job)]
+
         def work(connection: Connection) -> dict[int, Outcome]:
+            failpoint("before_assign", keys)
             assigned: dict[int, Outcome] = {}
             # One transaction for the whole batch; sequences locked in name order, so two
             # consumers of overlapping shards cannot deadlock each other.
@@ -100,6 +117,7 @@ class BatchProcessor:
                 except InvalidRequestError as error:  # e.g. unknown sequence: fails alone
                     results = [error] * len(indexes)
                 assigned.update(zip(indexes, results, strict=True))
+            failpoint("before_commit", keys)
             return assigned
 
         if groups:
@@ -110,7 +128,9 @@ class BatchProcessor:
             log.debug(
                 "assigned %d request(s) in %.1f ms", len(items), 1e3 * (time.monotonic() - started)
             )
+        failpoint("after_commit", keys)
         self._answer(items, outcomes)
+        failpoint("after_reply", keys)
 
     def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Outcome]) -> None:
         lean: list[tuple[str, dict[str, Any]]] = []
@@ -165,6 +185,8 @@ class RedisDrain:
         self.broker = broker
         self.queue = queue
         self.inflight = inflight_list(queue)
+        self.attempts = f"_numbering.attempts.{queue}"
+        self.dead = dead_letter_list(queue)
         self.processor = processor
         self.lock = lock
         self.batch_size = batch_size
@@ -212,24 +234,68 @@ class RedisDrain:
             self._handle([first, *rest])
 
     def _finish_inflight(self) -> None:
+        """Finish what a stopped consumer left in flight, one request at a time.
+
+        One at a time, because one of them may be what stopped it: each is counted before
+        it is tried, and a request that has now stopped the worker ``MAX_DELIVERIES``
+        times is quarantined instead of tried again, so the queue keeps flowing.
+        """
         left = self.broker.lrange(self.inflight, 0, -1)
-        if left:
-            left.reverse()  # LPUSHed oldest first: the oldest is at the right end
-            log.warning(
-                "%s: finishing %d request(s) left in flight by a stopped consumer",
-                self.queue,
-                len(left),
-            )
-            self._handle(left)
+        if not left:
+            return
+        left.reverse()  # LPUSHed oldest first: the oldest is at the right end
+        log.warning(
+            "%s: finishing %d request(s) left in flight by a stopped consumer",
+            self.queue,
+            len(left),
+        )
+        for raw in left:
+            tag = hashlib.sha256(raw if isinstance(raw, bytes) else raw.encode()).hexdigest()
+            tries = int(self.broker.hincrby(self.attempts, tag, 1))
+            if tries > MAX_DELIVERIES:
+                self._quarantine(raw, tries - 1)
+            elif not self._process([raw]):
+                return  # stopped during an outage: the rest stays in flight
+            pipe = self.broker.pipeline()
+            pipe.lrem(self.inflight, 1, raw)  # type: ignore[arg-type]  # bytes are fine
+            pipe.hdel(self.attempts, tag)
+            pipe.execute()
+
+    def _quarantine(self, raw: bytes | str, tries: int) -> None:
+        item = self._parse(raw)
+        log.error(
+            "%s: quarantined request %s (key %r) after it stopped the worker %d times; "
+            "it is kept in %s",
+            self.queue,
+            item.task_id,
+            item.request.key if isinstance(item, Job) else item.key,
+            tries,
+            self.dead,
+        )
+        self.broker.lpush(self.dead, raw)
+        error = QuarantinedError(
+            f"request quarantined in {self.dead} after it stopped the worker {tries} times; "
+            "nothing was assigned to it"
+        )
+        key = item.request.key if isinstance(item, Job) else item.key
+        bad = BadMessage(item.task_id, key, item.reply_to, error)
+        self.processor.process([bad])
+
+    @staticmethod
+    def _parse(raw: bytes | str) -> Job | BadMessage:
+        try:
+            return parse_task(*decode_redis_message(raw))
+        except NumberingError as error:
+            return BadMessage(None, None, None, error)
+
+    def _process(self, raws: list[bytes | str]) -> bool:
+        items = [self._parse(raw) for raw in raws]
+        done = self.processor.process_until_done(items, self.stop, self.queue)
+        if done:
+            self.handled += len(items)
+        return done
 
     def _handle(self, raws: list[bytes | str]) -> None:
-        items: list[Job | BadMessage] = []
-        for raw in raws:
-            try:
-                items.append(parse_task(*decode_redis_message(raw)))
-            except NumberingError as error:
-                items.append(BadMessage(None, None, None, error))
-        if not self.processor.process_until_done(items, self.stop, self.queue):
-            return  # stopped during an outage: leave the batch in flight for the next consumer
-        self.broker.delete(self.inflight)
-        self.handled += len(items)
+        if self._process(raws):
+            self.broker.delete(self.inflight)
+        # else: stopped during an outage; the batch stays in flight for the next consumer

@@ -1,0 +1,67 @@
+"""Named points where a fault-injection test can make a worker die on the spot.
+
+Production never arms them: a point does nothing unless the ``NUMBERING_FAILPOINTS``
+environment variable names it, as ``point=action`` pairs separated by commas::
+
+    NUMBERING_FAILPOINTS="after_commit=kill-once:/tmp/marker"
+
+Actions:
+
+``kill``
+    SIGKILL this process every time the point is reached.
+``kill-once:PATH``
+    SIGKILL it the first time only (the file at PATH records that it happened).
+``kill-on-key:KEY``
+    SIGKILL it whenever the batch in hand holds request key KEY (a poison message).
+
+The worker's points, in the order a batch passes them: ``before_assign`` (transaction
+open, nothing locked), ``before_commit`` (values written, not committed),
+``after_commit`` (committed, nobody answered), ``after_reply`` (answered, not
+acknowledged).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+from numbering.errors import ConfigurationError
+
+__all__ = ["ENV_VAR", "POINTS", "failpoint"]
+
+ENV_VAR = "NUMBERING_FAILPOINTS"
+POINTS = ("before_assign", "before_commit", "after_commit", "after_reply")
+
+
+def _parse(spec: str) -> dict[str, str]:
+    armed: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        point, sep, action = item.partition("=")
+        if not sep or point not in POINTS:
+            raise ConfigurationError(
+                f"{ENV_VAR}: {item!r} is not point=action with a point among {', '.join(POINTS)}"
+            )
+        if not (action == "kill" or action.startswith(("kill-once:", "kill-on-key:"))):
+            raise ConfigurationError(f"{ENV_VAR}: unknown action {action!r}")
+        armed[point] = action
+    return armed
+
+
+_ARMED = _parse(os.environ.get(ENV_VAR, ""))
+
+
+def failpoint(point: str, keys: Iterable[str] = ()) -> None:
+    """Die here if a test armed ``point``; otherwise do nothing (the usual case)."""
+    action = _ARMED.get(point)
+    if action is None:
+        return
+    if action.startswith("kill-once:"):
+        marker = Path(action.removeprefix("kill-once:"))
+        if marker.exists():
+            return
+        marker.write_text(point)
+    elif action.startswith("kill-on-key:") and action.removeprefix("kill-on-key:") not in keys:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)

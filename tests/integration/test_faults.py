@@ -1,0 +1,109 @@
+"""Workers killed at every point of a batch, and a message that kills every worker.
+
+After each fault heals the invariants hold: the ledger is gapless and each key has
+exactly one number; every answer a client received matches the ledger; a client that
+sends one request at a time gets increasing numbers; everything completes in bounded
+time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from integration.stack import Stack, Worker
+from ledger_check import check_gapless
+from test_queue import assert_increasing, setup_sequences
+
+from numbering import create_engine
+from numbering.errors import QuarantinedError
+from numbering.failpoints import ENV_VAR, POINTS
+from numbering.routing import sequence_queue
+from numbering.tasks.drain import MAX_DELIVERIES, dead_letter_list, inflight_list
+
+CLIENTS, PER_CLIENT = 3, 60
+
+
+def wait_dead(worker: Worker, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while worker.proc.poll() is None:
+        assert time.monotonic() < deadline, f"the worker did not die:\n{worker.output()}"
+        time.sleep(0.02)
+    return worker.proc.returncode
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_worker_killed_at_each_point_of_a_batch(stack: Stack, point: str, tmp_path: Path) -> None:
+    setup_sequences(stack, "invoices")
+    stack.env[ENV_VAR] = f"{point}=kill-once:{tmp_path / 'fired'}"
+    victim = stack.worker("--sequence", "invoices")
+    results: list[list[int]] = []
+    started = time.monotonic()
+    clients = threading.Thread(
+        target=lambda: results.extend(
+            stack.client_processes([("invoices", f"c{c}", PER_CLIENT) for c in range(CLIENTS)])
+        )
+    )
+    clients.start()
+    assert wait_dead(victim) == -9
+    assert (tmp_path / "fired").read_text() == point
+    # The replacement runs with the same failpoint, already spent.
+    replacement = stack.worker("--sequence", "invoices")
+    clients.join(120)
+    assert not clients.is_alive(), "clients did not finish after the fault healed"
+    assert time.monotonic() - started < 120
+
+    assert_increasing(results)
+    keys = [f"c{c}:{i}" for c in range(CLIENTS) for i in range(PER_CLIENT)]
+    by_key = check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+    for c, values in enumerate(results):
+        assert values == [by_key[f"c{c}:{i}"][0] for i in range(PER_CLIENT)]
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    assert broker.llen(inflight_list(sequence_queue("invoices"))) == 0
+    assert "left in flight" in replacement.output()
+
+
+def test_a_message_that_kills_every_worker_is_quarantined(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.env[ENV_VAR] = "before_commit=kill-on-key:poison"
+    deaths = 0
+    stop = threading.Event()
+    first = stack.worker("--sequence", "invoices")
+
+    def supervise() -> None:  # what systemd or Kubernetes would do: restart the worker
+        nonlocal deaths
+        current = first
+        while not stop.is_set():
+            if current.proc.poll() is not None:
+                deaths += 1
+                current = stack.worker("--sequence", "invoices")
+            time.sleep(0.02)
+
+    supervisor = threading.Thread(target=supervise)
+    supervisor.start()
+    outcome: dict[str, object] = {}
+
+    def poison() -> None:
+        client = stack.client(timeout=120, resend_after=120)  # exactly one copy
+        try:
+            outcome["value"] = client.next_value("invoices", key="poison")
+        except QuarantinedError as error:
+            outcome["error"] = error
+
+    poisoner = threading.Thread(target=poison)
+    poisoner.start()
+    results = stack.client_processes([("invoices", f"c{c}", 40) for c in range(2)])
+    poisoner.join(120)
+    stop.set()
+    supervisor.join(30)
+
+    assert "quarantined" in str(outcome.get("error")), outcome
+    assert deaths == MAX_DELIVERIES + 1  # the batch, then each isolated retry
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    assert broker.llen(dead_letter_list(sequence_queue("invoices"))) == 1
+    assert_increasing(results)
+    keys = [f"c{c}:{i}" for c in range(2) for i in range(40)]
+    check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
