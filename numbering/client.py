@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import kombu.exceptions
 import redis
 from celery import Celery
 
@@ -53,6 +54,10 @@ log = logging.getLogger("numbering.client")
 _LISTEN_SECONDS = 1.0
 # Replies popped per round trip once one has arrived.
 _REPLY_BATCH = 200
+# Seconds before sending again after the broker refused a message.
+_PUBLISH_RETRY_SECONDS = 0.2
+# What kombu raises when RabbitMQ cannot take a message.
+_KOMBU_ERRORS = (kombu.exceptions.OperationalError,)
 
 Waiter = Callable[[dict[str, Any]], None]
 
@@ -261,16 +266,31 @@ class Client:
         self._register(state, request.key, wake)
         try:
             deadline = time.monotonic() + wait
+            failure: BaseException | None = None
             while True:
-                self._publish(state, name, request)
+                failure = self._try_publish(state, name, request)
                 left = deadline - time.monotonic()
-                if answered.wait(min(resend, max(left, 0))):
+                pause = _PUBLISH_RETRY_SECONDS if failure else resend
+                if answered.wait(min(pause, max(left, 0))):
                     return _result(name, request, box[0])
                 if time.monotonic() >= deadline:
-                    raise RequestTimeout(request.key, name, wait)
+                    raise RequestTimeout(request.key, name, wait) from failure
                 log.info("no answer yet for key %r on %s; sending it again", request.key, name)
         finally:
             self._unregister(state, request.key, wake)
+
+    def _try_publish(
+        self, state: _ProcessState, sequence: str, request: Request
+    ) -> BaseException | None:
+        """Publish; on a broker error return it (sending again later is always safe)."""
+        try:
+            self._publish(state, sequence, request)
+        except (redis.RedisError, OSError, *_KOMBU_ERRORS) as exc:
+            log.warning(
+                "could not send key %r to %s: %s; will send again", request.key, sequence, exc
+            )
+            return exc
+        return None
 
     def next_value(
         self,
@@ -323,16 +343,17 @@ class Client:
         try:
             deadline = loop.time() + wait
             while True:
-                await loop.run_in_executor(None, self._publish, state, name, request)
+                failure = await loop.run_in_executor(None, self._try_publish, state, name, request)
                 left = deadline - loop.time()
+                pause = _PUBLISH_RETRY_SECONDS if failure else resend
                 try:
                     reply = await asyncio.wait_for(
-                        asyncio.shield(answer), timeout=min(resend, max(left, 0))
+                        asyncio.shield(answer), timeout=min(pause, max(left, 0))
                     )
                     return _result(name, request, reply)
                 except asyncio.TimeoutError:
                     if loop.time() >= deadline:
-                        raise RequestTimeout(request.key, name, wait) from None
+                        raise RequestTimeout(request.key, name, wait) from failure
         finally:
             self._unregister(state, request.key, wake)
 

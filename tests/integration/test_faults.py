@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
+import sqlalchemy as sa
 from integration.stack import Stack, Worker
 from ledger_check import check_gapless
 from test_queue import assert_increasing, setup_sequences
@@ -107,3 +109,63 @@ def test_a_message_that_kills_every_worker_is_quarantined(stack: Stack) -> None:
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(2) for i in range(40)]
     check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+
+
+def run_under_fault(stack: Stack, fault: Callable[[], None], *, times: int, every: float) -> None:
+    """3 client processes x 100 requests while ``fault`` strikes ``times`` times."""
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    results: list[list[int]] = []
+    clients = threading.Thread(
+        target=lambda: results.extend(
+            stack.client_processes([("invoices", f"c{c}", 100) for c in range(3)])
+        )
+    )
+    clients.start()
+    for _ in range(times):
+        time.sleep(every)
+        fault()
+    clients.join(180)
+    assert not clients.is_alive(), "clients did not finish after the faults healed"
+    assert len(results) == 3
+    assert_increasing(results)
+    keys = [f"c{c}:{i}" for c in range(3) for i in range(100)]
+    check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+
+
+def test_postgresql_backends_terminated_under_load(stack: Stack) -> None:
+    admin = create_engine(stack.settings.database_url, isolation_level="AUTOCOMMIT")
+    killed: list[int] = []
+
+    def terminate() -> None:
+        with admin.connect() as conn:
+            killed.extend(
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalars()
+            )
+
+    run_under_fault(stack, terminate, times=8, every=0.4)
+    assert killed
+    assert "database connection lost" in stack.workers[0].output()  # the faults struck
+
+
+def test_redis_connections_killed_under_load(stack: Stack) -> None:
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    killed: list[int] = []
+
+    def kill_clients() -> None:
+        killed.append(int(broker.execute_command("CLIENT KILL TYPE normal SKIPME yes")))
+
+    run_under_fault(stack, kill_clients, times=8, every=0.4)
+    assert sum(killed) >= 8  # every strike cut at least the worker's and a client's link
+
+
+def test_redis_paused_under_load(stack: Stack) -> None:
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    run_under_fault(
+        stack, lambda: broker.execute_command("CLIENT PAUSE 1500 ALL"), times=3, every=1
+    )
