@@ -8,10 +8,13 @@ time.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -169,3 +172,88 @@ def test_redis_paused_under_load(stack: Stack) -> None:
     run_under_fault(
         stack, lambda: broker.execute_command("CLIENT PAUSE 1500 ALL"), times=3, every=1
     )
+
+
+def test_lost_replies_are_recovered_from_the_ledger(stack: Stack) -> None:
+    """The first reply to every request is lost in transit (as if it expired unread): the
+    client's resend with the same key returns the number the ledger already holds."""
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    client = stack.client(timeout=60, resend_after=0.3)
+    deliver = client._deliver
+    lost: list[str] = []
+
+    def lossy(state: Any, raw: bytes) -> None:
+        key = json.loads(raw)["key"]
+        if key not in lost:
+            lost.append(key)
+            return
+        deliver(state, raw)
+
+    client._deliver = lossy  # type: ignore[method-assign]
+    blocks = [client.next_block("invoices", key=f"k{i}") for i in range(10)]
+    assert lost == [f"k{i}" for i in range(10)]
+    assert [b.value for b in blocks] == list(range(1, 11))
+    assert all(b.resent for b in blocks)  # answered from the ledger, not assigned again
+    check_gapless(
+        create_engine(stack.settings.database_url), "invoices", keys=[f"k{i}" for i in range(10)]
+    )
+
+
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_outside_writer_on_the_counter_row(stack: Stack, level: str) -> None:
+    """Deployments at REPEATABLE READ or SERIALIZABLE: an outside transaction keeps
+    touching the counter row, the worker's transactions fail with 40001 and are retried."""
+    stack.env["NUMBERING_ISOLATION_LEVEL"] = level
+    engine = create_engine(stack.settings.database_url)
+    stop = threading.Event()
+    touches: list[int] = []
+
+    def outside_writer() -> None:
+        while not stop.is_set():
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text("UPDATE numbering_sequence SET updated_at = now() WHERE name = :n"),
+                    {"n": "invoices"},
+                )
+            touches.append(1)
+            time.sleep(0.002)
+
+    setup_sequences(stack, "invoices")
+    writer = threading.Thread(target=outside_writer)
+    writer.start()
+    try:
+        run_under_fault(stack, lambda: None, times=1, every=0)
+    finally:
+        stop.set()
+        writer.join(10)
+    assert touches
+    assert "could not serialize access" in stack.workers[0].output()
+
+
+def test_redis_restarted_without_persistence_under_load(stack: Stack) -> None:
+    """Restarting Redis loses every queued and in-flight message; clients resend the same
+    keys and everything completes, once each."""
+    stack.env["NUMBERING_REQUEST_TIMEOUT"] = "60"
+    services = Path(__file__).resolve().parents[2] / "scripts" / "services.sh"
+
+    def restart() -> None:
+        subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True)
+        subprocess.run(["bash", str(services)], check=True, capture_output=True, timeout=120)
+
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    results: list[list[int]] = []
+    clients = threading.Thread(
+        target=lambda: results.extend(
+            stack.client_processes([("invoices", f"c{c}", 100) for c in range(3)])
+        )
+    )
+    clients.start()
+    time.sleep(1)
+    restart()
+    clients.join(240)
+    assert len(results) == 3
+    assert_increasing(results)
+    keys = [f"c{c}:{i}" for c in range(3) for i in range(100)]
+    check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)

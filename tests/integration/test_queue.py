@@ -31,7 +31,7 @@ from numbering.tasks.drain import inflight_list
 def setup_sequences(stack: Stack, *names: str) -> Allocator:
     allocator = Allocator(stack.settings.database_url)
     for name in names:
-        allocator.create_sequence(name)
+        allocator.create_sequence(name, exist_ok=True)
     return allocator
 
 
