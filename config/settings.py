@@ -52,6 +52,8 @@ DEFAULT_ISOLATION_LEVEL = "READ COMMITTED"
 DEFAULT_BATCH_SIZE = 500
 # Seconds a client waits for its number before raising (it resends on the way).
 DEFAULT_REQUEST_TIMEOUT = 10.0
+# Seconds a numbering transaction may sit idle before PostgreSQL ends its session.
+DEFAULT_IDLE_TRANSACTION_TIMEOUT = 60.0
 
 # Environment variable for each setting. Names are part of the public contract.
 ENV = {
@@ -67,6 +69,7 @@ ENV = {
     "batch_size": "NUMBERING_BATCH_SIZE",
     "request_timeout": "NUMBERING_REQUEST_TIMEOUT",
     "batch_tables": "NUMBERING_BATCH_TABLES",
+    "idle_transaction_timeout": "NUMBERING_IDLE_TRANSACTION_TIMEOUT",
 }
 
 # NUMBERING_* variables read elsewhere, which are not settings.
@@ -116,6 +119,9 @@ class Settings:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     #: Tables batch jobs may number in place (the allow-list); empty allows none.
     batch_tables: tuple[str, ...] = ()
+    #: PostgreSQL ends a numbering session idle in a transaction this long (seconds), so
+    #: a frozen worker cannot hold a sequence's lock for ever.
+    idle_transaction_timeout: float = DEFAULT_IDLE_TRANSACTION_TIMEOUT
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -130,6 +136,7 @@ class Settings:
                 Shard(0, self.shards)
             _check_positive_int(self.batch_size, ENV["batch_size"], MAX_BATCH_SIZE)
             check_seconds(self.request_timeout, ENV["request_timeout"])
+            check_seconds(self.idle_transaction_timeout, ENV["idle_transaction_timeout"])
         except (NumberingError, TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
         object.__setattr__(self, "isolation_level", level)
@@ -196,7 +203,7 @@ def _parse(name: str, raw: str) -> object:
             raise ConfigurationError(f"{variable} must be a whole number, got {raw!r}") from None
     if name == "batch_tables":
         return tuple(part.strip() for part in raw.split(",") if part.strip())
-    if name.startswith("retry_") or name == "request_timeout":
+    if name.startswith("retry_") or name in ("request_timeout", "idle_transaction_timeout"):
         try:
             return check_seconds(float(raw), variable, allow_zero=name.startswith("retry_wait"))
         except ValueError:

@@ -310,6 +310,11 @@ def worker(
     from numbering.routing import Shard
     from numbering.tasks.worker import build_worker
 
+    # A service's log must reach its file, journald or `docker logs` line by line, not
+    # in 8 KiB blocks that die with the process.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     settings = _settings(ctx)
     if batch_size is not None:
         settings = replace(settings, batch_size=batch_size)

@@ -49,12 +49,16 @@ _CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 _SQLITE_BUSY_CODES = {5, 6, 261, 262, 517, 773}
 
 
-def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+def create_engine(
+    url: str | URL, *, idle_transaction_timeout: float | None = None, **kwargs: Any
+) -> Engine:
     """Create an SQLAlchemy engine set up the way numbering needs it.
 
     On SQLite: a busy timeout, WAL journaling, foreign keys on, and ``BEGIN IMMEDIATE`` for
     every transaction. On PostgreSQL: ``application_name=numbering`` so that its sessions
-    can be told apart in ``pg_stat_activity``. Extra keyword arguments go to
+    can be told apart in ``pg_stat_activity``, and with ``idle_transaction_timeout``
+    (seconds) PostgreSQL ends a session left idle inside a transaction that long, so a
+    frozen process cannot hold a sequence's lock for ever. Extra keyword arguments go to
     :func:`sqlalchemy.create_engine`.
 
     >>> engine = create_engine("sqlite:///numbering.db")
@@ -73,6 +77,11 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
         connect_args = kwargs.pop("connect_args", {})
         connect_args.setdefault("application_name", "numbering")
         connect_args.setdefault("connect_timeout", 10)
+        if idle_transaction_timeout is not None:
+            milliseconds = max(1, round(idle_transaction_timeout * 1000))
+            connect_args.setdefault(
+                "options", f"-c idle_in_transaction_session_timeout={milliseconds}"
+            )
         return sa.create_engine(url, connect_args=connect_args, **kwargs)
 
     connect_args = kwargs.pop("connect_args", {})

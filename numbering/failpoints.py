@@ -13,6 +13,8 @@ Actions:
     SIGKILL it the first time only (the file at PATH records that it happened).
 ``kill-on-key:KEY``
     SIGKILL it whenever the batch in hand holds request key KEY (a poison message).
+``stop-once:PATH``
+    SIGSTOP it the first time (it freezes until someone sends SIGCONT).
 
 The worker's points, in the order a batch passes them: ``before_assign`` (transaction
 open, nothing locked), ``before_commit`` (values written, not committed),
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,7 +46,9 @@ def _parse(spec: str) -> dict[str, str]:
             raise ConfigurationError(
                 f"{ENV_VAR}: {item!r} is not point=action with a point among {', '.join(POINTS)}"
             )
-        if not (action == "kill" or action.startswith(("kill-once:", "kill-on-key:"))):
+        if not (
+            action == "kill" or action.startswith(("kill-once:", "kill-on-key:", "stop-once:"))
+        ):
             raise ConfigurationError(f"{ENV_VAR}: unknown action {action!r}")
         armed[point] = action
     return armed
@@ -57,11 +62,21 @@ def failpoint(point: str, keys: Iterable[str] = ()) -> None:
     action = _ARMED.get(point)
     if action is None:
         return
-    if action.startswith("kill-once:"):
-        marker = Path(action.removeprefix("kill-once:"))
+    if action.startswith(("kill-once:", "stop-once:")):
+        marker = Path(action.partition(":")[2])
         if marker.exists():
             return
         marker.write_text(point)
+        if action.startswith("stop-once:"):
+            _signal_here(signal.SIGSTOP)
+            return
     elif action.startswith("kill-on-key:") and action.removeprefix("kill-on-key:") not in keys:
         return
-    os.kill(os.getpid(), signal.SIGKILL)
+    _signal_here(signal.SIGKILL)
+
+
+def _signal_here(signum: int) -> None:
+    # Aimed at this thread: a signal sent to the process goes to whichever thread the
+    # kernel picks (usually the main one), and this thread would run on for a moment,
+    # long enough to send a COMMIT that the failpoint meant to come after the fault.
+    signal.pthread_kill(threading.get_ident(), signum)

@@ -60,7 +60,10 @@ class Allocator:
     def from_settings(cls, settings: Settings) -> Allocator:
         """An allocator for ``settings.database_url`` with the settings' level and retries."""
         return cls(
-            settings.database_url,
+            create_engine(
+                settings.database_url,
+                idle_transaction_timeout=settings.idle_transaction_timeout,
+            ),
             isolation_level=settings.isolation_level,
             retry=settings.retry_policy(),
         )

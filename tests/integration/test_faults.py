@@ -9,6 +9,8 @@ time.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -23,7 +25,7 @@ from integration.stack import Stack, Worker
 from ledger_check import check_gapless
 from test_queue import assert_increasing, setup_sequences
 
-from numbering import create_engine
+from numbering import Allocator, create_engine
 from numbering.errors import QuarantinedError
 from numbering.failpoints import ENV_VAR, POINTS
 from numbering.routing import sequence_queue
@@ -256,4 +258,91 @@ def test_redis_restarted_without_persistence_under_load(stack: Stack) -> None:
     assert len(results) == 3
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(3) for i in range(100)]
+    check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+
+
+def test_worker_frozen_mid_transaction_then_resumed(stack: Stack, tmp_path: Path) -> None:
+    """A worker frozen (SIGSTOP) inside its transaction loses that transaction to
+    PostgreSQL's idle-in-transaction timeout, so the sequence is not locked for ever;
+    once resumed it retries the batch with the same keys."""
+    marker = tmp_path / "frozen"
+    stack.env[ENV_VAR] = f"before_commit=stop-once:{marker}"
+    stack.env["NUMBERING_IDLE_TRANSACTION_TIMEOUT"] = "1"
+    setup_sequences(stack, "invoices")
+    worker = stack.worker("--sequence", "invoices")
+    client = stack.client(timeout=120, resend_after=120)
+    got: list[int] = []
+    requests = threading.Thread(
+        target=lambda: got.extend(client.next_value("invoices", key=f"k{i}") for i in range(20))
+    )
+    requests.start()
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the worker never froze"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert worker.proc.poll() is None  # frozen, not dead
+
+    # Meanwhile an in-process caller can still take a number: the frozen transaction's
+    # lock went with its session after the 1 s timeout.
+    direct: list[int] = []
+    other = threading.Thread(
+        target=lambda: direct.append(
+            Allocator(stack.settings.database_url).next_value("invoices", key="direct")
+        )
+    )
+    other.start()
+    other.join(15)
+    assert direct, "the frozen worker still holds the sequence's lock"
+
+    os.kill(worker.proc.pid, signal.SIGCONT)
+    requests.join(120)
+    assert len(got) == 20
+    assert got == sorted(got)
+    by_key = check_gapless(
+        create_engine(stack.settings.database_url),
+        "invoices",
+        keys=["direct", *(f"k{i}" for i in range(20))],
+    )
+    assert [by_key[f"k{i}"][0] for i in range(20)] == got
+    # The frozen batch (k0) lost its transaction and was assigned again after resuming,
+    # after the in-process caller: had it frozen after COMMIT, k0 would come first.
+    assert by_key["direct"][0] < by_key["k0"][0]
+
+
+def test_postgresql_restarted_under_load(stack: Stack) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+
+    def restart() -> None:
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    run_under_fault(stack, restart, times=1, every=1)
+    assert "database connection lost" in stack.workers[0].output()
+
+
+def test_sigterm_cycles_under_load(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    results: list[list[int]] = []
+    clients = threading.Thread(
+        target=lambda: results.extend(
+            stack.client_processes([("invoices", f"c{c}", 150) for c in range(3)])
+        )
+    )
+    clients.start()
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    for _ in range(3):
+        time.sleep(0.7)
+        assert stack.workers[-1].terminate() == 0
+        assert broker.llen(inflight_list(sequence_queue("invoices"))) == 0
+        stack.worker("--sequence", "invoices")
+    clients.join(180)
+    assert len(results) == 3
+    assert_increasing(results)
+    keys = [f"c{c}:{i}" for c in range(3) for i in range(150)]
     check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
