@@ -215,6 +215,11 @@ class RedisDrain:
             except (redis.RedisError, NumberingError, OSError) as exc:
                 log.error("consumer of %s: %s; retrying", self.queue, exc)
                 self.stop.wait(OUTAGE_BACKOFF_SECONDS)
+            except Exception:
+                # A bug must not silently end the consumer while the worker looks alive;
+                # the batch stays in flight and is tried again, one request at a time.
+                log.exception("consumer of %s failed; starting over", self.queue)
+                self.stop.wait(OUTAGE_BACKOFF_SECONDS)
             finally:
                 if self.stop.is_set():
                     self.lock.release()

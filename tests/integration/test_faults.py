@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,17 @@ def test_worker_killed_at_each_point_of_a_batch(stack: Stack, point: str, tmp_pa
     assert "left in flight" in replacement.output()
 
 
-def test_a_message_that_kills_every_worker_is_quarantined(stack: Stack) -> None:
-    setup_sequences(stack, "invoices")
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_message_that_kills_every_worker_is_quarantined(
+    request: pytest.FixtureRequest, broker: str
+) -> None:
+    stack: Stack = request.getfixturevalue("stack" if broker == "redis" else "amqp_stack")
+    seq = "invoices" if broker == "redis" else f"invoices-{uuid.uuid4().hex[:8]}"
+    setup_sequences(stack, seq)
     stack.env[ENV_VAR] = "before_commit=kill-on-key:poison"
     deaths = 0
     stop = threading.Event()
-    first = stack.worker("--sequence", "invoices")
+    first = stack.worker("--sequence", seq)
 
     def supervise() -> None:  # what systemd or Kubernetes would do: restart the worker
         nonlocal deaths
@@ -86,7 +92,7 @@ def test_a_message_that_kills_every_worker_is_quarantined(stack: Stack) -> None:
         while not stop.is_set():
             if current.proc.poll() is not None:
                 deaths += 1
-                current = stack.worker("--sequence", "invoices")
+                current = stack.worker("--sequence", seq)
             time.sleep(0.02)
 
     supervisor = threading.Thread(target=supervise)
@@ -96,24 +102,26 @@ def test_a_message_that_kills_every_worker_is_quarantined(stack: Stack) -> None:
     def poison() -> None:
         client = stack.client(timeout=120, resend_after=120)  # exactly one copy
         try:
-            outcome["value"] = client.next_value("invoices", key="poison")
+            outcome["value"] = client.next_value(seq, key="poison")
         except QuarantinedError as error:
             outcome["error"] = error
 
     poisoner = threading.Thread(target=poison)
     poisoner.start()
-    results = stack.client_processes([("invoices", f"c{c}", 40) for c in range(2)])
+    results = stack.client_processes([(seq, f"c{c}", 40) for c in range(2)])
     poisoner.join(120)
     stop.set()
     supervisor.join(30)
 
     assert "quarantined" in str(outcome.get("error")), outcome
     assert deaths == MAX_DELIVERIES + 1  # the batch, then each isolated retry
-    broker = redis.Redis.from_url(stack.settings.broker_url)
-    assert broker.llen(dead_letter_list(sequence_queue("invoices"))) == 1
+    dead = redis.Redis.from_url(
+        stack.settings.broker_url if broker == "redis" else stack.settings.result_backend
+    )
+    assert dead.llen(dead_letter_list(sequence_queue(seq))) == 1
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(2) for i in range(40)]
-    check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+    check_gapless(create_engine(stack.settings.database_url), seq, keys=keys)
 
 
 def run_under_fault(stack: Stack, fault: Callable[[], None], *, times: int, every: float) -> None:
