@@ -388,3 +388,25 @@ def test_worker_on_sqlite_with_a_file_lock(
         check_gapless(create_engine(sqlite_url), "invoices")
     finally:
         stack.close()
+
+
+def test_passwords_stay_out_of_logs_and_output(stack: Stack) -> None:
+    secret = "Hunter2-Secret"
+    url = stack.env["NUMBERING_DATABASE_URL"].replace("postgres@", f"postgres:{secret}@")
+    assert secret in url  # the server trusts local connections, so any password works
+    stack.env["NUMBERING_DATABASE_URL"] = url
+    setup_sequences(stack, "invoices")
+    worker = stack.worker("--sequence", "invoices", "--loglevel", "DEBUG")
+    assert stack.client().next_value("invoices", key="k") == 1
+    outputs = [worker.output()]
+    for args in (("config",), ("sequence", "list"), ("next", "nosuch", "--timeout", "0.5")):
+        done = subprocess.run(
+            [sys.executable, "-m", "numbering", "-v", *args],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        outputs += [done.stdout, done.stderr]
+    assert not [out for out in outputs if secret in out]
+    assert "postgres:***@" in outputs[1]  # `numbering config` shows the URL, masked
