@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,23 @@ sequence, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 client = Client.from_env()
 print(json.dumps([client.next_value(sequence, key=f"{prefix}:{i}") for i in range(count)]))
 """
+
+
+class ClientRun:
+    """Client processes running in the background (see :meth:`Stack.start_clients`)."""
+
+    def __init__(self, stack: Stack, jobs: list[tuple[str, str, int]]) -> None:
+        self.results: list[list[int]] = []
+        self.thread = threading.Thread(
+            target=lambda: self.results.extend(stack.client_processes(jobs))
+        )
+        self.thread.start()
+
+    def wait(self, timeout: float = 240) -> list[list[int]]:
+        """Each process's numbers, once all have finished (asserts they did, in time)."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "clients did not finish after the fault healed"
+        return self.results
 
 
 class Worker:
@@ -132,6 +150,10 @@ class Stack:
             assert proc.returncode == 0, err
             results.append(json.loads(out))
         return results
+
+    def start_clients(self, jobs: list[tuple[str, str, int]]) -> ClientRun:
+        """:meth:`client_processes` in the background, while a test injects faults."""
+        return ClientRun(self, jobs)
 
     def close(self) -> None:
         for client in self.clients:

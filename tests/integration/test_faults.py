@@ -48,20 +48,13 @@ def test_worker_killed_at_each_point_of_a_batch(stack: Stack, point: str, tmp_pa
     setup_sequences(stack, "invoices")
     stack.env[ENV_VAR] = f"{point}=kill-once:{tmp_path / 'fired'}"
     victim = stack.worker("--sequence", "invoices")
-    results: list[list[int]] = []
     started = time.monotonic()
-    clients = threading.Thread(
-        target=lambda: results.extend(
-            stack.client_processes([("invoices", f"c{c}", PER_CLIENT) for c in range(CLIENTS)])
-        )
-    )
-    clients.start()
+    clients = stack.start_clients([("invoices", f"c{c}", PER_CLIENT) for c in range(CLIENTS)])
     assert wait_dead(victim) == -9
     assert (tmp_path / "fired").read_text() == point
     # The replacement runs with the same failpoint, already spent.
     replacement = stack.worker("--sequence", "invoices")
-    clients.join(120)
-    assert not clients.is_alive(), "clients did not finish after the fault healed"
+    results = clients.wait(120)
     assert time.monotonic() - started < 120
 
     assert_increasing(results)
@@ -128,18 +121,11 @@ def run_under_fault(stack: Stack, fault: Callable[[], None], *, times: int, ever
     """3 client processes x 100 requests while ``fault`` strikes ``times`` times."""
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices")
-    results: list[list[int]] = []
-    clients = threading.Thread(
-        target=lambda: results.extend(
-            stack.client_processes([("invoices", f"c{c}", 100) for c in range(3)])
-        )
-    )
-    clients.start()
+    clients = stack.start_clients([("invoices", f"c{c}", 100) for c in range(3)])
     for _ in range(times):
         time.sleep(every)
         fault()
-    clients.join(180)
-    assert not clients.is_alive(), "clients did not finish after the faults healed"
+    results = clients.wait(180)
     assert len(results) == 3
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(3) for i in range(100)]
@@ -251,22 +237,7 @@ def test_redis_restarted_without_persistence_under_load(stack: Stack) -> None:
         subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True)
         subprocess.run(["bash", str(services)], check=True, capture_output=True, timeout=120)
 
-    setup_sequences(stack, "invoices")
-    stack.worker("--sequence", "invoices")
-    results: list[list[int]] = []
-    clients = threading.Thread(
-        target=lambda: results.extend(
-            stack.client_processes([("invoices", f"c{c}", 100) for c in range(3)])
-        )
-    )
-    clients.start()
-    time.sleep(1)
-    restart()
-    clients.join(240)
-    assert len(results) == 3
-    assert_increasing(results)
-    keys = [f"c{c}:{i}" for c in range(3) for i in range(100)]
-    check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+    run_under_fault(stack, restart, times=1, every=1)
 
 
 def test_worker_frozen_mid_transaction_then_resumed(stack: Stack, tmp_path: Path) -> None:
@@ -336,20 +307,14 @@ def test_postgresql_restarted_under_load(stack: Stack) -> None:
 def test_sigterm_cycles_under_load(stack: Stack) -> None:
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices")
-    results: list[list[int]] = []
-    clients = threading.Thread(
-        target=lambda: results.extend(
-            stack.client_processes([("invoices", f"c{c}", 150) for c in range(3)])
-        )
-    )
-    clients.start()
+    clients = stack.start_clients([("invoices", f"c{c}", 150) for c in range(3)])
     broker = redis.Redis.from_url(stack.settings.broker_url)
     for _ in range(3):
         time.sleep(0.7)
         assert stack.workers[-1].terminate() == 0
         assert broker.llen(inflight_list(sequence_queue("invoices"))) == 0
         stack.worker("--sequence", "invoices")
-    clients.join(180)
+    results = clients.wait(180)
     assert len(results) == 3
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(3) for i in range(150)]

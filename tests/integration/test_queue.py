@@ -167,6 +167,9 @@ def test_a_batch_left_in_flight_is_finished_by_the_next_consumer(stack: Stack) -
     worker = stack.worker("--sequence", "invoices")
     replies = read_replies(settings.result_backend, "numbering.reply.test", 5)
     assert [replies[f"k{i}"]["value"] for i in range(5)] == [1, 2, 3, 4, 5]
+    deadline = time.monotonic() + 10  # each request leaves the list just after its reply
+    while broker.llen(inflight_list(queue)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert broker.llen(inflight_list(queue)) == 0
     worker.wait_for("finishing 5 request(s) left in flight")
 
@@ -177,13 +180,7 @@ def test_killed_worker_under_load_loses_nothing(stack: Stack) -> None:
     setup_sequences(stack, "invoices")
     worker = stack.worker("--sequence", "invoices")
     stack.env["NUMBERING_REQUEST_TIMEOUT"] = "120"
-    results: list[list[int]] = []
-    runner = threading.Thread(
-        target=lambda: results.extend(
-            stack.client_processes([("invoices", f"c{c}", 150) for c in range(3)])
-        )
-    )
-    runner.start()
+    clients = stack.start_clients([("invoices", f"c{c}", 150) for c in range(3)])
     engine = create_engine(stack.settings.database_url)
     allocator = Allocator(engine)
     deadline = time.monotonic() + 60
@@ -192,7 +189,7 @@ def test_killed_worker_under_load_loses_nothing(stack: Stack) -> None:
     worker.kill()
     time.sleep(1)
     stack.worker("--sequence", "invoices")
-    runner.join(240)
+    results = clients.wait()
     assert len(results) == 3
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(3) for i in range(150)]
@@ -345,13 +342,7 @@ def test_cli_next_goes_through_the_queue(stack: Stack) -> None:
 def test_sigterm_finishes_the_batch_in_hand(stack: Stack) -> None:
     setup_sequences(stack, "invoices")
     worker = stack.worker("--sequence", "invoices")
-    results: list[list[int]] = []
-    runner = threading.Thread(
-        target=lambda: results.extend(
-            stack.client_processes([("invoices", f"c{c}", 100) for c in range(2)])
-        )
-    )
-    runner.start()
+    clients = stack.start_clients([("invoices", f"c{c}", 100) for c in range(2)])
     engine = create_engine(stack.settings.database_url)
     allocator = Allocator(engine)
     deadline = time.monotonic() + 60
@@ -365,7 +356,7 @@ def test_sigterm_finishes_the_batch_in_hand(stack: Stack) -> None:
         == 0
     ), "a warm shutdown must not leave a batch in flight"
     stack.worker("--sequence", "invoices")
-    runner.join(240)
+    results = clients.wait()
     assert_increasing(results)
     check_gapless(engine, "invoices", keys=[f"c{c}:{i}" for c in range(2) for i in range(100)])
 

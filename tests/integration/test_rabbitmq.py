@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import uuid
 
@@ -50,13 +49,7 @@ def test_killed_worker_under_load_loses_nothing(amqp_stack: Stack) -> None:
     seq = unique("invoices")
     setup_sequences(amqp_stack, seq)
     worker = amqp_stack.worker("--sequence", seq)
-    results: list[list[int]] = []
-    runner = threading.Thread(
-        target=lambda: results.extend(
-            amqp_stack.client_processes([(seq, f"c{c}", 150) for c in range(3)])
-        )
-    )
-    runner.start()
+    clients = amqp_stack.start_clients([(seq, f"c{c}", 150) for c in range(3)])
     engine = create_engine(amqp_stack.settings.database_url)
     allocator = Allocator(engine)
     deadline = time.monotonic() + 60
@@ -64,7 +57,7 @@ def test_killed_worker_under_load_loses_nothing(amqp_stack: Stack) -> None:
         time.sleep(0.01)
     worker.kill()
     amqp_stack.worker("--sequence", seq)
-    runner.join(240)
+    results = clients.wait()
     assert len(results) == 3
     assert_increasing(results)
     check_gapless(engine, seq, keys=[f"c{c}:{i}" for c in range(3) for i in range(150)])
