@@ -52,8 +52,10 @@ DEFAULT_ISOLATION_LEVEL = "READ COMMITTED"
 DEFAULT_BATCH_SIZE = 500
 # Seconds a client waits for its number before raising (it resends on the way).
 DEFAULT_REQUEST_TIMEOUT = 10.0
-# Seconds a numbering transaction may sit idle before PostgreSQL ends its session.
-DEFAULT_IDLE_TRANSACTION_TIMEOUT = 60.0
+# Seconds a numbering transaction may sit idle before PostgreSQL ends its session. Its
+# transactions take milliseconds; one idle this long belongs to a frozen worker or to a
+# connection whose client is gone, and it holds a sequence's lock until it ends.
+DEFAULT_IDLE_TRANSACTION_TIMEOUT = 10.0
 
 # Environment variable for each setting. Names are part of the public contract.
 ENV = {

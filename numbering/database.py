@@ -77,6 +77,12 @@ def create_engine(
         connect_args = kwargs.pop("connect_args", {})
         connect_args.setdefault("application_name", "numbering")
         connect_args.setdefault("connect_timeout", 10)
+        # Notice a server that vanished without a word (partition, NAT drop) in about
+        # 25 s instead of the system's default two hours.
+        connect_args.setdefault("keepalives", 1)
+        connect_args.setdefault("keepalives_idle", 10)
+        connect_args.setdefault("keepalives_interval", 5)
+        connect_args.setdefault("keepalives_count", 3)
         if idle_transaction_timeout is not None:
             milliseconds = max(1, round(idle_transaction_timeout * 1000))
             connect_args.setdefault(

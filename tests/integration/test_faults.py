@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 from integration.stack import Stack, Worker
+from integration.tcpproxy import TcpProxy
 from ledger_check import check_gapless
+from sqlalchemy.engine import make_url
 from test_queue import assert_increasing, setup_sequences
 
 from numbering import Allocator, create_engine
@@ -319,3 +321,47 @@ def test_sigterm_cycles_under_load(stack: Stack) -> None:
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(3) for i in range(150)]
     check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+
+
+@pytest.fixture
+def proxied(stack: Stack) -> Iterator[TcpProxy]:
+    """Route the worker's database traffic through a misbehaving proxy."""
+    url = make_url(stack.env["NUMBERING_DATABASE_URL"])
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    stack.env["NUMBERING_DATABASE_URL"] = url.set(
+        host="127.0.0.1", port=proxy.port
+    ).render_as_string(hide_password=False)
+    yield proxy
+    proxy.close()
+
+
+def test_commit_reply_that_never_arrives(stack: Stack, proxied: TcpProxy) -> None:
+    """The COMMIT reaches PostgreSQL and commits; the worker never hears back. The retry
+    finds the keys already assigned and answers with those numbers: none twice."""
+
+    def cut() -> None:
+        proxied.cut_after(b"COMMIT")
+
+    run_under_fault(stack, cut, times=4, every=0.5)
+    assert proxied.cuts >= 3
+    assert "database connection lost" in stack.workers[0].output()
+
+
+def test_link_latency_blackhole_and_reset(stack: Stack, proxied: TcpProxy) -> None:
+    """A session whose client vanished mid-transaction holds the sequence's lock until
+    PostgreSQL ends it after NUMBERING_IDLE_TRANSACTION_TIMEOUT: with 2 s here, the run
+    still completes (with 60 s it stalled past the clients' timeout: seen)."""
+    stack.env["NUMBERING_IDLE_TRANSACTION_TIMEOUT"] = "2"
+    # A reset first: it kills the worker's pooled connections, so its next use fails.
+    faults = iter(
+        [
+            proxied.reset,
+            lambda: setattr(proxied, "latency", 0.005),
+            proxied.heal,
+            proxied.blackhole,
+            proxied.heal,
+            proxied.reset,
+        ]
+    )
+    run_under_fault(stack, lambda: next(faults)(), times=6, every=0.4)
+    assert "database connection lost" in stack.workers[0].output()

@@ -1,0 +1,105 @@
+"""A TCP proxy for fault tests: put it between a worker and PostgreSQL, then misbehave.
+
+Faults, switched at run time:
+- ``latency``: seconds added before forwarding each chunk, both ways;
+- ``blackhole()``: stop forwarding (connections stay open, bytes wait), ``heal()`` resumes;
+- ``reset()``: close every open connection with a TCP RST;
+- ``cut_after(pattern)``: when ``pattern`` passes from client to server, forward it, then
+  close the client's connection before the server's answer reaches it (a COMMIT that
+  commits, but whose reply never arrives).
+Loopback only; every connection and thread ends with :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+
+
+class TcpProxy:
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.latency = 0.0
+        self.cuts = 0  # connections cut after the pattern, so far
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._cut_pattern: bytes | None = None
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, upstream: bool) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                self._flowing.wait()
+                if self.latency:
+                    time.sleep(self.latency)
+                target.sendall(data)
+                pattern = self._cut_pattern
+                if upstream and pattern is not None and pattern in data:
+                    with self._lock:
+                        self._cut_pattern = None
+                        self.cuts += 1
+                    time.sleep(0.05)  # let the server act on it before the cut
+                    _rst(source)  # the client never sees the answer
+                    break
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def blackhole(self) -> None:
+        self._flowing.clear()
+
+    def heal(self) -> None:
+        self.latency = 0.0
+        self._flowing.set()
+
+    def cut_after(self, pattern: bytes) -> None:
+        self._cut_pattern = pattern
+
+    def reset(self) -> None:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for client, server in pairs:
+            _rst(client)
+            _rst(server)
+
+    def close(self) -> None:
+        self._closed = True
+        self.heal()
+        self.reset()
+        self.listener.close()
+
+
+def _rst(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
