@@ -100,6 +100,12 @@ class TcpProxy:
 
 
 def _rst(sock: socket.socket) -> None:
+    # close() alone neither wakes a pump thread blocked in recv() on this socket nor
+    # releases it (the blocked call holds it open), so the peers would see nothing at all:
+    # shutdown() wakes the pumps and ends the connection; linger 0 makes the end an RST.
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
         sock.close()
