@@ -26,10 +26,14 @@ from numbering.tasks.amqp import AmqpDrain
 from numbering.tasks.app import create_app
 from numbering.tasks.drain import BatchProcessor, RedisDrain
 from numbering.tasks.guard import ConsumerLock
+from numbering.tasks.preflight import run_preflight
 
 __all__ = ["NumberingWorker", "build_worker", "queues_for"]
 
 log = logging.getLogger("numbering.worker")
+
+# Celery's own pool runs one task at a time; numbering's consumers are one thread a queue.
+CONCURRENCY = 1
 
 
 def queues_for(sequences: Sequence[str], shard: Shard | None) -> list[str]:
@@ -125,16 +129,26 @@ def build_worker(
         requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
 
         def start(self, worker: Any) -> None:
+            for warning in warnings:
+                log.warning("%s", warning)
             log.info("numbering worker consuming %s", ", ".join(queues))
             numbering.start()
 
         def stop(self, worker: Any) -> None:
             numbering.shutdown()
 
+    warnings = run_preflight(
+        app.conf,
+        numbering.allocator.engine,
+        settings.broker_url,
+        concurrency=CONCURRENCY,
+        sequences=sequences,
+        shard=shard,
+    )
     app.steps["worker"].add(BulkConsumers)
     return app.Worker(
         queues=[CONTROL_QUEUE],
-        concurrency=1,
+        concurrency=CONCURRENCY,
         pool="solo",
         loglevel=loglevel,
         hostname=f"numbering-{os.getpid()}@{socket.gethostname()}",

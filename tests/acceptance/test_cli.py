@@ -25,7 +25,9 @@ class CLI:
         self.env["NUMBERING_DATABASE_URL"] = database_url
         self.cwd = cwd
 
-    def __call__(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, ok: bool = True, status: int = 1
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [sys.executable, "-m", "numbering", *args],
             capture_output=True,
@@ -37,7 +39,7 @@ class CLI:
         if ok:
             assert done.returncode == 0, done.stderr
         else:
-            assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+            assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
             assert "Traceback" not in done.stderr
             assert len(done.stderr.strip().splitlines()) == 1, done.stderr
             assert done.stderr.startswith("error: ")
@@ -104,6 +106,17 @@ def test_bad_input_is_one_clear_line(cli: CLI) -> None:
     }
     for args, message in cases.items():
         assert message in cli(*args, ok=False).stderr, args
+    usage = {  # click's own parsing errors: one line too, exit status 2, with a hint
+        ("next", "--direct", "invoices", "--count", "abc"): (
+            "error: Invalid value for '--count': 'abc' is not a valid integer. "
+            "(see 'numbering next --help')"
+        ),
+        ("next",): "error: Missing argument 'NAME'. (see 'numbering next --help')",
+        ("nope",): "error: No such command 'nope'. (see 'numbering --help')",
+        ("sequence", "create", "x", "--initial-value", "1.5"): "'1.5' is not a valid integer",
+    }
+    for args, message in usage.items():
+        assert message in cli(*args, ok=False, status=2).stderr, args
     assert cli("audit").returncode == 0  # nothing was written by the failures
 
 

@@ -1,0 +1,168 @@
+"""Checks a numbering worker runs before it consumes anything.
+
+A worker that would answer with numbers it cannot keep must not start. It refuses, with
+one clear message per problem, when:
+
+- the Celery configuration lost a setting the guarantee leans on (late acks,
+  reject-on-worker-lost, prefetch 1, time limits below the visibility timeout);
+- the database may forget a COMMIT it has acknowledged (PostgreSQL with
+  ``synchronous_commit=off`` or ``fsync=off``; SQLite with ``synchronous`` below FULL):
+  a number already handed out could then be handed out again after a crash;
+- a sequence it serves has a counter that disagrees with its ledger (someone edited the
+  tables by hand, or restored one without the other): numbering on would hide the damage.
+
+It warns, without refusing, when the Redis broker may evict keys or keeps nothing on
+disk: requests lost that way are resent by clients under the same keys, so nothing is
+numbered twice, but callers wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+from sqlalchemy import desc, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+
+from numbering.config.celery import VISIBILITY_TIMEOUT
+from numbering.database import translate_error
+from numbering.errors import ConfigurationError
+from numbering.routing import Shard
+from numbering.schema import ledger, sequences
+
+__all__ = [
+    "check_celery_config",
+    "check_database",
+    "check_ledgers",
+    "check_redis",
+    "run_preflight",
+]
+
+
+def check_celery_config(conf: Mapping[str, Any], concurrency: int) -> list[str]:
+    """What is wrong with a worker's Celery configuration, as sentences."""
+    problems = []
+    if not conf.get("task_acks_late"):
+        problems.append("task_acks_late must be True (acknowledge after the commit)")
+    if not conf.get("task_reject_on_worker_lost"):
+        problems.append(
+            "task_reject_on_worker_lost must be True (a killed worker's request is redelivered)"
+        )
+    if conf.get("worker_prefetch_multiplier") != 1:
+        problems.append("worker_prefetch_multiplier must be 1")
+    if concurrency != 1:
+        problems.append(f"concurrency must be 1, not {concurrency}")
+    visibility = (conf.get("broker_transport_options") or {}).get(
+        "visibility_timeout", VISIBILITY_TIMEOUT
+    )
+    hard, soft = conf.get("task_time_limit"), conf.get("task_soft_time_limit")
+    if hard is None or hard >= visibility:
+        problems.append(
+            f"task_time_limit ({hard}) must be set below the visibility timeout ({visibility} s), "
+            "or a running request is delivered twice"
+        )
+    if soft is not None and hard is not None and soft >= hard:
+        problems.append(f"task_soft_time_limit ({soft}) must be below task_time_limit ({hard})")
+    return problems
+
+
+def check_database(engine: Engine) -> list[str]:
+    """What makes the database unsafe for numbering, as sentences."""
+    problems = []
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            for setting, unsafe in (("synchronous_commit", "off"), ("fsync", "off")):
+                value = conn.execute(text(f"SHOW {setting}")).scalar_one()
+                if value == unsafe:
+                    problems.append(
+                        f"PostgreSQL runs with {setting}={value}: a crash can forget numbers "
+                        f"already handed out; set {setting}=on for this database or role"
+                    )
+        elif engine.dialect.name == "sqlite":
+            level = conn.execute(text("PRAGMA synchronous")).scalar_one()
+            if level < 2:  # 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
+                problems.append(
+                    f"SQLite runs with synchronous={level}: a crash can forget numbers already "
+                    "handed out; use FULL (2) or EXTRA (3)"
+                )
+    return problems
+
+
+def check_ledgers(
+    engine: Engine, names: Iterable[str] = (), shard: Shard | None = None
+) -> list[str]:
+    """Sequences (``names``, plus every sequence ``shard`` serves) whose counter disagrees
+    with the last block of their ledger. One index lookup per sequence; the full gapless
+    check is ``numbering audit``."""
+    wanted = set(names)
+    problems = []
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(sequences.c.id, sequences.c.name, sequences.c.last_value, sequences.c.cycle)
+        ).all()
+        for seq in rows:
+            if seq.name not in wanted and not (shard is not None and shard.serves(seq.name)):
+                continue
+            last_block = conn.execute(
+                select(ledger.c.cycle, (ledger.c.value + ledger.c.count - 1).label("end"))
+                .where(ledger.c.sequence_id == seq.id)
+                .order_by(desc(ledger.c.cycle), desc(ledger.c.value))
+                .limit(1)
+            ).first()
+            ledger_end = (last_block.end, last_block.cycle) if last_block else (None, 0)
+            if ledger_end != (seq.last_value, seq.cycle):
+                problems.append(
+                    f"sequence {seq.name!r}: counter says last value {seq.last_value} in cycle "
+                    f"{seq.cycle}, ledger ends at {ledger_end[0]} in cycle {ledger_end[1]}; "
+                    f"run `numbering audit {seq.name}` and repair before numbering on"
+                )
+    return problems
+
+
+def check_redis(url: str) -> list[str]:
+    """Warnings about a Redis broker that may drop queued requests."""
+    warnings: list[str] = []
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        config = client.config_get("maxmemory-policy")
+        config.update(client.config_get("appendonly"))
+        config.update(client.config_get("save"))
+    except redis.ResponseError:  # CONFIG disabled (managed Redis): nothing to say
+        return warnings
+    policy = config.get("maxmemory-policy")
+    if policy not in (None, "noeviction"):
+        warnings.append(
+            f"Redis maxmemory-policy is {policy}: under memory pressure it may evict queued "
+            "requests (callers then wait and resend); set noeviction"
+        )
+    if config.get("appendonly") == "no" and not config.get("save"):
+        warnings.append(
+            "Redis keeps nothing on disk (appendonly no, no save points): a Redis restart "
+            "drops queued requests (callers then wait and resend); set appendonly yes"
+        )
+    return warnings
+
+
+def run_preflight(
+    conf: Mapping[str, Any],
+    engine: Engine,
+    broker_url: str,
+    *,
+    concurrency: int,
+    sequences: Iterable[str] = (),
+    shard: Shard | None = None,
+) -> list[str]:
+    """Refuse to start (ConfigurationError listing every problem); return warnings."""
+    problems = check_celery_config(conf, concurrency)
+    try:
+        problems += check_database(engine) + check_ledgers(engine, sequences, shard)
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+    if problems:
+        listed = problems[0] if len(problems) == 1 else "\n  - " + "\n  - ".join(problems)
+        raise ConfigurationError(f"the worker refuses to start: {listed}")
+    if broker_url.startswith(("redis://", "rediss://")):
+        return check_redis(broker_url)
+    return []

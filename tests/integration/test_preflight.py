@@ -1,0 +1,105 @@
+"""The worker refuses to start when it could not keep its promise, and says why."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import sqlalchemy as sa
+from integration.stack import Stack
+from sqlalchemy.engine import make_url
+from test_queue import setup_sequences
+
+from numbering import create_engine
+from numbering.config.celery import celery_config
+from numbering.config.settings import Settings
+from numbering.routing import Shard
+from numbering.tasks.preflight import check_celery_config, check_database, check_ledgers
+
+
+def start_worker(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``numbering worker ARGS`` expecting it to refuse (it would run for ever)."""
+    return subprocess.run(
+        [sys.executable, "-m", "numbering", "worker", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: the worker refuses to start:"), done.stderr
+    for phrase in phrases:
+        assert phrase in done.stderr, done.stderr
+
+
+def test_refuses_a_database_that_may_forget_commits(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    database = make_url(stack.settings.database_url).database
+    admin = create_engine(stack.settings.database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'ALTER DATABASE "{database}" SET synchronous_commit = off')
+    admin.dispose()
+    assert_refused(start_worker(stack, "--sequence", "invoices"), "synchronous_commit=off")
+
+
+def test_refuses_a_counter_that_disagrees_with_its_ledger(stack: Stack) -> None:
+    allocator = setup_sequences(stack, "invoices", "orders")
+    allocator.next_values("invoices", 5)
+    allocator.next_values("orders", 3)
+    with allocator.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE numbering_sequence SET last_value = 7 WHERE name = 'invoices'")
+        )
+    expected = "'invoices': counter says last value 7 in cycle 0, ledger ends at 5 in cycle 0"
+    assert_refused(start_worker(stack, "--sequence", "invoices"), expected)
+    assert_refused(start_worker(stack, "--shard", "0/1"), expected)
+    # A worker for the healthy sequence alone starts.
+    worker = stack.worker("--sequence", "orders")
+    assert "refuses" not in worker.output()
+    assert "Redis keeps nothing on disk" in worker.output()  # this test Redis has no persistence
+
+
+def test_the_ledger_check_covers_every_sequence_of_a_shard(stack: Stack) -> None:
+    allocator = setup_sequences(stack, *(f"s{i}" for i in range(8)))
+    with allocator.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE numbering_sequence SET last_value = 1"))  # no ledger rows
+    engine = allocator.engine
+    covered: set[str] = set()
+    for shard in (Shard(i, 3) for i in range(3)):
+        named = {problem.split("'")[1] for problem in check_ledgers(engine, shard=shard)}
+        assert named == {f"s{i}" for i in range(8) if shard.serves(f"s{i}")}
+        covered |= named
+    assert covered == {f"s{i}" for i in range(8)}
+    [problem] = check_ledgers(engine, ["s0"])
+    assert problem.startswith("sequence 's0': counter says last value 1 in cycle 0, ledger ends")
+
+
+def test_the_shipped_celery_configuration_passes_and_each_weakening_is_named() -> None:
+    conf = celery_config(Settings())
+    assert check_celery_config(conf, 1) == []
+    weakened = {
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": False,
+        "worker_prefetch_multiplier": 4,
+        "task_time_limit": 900,
+    }
+    for setting, value in weakened.items():
+        problems = check_celery_config({**conf, setting: value}, 1)
+        [problem] = problems
+        assert setting in problem
+    assert "concurrency must be 1, not 4" in check_celery_config(conf, 4)
+    problems = check_celery_config({**conf, "task_soft_time_limit": 300}, 1)
+    assert problems == ["task_soft_time_limit (300) must be below task_time_limit (300)"]
+
+
+def test_sqlite_must_sync_every_commit(sqlite_url: str) -> None:
+    engine = create_engine(sqlite_url)
+    assert check_database(engine) == []
+    unsafe = sa.create_engine(sqlite_url)
+    sa.event.listen(unsafe, "connect", lambda dbapi, _: dbapi.execute("PRAGMA synchronous=NORMAL"))
+    [problem] = check_database(unsafe)
+    assert "synchronous=1" in problem
