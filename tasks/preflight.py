@@ -97,21 +97,29 @@ def check_ledgers(
     with the last block of their ledger. One index lookup per sequence; the full gapless
     check is ``numbering audit``."""
     wanted = set(names)
+    last_block = (
+        select(ledger.c.cycle, ledger.c.value + ledger.c.count - 1)
+        .where(ledger.c.sequence_id == sequences.c.id)
+        .order_by(desc(ledger.c.cycle), desc(ledger.c.value))
+        .limit(1)
+    )
+    # One statement, so counter and ledger are read in one snapshot while another
+    # worker (the active one, when this one starts as a standby) keeps assigning.
+    query = select(
+        sequences.c.name,
+        sequences.c.last_value,
+        sequences.c.cycle,
+        last_block.with_only_columns(ledger.c.cycle).scalar_subquery().label("ledger_cycle"),
+        last_block.with_only_columns(ledger.c.value + ledger.c.count - 1)
+        .scalar_subquery()
+        .label("ledger_end"),
+    )
     problems = []
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(sequences.c.id, sequences.c.name, sequences.c.last_value, sequences.c.cycle)
-        ).all()
-        for seq in rows:
+        for seq in conn.execute(query):
             if seq.name not in wanted and not (shard is not None and shard.serves(seq.name)):
                 continue
-            last_block = conn.execute(
-                select(ledger.c.cycle, (ledger.c.value + ledger.c.count - 1).label("end"))
-                .where(ledger.c.sequence_id == seq.id)
-                .order_by(desc(ledger.c.cycle), desc(ledger.c.value))
-                .limit(1)
-            ).first()
-            ledger_end = (last_block.end, last_block.cycle) if last_block else (None, 0)
+            ledger_end = (seq.ledger_end, seq.ledger_cycle or 0)
             if ledger_end != (seq.last_value, seq.cycle):
                 problems.append(
                     f"sequence {seq.name!r}: counter says last value {seq.last_value} in cycle "

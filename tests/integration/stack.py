@@ -9,21 +9,35 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from numbering import Client, Settings
+from history import OK, Op, check_history, load
+from ledger_check import check_gapless
+
+from numbering import Client, Settings, create_engine
 from numbering.config import ENV
 from numbering.routing import Shard, sequence_queue
 
-# A client process: take N numbers one at a time, print them as JSON.
+# A client process: take N numbers one at a time, recording each attempt (history.py);
+# resend the keys whose outcome was unknown; print the history as JSON.
 CLIENT_SCRIPT = """
 import json, sys
+sequence, prefix, count, timeout, tests = sys.argv[1:6]
+sys.path.insert(0, tests)
+from history import run_keys
 from numbering import Client
-sequence, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 client = Client.from_env()
-print(json.dumps([client.next_value(sequence, key=f"{prefix}:{i}") for i in range(count)]))
+history = run_keys(
+    sequence,
+    prefix,
+    [f"{prefix}:{i}" for i in range(int(count))],
+    lambda key: client.next_value(sequence, key=key, timeout=float(timeout)),
+)
+print(json.dumps([op.to_json() for op in history]))
 """
+TESTS = Path(__file__).resolve().parents[1]
 
 
 class ClientRun:
@@ -96,7 +110,14 @@ class Stack:
                 ENV["request_timeout"]: "60",
             }
         )
+        #: Seconds a client process waits for one answer before it records an unknown
+        #: outcome (and later resends the key).
+        self.op_timeout: float = 60
+        #: Every operation the client processes recorded (see history.py).
+        self.history: list[Op] = []
+        self._history_lock = threading.Lock()
         self.workers: list[Worker] = []
+        self.client_procs: list[subprocess.Popen[str]] = []
         self.clients: list[Client] = []
         #: Queues this stack's workers consumed (deleted afterwards on RabbitMQ).
         self.queues: set[str] = set()
@@ -133,10 +154,12 @@ class Stack:
         return client
 
     def client_processes(self, jobs: list[tuple[str, str, int]]) -> list[list[int]]:
-        """Run one client process per (sequence, key prefix, count), all at once."""
+        """Run one client process per (sequence, key prefix, count), all at once; return
+        each one's numbers in key order. Every attempt is added to :attr:`history`."""
+        timeout = str(self.op_timeout)
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", CLIENT_SCRIPT, sequence, prefix, str(count)],
+                [sys.executable, "-c", CLIENT_SCRIPT, sequence, prefix, str(count), timeout, TESTS],
                 env=self.env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -144,18 +167,52 @@ class Stack:
             )
             for sequence, prefix, count in jobs
         ]
+        self.client_procs.extend(procs)
         results = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
+        for proc, (_, prefix, count) in zip(procs, jobs, strict=True):
+            try:
+                out, err = proc.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # the others are killed by close()
+                raise
             assert proc.returncode == 0, err
-            results.append(json.loads(out))
+            ops = load(json.loads(out))
+            with self._history_lock:
+                self.history.extend(ops)
+            answers = {op.key: op.value for op in ops if op.type == OK}
+            unanswered = [f"{prefix}:{i}" for i in range(count) if f"{prefix}:{i}" not in answers]
+            assert not unanswered, f"keys never answered after the fault healed: {unanswered[:5]}"
+            results.append([answers[f"{prefix}:{i}"] for i in range(count)])
         return results
+
+    def check(
+        self, sequence: str, keys: Iterable[str], *, unrecorded: Iterable[str] = ()
+    ) -> dict[str, list[int]]:
+        """The gapless check of ``sequence`` (its ledger holds exactly ``keys``) and the
+        check of every recorded client operation on it against the ledger. ``unrecorded``:
+        keys among ``keys`` sent by other means than the client processes."""
+        engine = create_engine(self.settings.database_url)
+        try:
+            by_key = check_gapless(engine, sequence, keys=keys)
+        finally:
+            engine.dispose()
+        skip = set(unrecorded)
+        summary = check_history(
+            self.history,
+            sequence,
+            {key: values[0] for key, values in by_key.items() if key not in skip},
+        )
+        assert not summary.unresolved
+        return by_key
 
     def start_clients(self, jobs: list[tuple[str, str, int]]) -> ClientRun:
         """:meth:`client_processes` in the background, while a test injects faults."""
         return ClientRun(self, jobs)
 
     def close(self) -> None:
+        for proc in self.client_procs:
+            if proc.poll() is None:
+                proc.kill()
         for client in self.clients:
             client.close()
         for worker in self.workers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import sqlalchemy as sa
 from integration.stack import Stack
@@ -103,3 +104,67 @@ def test_sqlite_must_sync_every_commit(sqlite_url: str) -> None:
     sa.event.listen(unsafe, "connect", lambda dbapi, _: dbapi.execute("PRAGMA synchronous=NORMAL"))
     [problem] = check_database(unsafe)
     assert "synchronous=1" in problem
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
+
+
+def documented_grants(database: str, role: str) -> list[str]:
+    """The GRANT statements of docs/deployment.md, for ``database`` and ``role``."""
+    block = DOCS.read_text().split("```sql\n", 1)[1].split("```", 1)[0]
+    statements = [line.split("--")[0].strip() for line in block.splitlines()]
+    return [
+        s.replace("numbering_worker", role).replace("DATABASE app", f'DATABASE "{database}"')
+        for s in statements
+        if s.startswith("GRANT")
+    ]
+
+
+def test_workers_run_with_the_documented_least_privileges(stack: Stack) -> None:
+    """A role with exactly the grants docs/deployment.md lists runs a worker, serves
+    clients and numbers a table in bulk; the owner ran init-db and created the sequence."""
+    owner_url = make_url(stack.settings.database_url)
+    database = owner_url.database
+    assert database is not None
+    role = f"nw_{database[-12:]}".replace("-", "_")
+    admin = create_engine(stack.settings.database_url, isolation_level="AUTOCOMMIT")
+    setup_sequences(stack, "invoices")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql("CREATE TABLE invoices (id bigint PRIMARY KEY, number bigint)")
+        conn.exec_driver_sql("INSERT INTO invoices SELECT g, NULL FROM generate_series(1, 50) g")
+        for grant in documented_grants(database, role):
+            conn.exec_driver_sql(grant)
+    try:
+        stack.env["NUMBERING_DATABASE_URL"] = owner_url.set(username=role).render_as_string(
+            hide_password=False
+        )
+        stack.env["NUMBERING_BATCH_TABLES"] = "invoices"
+        stack.worker("--sequence", "invoices")
+        results = stack.client_processes([("invoices", "c", 30)])
+        assert results == [list(range(1, 31))]
+        batch = subprocess.run(
+            [sys.executable, "-m", "numbering", "batch", "invoices", "--table", "invoices"],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert batch.returncode == 0, batch.stderr
+        with admin.connect() as conn:
+            numbers = conn.exec_driver_sql("SELECT number FROM invoices ORDER BY id").scalars()
+            assert list(numbers) == list(range(31, 81))
+            denied = conn.exec_driver_sql(
+                f"SELECT has_table_privilege('{role}', 'numbering_ledger', 'DELETE'), "
+                f"has_table_privilege('{role}', 'numbering_ledger', 'UPDATE')"
+            ).one()
+            assert tuple(denied) == (False, False)  # the ledger is append-only for workers
+        batch_key = "batch:invoices.number:1"
+        stack.check("invoices", [*(f"c:{i}" for i in range(30)), batch_key], unrecorded=[batch_key])
+    finally:
+        stack.close()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+        admin.dispose()

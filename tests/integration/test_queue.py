@@ -45,10 +45,7 @@ def test_four_client_processes_on_one_sequence(stack: Stack) -> None:
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices")
     results = stack.client_processes([("invoices", f"c{c}", 250) for c in range(4)])
-    engine = create_engine(stack.settings.database_url)
-    by_key = check_gapless(
-        engine, "invoices", keys=[f"c{c}:{i}" for c in range(4) for i in range(250)]
-    )
+    by_key = stack.check("invoices", [f"c{c}:{i}" for c in range(4) for i in range(250)])
     assert sorted(v for values in results for v in values) == list(range(1, 1001))
     for c, values in enumerate(results):
         assert values == [by_key[f"c{c}:{i}"][0] for i in range(250)]
@@ -62,10 +59,9 @@ def test_two_sequences_on_two_workers(stack: Stack) -> None:
     jobs = [(seq, f"{seq}-{c}", 100) for seq in ("invoices", "credit-notes") for c in range(2)]
     results = stack.client_processes(jobs)
     assert_increasing(results)
-    engine = create_engine(stack.settings.database_url)
     for seq in ("invoices", "credit-notes"):
         keys = [f"{seq}-{c}:{i}" for c in range(2) for i in range(100)]
-        assert len(check_gapless(engine, seq, keys=keys)) == 200
+        assert len(stack.check(seq, keys)) == 200
 
 
 def test_sequences_on_shard_queues(stack: Stack) -> None:
@@ -77,10 +73,9 @@ def test_sequences_on_shard_queues(stack: Stack) -> None:
     stack.worker("--shard", "1/2")
     results = stack.client_processes([(name, f"{name}-c", 40) for name in names])
     assert_increasing(results)
-    engine = create_engine(stack.settings.database_url)
     for name, values in zip(names, results, strict=True):
         assert values == list(range(1, 41))
-        check_gapless(engine, name, keys=[f"{name}-c:{i}" for i in range(40)])
+        stack.check(name, [f"{name}-c:{i}" for i in range(40)])
 
 
 def publish(app: Celery, queue: str, reply_to: str, **kwargs: object) -> None:
@@ -192,8 +187,7 @@ def test_killed_worker_under_load_loses_nothing(stack: Stack) -> None:
     results = clients.wait()
     assert len(results) == 3
     assert_increasing(results)
-    keys = [f"c{c}:{i}" for c in range(3) for i in range(150)]
-    check_gapless(engine, "invoices", keys=keys)
+    stack.check("invoices", [f"c{c}:{i}" for c in range(3) for i in range(150)])
 
 
 def test_second_worker_waits_as_standby_and_takes_over(stack: Stack) -> None:
@@ -358,7 +352,7 @@ def test_sigterm_finishes_the_batch_in_hand(stack: Stack) -> None:
     stack.worker("--sequence", "invoices")
     results = clients.wait()
     assert_increasing(results)
-    check_gapless(engine, "invoices", keys=[f"c{c}:{i}" for c in range(2) for i in range(100)])
+    stack.check("invoices", [f"c{c}:{i}" for c in range(2) for i in range(100)])
 
 
 def test_worker_on_sqlite_with_a_file_lock(

@@ -27,7 +27,7 @@ def test_four_client_processes_on_one_sequence(amqp_stack: Stack) -> None:
     assert sorted(v for values in results for v in values) == list(range(1, 1001))
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(4) for i in range(250)]
-    check_gapless(create_engine(amqp_stack.settings.database_url), seq, keys=keys)
+    amqp_stack.check(seq, keys)
 
 
 def test_standby_consumer_takes_over_when_the_active_one_is_killed(amqp_stack: Stack) -> None:
@@ -60,7 +60,7 @@ def test_killed_worker_under_load_loses_nothing(amqp_stack: Stack) -> None:
     results = clients.wait()
     assert len(results) == 3
     assert_increasing(results)
-    check_gapless(engine, seq, keys=[f"c{c}:{i}" for c in range(3) for i in range(150)])
+    amqp_stack.check(seq, [f"c{c}:{i}" for c in range(3) for i in range(150)])
 
 
 def test_client_survives_fork_on_rabbitmq(amqp_stack: Stack) -> None:
