@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test unit lint typecheck services slow clean
+.PHONY: install demo test unit lint typecheck services slow bench clean
 
 $(BIN)/numbering: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
 install: $(BIN)/numbering ## Create .venv and install numbering with its test tools.
@@ -32,6 +32,9 @@ unit: install ## The tests that need no server.
 
 slow: install services ## The random fault soak, excluded from `make test` (prints its result).
 	$(BIN)/pytest -m slow -s
+
+bench: install services ## numbering against the alternatives; writes docs/benchmarks.md (~15 min).
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache numbering.db*

@@ -1,0 +1,569 @@
+"""numbering against the alternatives, side by side in one run: ``make bench``.
+
+Scenarios (issue 5): web requests on one hot sequence, bare enqueue-and-await, batch
+numbering of a table, many sequences over shards, and cost per number as the ledger
+grows. Requesters are separate processes (forked). Every ledger and documents table the
+run touched is audited at the end: a fast wrong answer fails the run.
+
+Writes a Markdown report with the figures and two PNG charts (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from benchmarks import systems
+from benchmarks.systems import Env, Op
+from numbering import Allocator, create_engine, init_db
+
+ROOT = Path(__file__).resolve().parents[1]
+CELERY_NOOP_WORKER = [
+    sys.executable, "-m", "celery", "-A", "benchmarks.noop", "worker", "-Q", "bench.noop",
+    "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+]  # fmt: skip
+WEB, BARE = "web", "bare"
+
+
+@dataclass
+class Point:
+    scenario: str
+    system: str
+    concurrency: int
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    ops: int
+    errors: int
+    total_ops: int
+
+
+@dataclass
+class Results:
+    points: list[Point] = field(default_factory=list)
+    batch: list[dict[str, Any]] = field(default_factory=list)
+    many: dict[str, Any] = field(default_factory=dict)
+    growth: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def point(self, scenario: str, system: str, concurrency: int) -> Point | None:
+        for p in self.points:
+            if (p.scenario, p.system, p.concurrency) == (scenario, system, concurrency):
+                return p
+        return None
+
+
+# -- requesters --------------------------------------------------------------------------------
+
+
+def _requester(
+    make_op: Callable[[], Op],
+    barrier: Any,
+    warmup: float,
+    duration: float,
+    out: Any,
+) -> None:
+    op = make_op()
+    barrier.wait()
+    t0 = time.time()
+    begin, end = t0 + warmup, t0 + warmup + duration
+    latencies: list[float] = []
+    done = errors = total = 0
+    i = 0
+    while True:
+        started = time.time()
+        if started >= end:
+            break
+        try:
+            op(i)
+            total += 1
+        except Exception as exc:  # counted and reported; a wrong number is caught by the audit
+            errors += 1
+            print(f"requester {os.getpid()}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finished = time.time()
+        i += 1
+        if begin <= finished < end:
+            done += 1
+            if started >= begin:
+                latencies.append(finished - started)
+    out.put((done, errors, total, latencies))
+
+
+def measure(
+    scenario: str,
+    system: str,
+    make_op: Callable[[], Op],
+    concurrency: int,
+    warmup: float,
+    duration: float,
+) -> Point:
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(concurrency)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_requester, args=(make_op, barrier, warmup, duration, out))
+        for _ in range(concurrency)
+    ]
+    for proc in procs:
+        proc.start()
+    collected = [out.get(timeout=warmup + duration + 300) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    done = sum(c[0] for c in collected)
+    errors = sum(c[1] for c in collected)
+    total = sum(c[2] for c in collected)
+    latencies = sorted(latency for c in collected for latency in c[3])
+    p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
+    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if len(latencies) >= 2 else p50
+    point = Point(scenario, system, concurrency, done / duration, p50, p99, done, errors, total)
+    print(
+        f"  {scenario:5} {system:22} x{concurrency:<3} {point.throughput:9.0f}/s  "
+        f"p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  errors {errors}",
+        flush=True,
+    )
+    return point
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def process(args: list[str], env: dict[str, str], log: Path, ready: str) -> Iterator[None]:
+    handle = log.open("w")
+    proc = subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while ready not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{' '.join(args[:4])} did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        handle.close()
+
+
+def numbering_env(env: Env, broker: str, **extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NUMBERING_")}
+    base.update(
+        NUMBERING_DATABASE_URL=env.database_url,
+        NUMBERING_BROKER_URL=broker,
+        NUMBERING_RESULT_BACKEND=env.redis_replies,
+        **extra,
+    )
+    return base
+
+
+def worker(env: Env, broker: str, args: list[str], log: Path, **extra: str) -> Any:
+    ready = "single-active-consumer decides" if broker.startswith("amqp") else "active consumer"
+    return process(
+        [sys.executable, "-m", "numbering", "worker", *args],
+        numbering_env(env, broker, **extra),
+        log,
+        ready,
+    )
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+def prepare_database(admin_url: str, database: str) -> str:
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        conn.exec_driver_sql(f'CREATE DATABASE "{database}"')
+    admin.dispose()
+    url = make_url(admin_url).set(database=database).render_as_string(hide_password=False)
+    engine = create_engine(url)
+    init_db(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE bench_counter (name text PRIMARY KEY, last bigint NOT NULL)"
+        )
+        conn.exec_driver_sql("CREATE SEQUENCE bench_nextval")
+    engine.dispose()
+    return url
+
+
+def web_and_bare(
+    env: Env, results: Results, args: argparse.Namespace, logs: Path, allocator: Allocator
+) -> None:
+    engine = allocator.engine
+    brokers = [("redis", env.redis_broker)]
+    if "amqp" in args.brokers:
+        brokers.append(("rabbitmq", env.amqp_broker))
+    names = [f"{s}-{b}" for s in (WEB, BARE) for b, _ in brokers]
+    for name in names:
+        allocator.create_sequence(name)
+    with engine.begin() as conn:
+        for name in ("django-web", "forupdate-web", *names):
+            conn.exec_driver_sql(systems.documents_table(f"docs_{name.replace('-', '_')}"))
+        conn.exec_driver_sql("INSERT INTO bench_counter VALUES ('forupdate-web', 0)")
+    engine.dispose()
+
+    with contextlib.ExitStack() as stack:
+        for broker_name, url in brokers:
+            stack.enter_context(
+                worker(
+                    env,
+                    url,
+                    ["--sequence", f"{WEB}-{broker_name}", "--sequence", f"{BARE}-{broker_name}"],
+                    logs / f"worker-{broker_name}.log",
+                )
+            )
+        if BARE in args.scenarios:
+            celery_env = {
+                **os.environ,
+                "BENCH_CELERY_BROKER": env.celery_broker,
+                "BENCH_CELERY_BACKEND": env.celery_backend,
+                "PYTHONPATH": str(ROOT),
+            }
+            stack.enter_context(
+                process(
+                    CELERY_NOOP_WORKER,
+                    celery_env,
+                    logs / "celery-noop.log",
+                    "ready.",
+                )
+            )
+        for scenario in (WEB, BARE):
+            if scenario not in args.scenarios:
+                continue
+            web = scenario == WEB
+            print(f"{scenario} scenario", flush=True)
+            for concurrency in args.concurrency:
+                candidates: list[tuple[str, Callable[[], Op]]] = [
+                    (
+                        f"numbering ({b})",
+                        lambda u=u, b=b, web=web, sc=scenario: systems.numbering_op(
+                            env, u, f"{sc}-{b}", web, None
+                        ),
+                    )
+                    for b, u in brokers
+                ]
+                candidates.append(
+                    (
+                        "django-sequences",
+                        lambda web=web: systems.django_sequences_op(
+                            "django-web" if web else "django-bare", web
+                        ),
+                    )
+                )
+                if web:
+                    candidates.append(
+                        (
+                            "SELECT FOR UPDATE",
+                            lambda: systems.for_update_op(env, "forupdate-web", True),
+                        )
+                    )
+                else:
+                    candidates.append(
+                        ("Celery no-op round trip", lambda: systems.celery_noop_op(env))
+                    )
+                    candidates.append(("nextval (not gapless)", lambda: systems.nextval_op(env)))
+                for system, make_op in candidates:
+                    results.points.append(
+                        measure(scenario, system, make_op, concurrency, args.warmup, args.duration)
+                    )
+
+
+def many_sequences(env: Env, results: Results, args: argparse.Namespace, logs: Path) -> None:
+    shards, count, concurrency = 8, args.many_sequences, args.many_concurrency
+    names = [f"many-{i:03d}" for i in range(count)]
+    allocator = Allocator(env.database_url)
+    for name in names:
+        allocator.create_sequence(name)
+    allocator.close()
+    print(f"many sequences: {count} sequences over {shards} shards", flush=True)
+    with contextlib.ExitStack() as stack:
+        for i in range(shards):
+            stack.enter_context(
+                worker(
+                    env,
+                    env.redis_broker,
+                    ["--shard", f"{i}/{shards}"],
+                    logs / f"worker-shard{i}.log",
+                    NUMBERING_SHARDS=str(shards),
+                )
+            )
+        point = measure(
+            "many",
+            f"numbering ({count} sequences)",
+            lambda: systems.many_sequences_op(env, names, shards),
+            concurrency,
+            args.warmup,
+            args.duration,
+        )
+    results.points.append(point)
+    results.many = {"sequences": count, "shards": shards, "concurrency": concurrency}
+
+
+def _timed(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Run ``args`` under /usr/bin/time; (seconds, peak RSS in KiB, stderr)."""
+    started = time.monotonic()
+    done = subprocess.run(
+        ["/usr/bin/time", "-f", "peak-rss-kib %M", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:5])} failed:\n{done.stderr}")
+    peak = int(done.stderr.rsplit("peak-rss-kib ", 1)[1].split()[0])
+    return elapsed, peak, done.stderr
+
+
+CEILING = """
+import sys, psycopg2
+conn = psycopg2.connect(sys.argv[1])
+table, chunk = sys.argv[2], int(sys.argv[3])
+base = 0
+while True:
+    with conn, conn.cursor() as cur:
+        cur.execute(f'''
+            WITH c AS (SELECT id FROM {table} WHERE number IS NULL ORDER BY id LIMIT %s FOR UPDATE)
+            UPDATE {table} t SET number = %s + r.n
+              FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM c) r
+             WHERE t.id = r.id''', (chunk, base))
+        if cur.rowcount == 0:
+            break
+        base += cur.rowcount
+"""
+
+
+def batch(env: Env, results: Results, args: argparse.Namespace) -> None:
+    engine = create_engine(env.database_url)
+    sizes = sorted({max(args.batch_rows // 10, 1000), args.batch_rows})
+    for rows in sizes:
+        print(f"batch: {rows:,} rows", flush=True)
+        tables = {"numbering": f"batch_nb_{rows}", "ceiling": f"batch_ceiling_{rows}"}
+        with engine.begin() as conn:
+            for table in tables.values():
+                conn.exec_driver_sql(f"CREATE TABLE {table} (id bigint PRIMARY KEY, number bigint)")
+                conn.exec_driver_sql(
+                    f"INSERT INTO {table} SELECT g, NULL FROM generate_series(1, {rows}) g"
+                )
+                # What a user numbering a big table would add, for both contenders alike.
+                conn.exec_driver_sql(f"CREATE INDEX ON {table} (id) WHERE number IS NULL")
+                conn.exec_driver_sql(f"ANALYZE {table}")
+        Allocator(engine).create_sequence(f"batch-{rows}")
+        nb_env = numbering_env(env, env.redis_broker, NUMBERING_BATCH_TABLES=tables["numbering"])
+        batch_args = ["batch", f"batch-{rows}", "--table", tables["numbering"]]
+        seconds, peak, _ = _timed(
+            [sys.executable, "-m", "numbering", *batch_args, "--chunk-size", str(args.chunk_size)],
+            nb_env,
+        )
+        libpq_url = make_url(env.database_url).set(drivername="postgresql")
+        ceiling_seconds, ceiling_peak, _ = _timed(
+            [
+                sys.executable,
+                "-c",
+                CEILING,
+                libpq_url.render_as_string(hide_password=False),
+                tables["ceiling"],
+                str(args.chunk_size),
+            ],
+            dict(os.environ),
+        )
+        with engine.connect() as conn:
+            for table in tables.values():
+                count, distinct, low, high = conn.execute(
+                    sa.text(
+                        f"SELECT count(number), count(DISTINCT number), min(number), "
+                        f"max(number) FROM {table}"
+                    )
+                ).one()
+                if not (count == distinct == rows and low == 1 and high == rows):
+                    results.failures.append(f"{table}: numbers are not exactly 1..{rows}")
+        entry = {
+            "rows": rows,
+            "numbering_rows_s": rows / seconds,
+            "numbering_peak_mib": peak / 1024,
+            "ceiling_rows_s": rows / ceiling_seconds,
+            "ceiling_peak_mib": ceiling_peak / 1024,
+        }
+        results.batch.append(entry)
+        print(
+            f"  numbering batch {entry['numbering_rows_s']:,.0f} rows/s "
+            f"(peak {entry['numbering_peak_mib']:.0f} MiB); set-based UPDATE ceiling "
+            f"{entry['ceiling_rows_s']:,.0f} rows/s",
+            flush=True,
+        )
+    engine.dispose()
+
+
+def growth(env: Env, results: Results, args: argparse.Namespace) -> None:
+    """Cost per number (numbering's own transaction, in process) before and after the
+    ledger gains ``--growth-rows`` rows."""
+    allocator = Allocator(env.database_url)
+    allocator.create_sequence("growth")
+    allocator.create_sequence("growth-filler")
+
+    def cost() -> float:
+        n = args.growth_numbers
+        for _ in range(50):  # warm the pool and the caches
+            allocator.next_value("growth")
+        started = time.perf_counter()
+        for _ in range(n):
+            allocator.next_value("growth")
+        return (time.perf_counter() - started) / n * 1000
+
+    def ledger_rows() -> int:
+        with allocator.engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM numbering_ledger").scalar_one())
+
+    before_rows, before = ledger_rows(), cost()
+    print(f"growth: filling the ledger with {args.growth_rows:,} rows", flush=True)
+    started = time.monotonic()
+    with allocator.engine.begin() as conn:
+        filler = conn.exec_driver_sql(
+            "SELECT id FROM numbering_sequence WHERE name = 'growth-filler'"
+        ).scalar_one()
+        conn.exec_driver_sql(
+            "INSERT INTO numbering_ledger (sequence_id, cycle, value, count, request_key, status, "
+            "assigned_at) SELECT %(id)s, 0, g, 1, 'filler:' || g, 'assigned', now() "
+            "FROM generate_series(1, %(n)s) g",
+            {"id": filler, "n": args.growth_rows},
+        )
+        conn.exec_driver_sql(
+            "UPDATE numbering_sequence SET last_value = %(n)s WHERE id = %(id)s",
+            {"id": filler, "n": args.growth_rows},
+        )
+        conn.exec_driver_sql("ANALYZE numbering_ledger")
+    print(f"  filled in {time.monotonic() - started:.0f} s", flush=True)
+    after_rows, after = ledger_rows(), cost()
+    results.growth = [
+        {"ledger_rows": before_rows, "ms_per_number": before},
+        {"ledger_rows": after_rows, "ms_per_number": after},
+    ]
+    print(
+        f"  {before:.2f} ms/number at {before_rows:,} ledger rows, {after:.2f} ms at "
+        f"{after_rows:,}",
+        flush=True,
+    )
+    allocator.close()
+
+
+def audit(env: Env, results: Results, args: argparse.Namespace) -> None:
+    allocator = Allocator(env.database_url)
+    for report in allocator.audit():
+        line = f"{report.sequence}: {'ok' if report.ok else 'PROBLEMS'}, {report.values:,} values"
+        results.audit.append(line)
+        if not report.ok:
+            results.failures.append(f"ledger {report.sequence}: {report.problems[:3]}")
+    allocator.close()
+    for name in ("django-web", "forupdate-web", f"{WEB}-redis", f"{WEB}-rabbitmq"):
+        with contextlib.suppress(sa.exc.ProgrammingError):
+            count, ok = systems.gapless_documents(env.database_url, name)
+            results.audit.append(f"documents of {name}: {'ok' if ok else 'PROBLEMS'}, {count:,}")
+            if not ok:
+                results.failures.append(f"documents of {name} are not numbered 1..N")
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def write_report(results: Results, args: argparse.Namespace, output: Path) -> None:
+    from benchmarks.report import render
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render(results, args, machine(), output))
+    print(f"wrote {output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1/postgres")
+    parser.add_argument("--database", default="numbering_bench")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
+    parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument("--scenarios", default="web,bare,batch,many,growth")
+    parser.add_argument("--brokers", default="redis,amqp")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per point")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--batch-rows", type=int, default=1_000_000)
+    parser.add_argument("--chunk-size", type=int, default=10_000)
+    parser.add_argument("--many-sequences", type=int, default=100)
+    parser.add_argument("--many-concurrency", type=int, default=16)
+    parser.add_argument("--growth-rows", type=int, default=10_000_000)
+    parser.add_argument("--growth-numbers", type=int, default=2000)
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, to check the harness (CI)"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.duration, args.warmup = "1,2", 0.5, 0.2
+        args.batch_rows, args.chunk_size, args.many_sequences = 3000, 1000, 10
+        args.many_concurrency, args.growth_rows, args.growth_numbers = 2, 2000, 50
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
+    args.scenarios = set(args.scenarios.split(","))
+    args.brokers = set(args.brokers.split(","))
+
+    logs = Path(os.environ.get("BENCH_LOGS", "/tmp/numbering-bench"))
+    logs.mkdir(parents=True, exist_ok=True)
+    url = prepare_database(args.admin_url, args.database)
+    dbs = [f"{args.redis}/{n}" for n in (10, 11, 12, 13)]
+    for db in dbs:
+        redis.Redis.from_url(db).flushdb()
+    env = Env(url, dbs[0], dbs[1], args.amqp, dbs[2], dbs[3])
+    systems.setup_django(url)
+    results = Results()
+    started = time.monotonic()
+    if args.scenarios & {WEB, BARE}:
+        web_and_bare(env, results, args, logs, Allocator(url))
+    if "many" in args.scenarios:
+        many_sequences(env, results, args, logs)
+    if "batch" in args.scenarios:
+        batch(env, results, args)
+    if "growth" in args.scenarios:
+        growth(env, results, args)
+    audit(env, results, args)
+    results_seconds = time.monotonic() - started
+    print(f"benchmark ran {results_seconds:.0f} s; peak RSS of the driver "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")  # fmt: skip
+    for line in results.audit:
+        print(f"  audit: {line}")
+    write_report(results, args, args.output)
+    if results.failures:
+        for failure in results.failures:
+            print(f"FAILED: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The benchmark harness, at smoke size: every scenario runs, audits and reports.
+
+Figures at this size mean nothing; this only keeps `make bench` from rotting.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import ADMIN_URL, _admin
+
+pytestmark = pytest.mark.acceptance
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
+    database = f"numbering_bench_smoke_{os.getpid()}"
+    output = tmp_path / "benchmarks.md"
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.run",
+                "--smoke",
+                "--admin-url",
+                ADMIN_URL,
+                "--database",
+                database,
+                "--output",
+                str(output),
+            ],
+            cwd=ROOT,
+            env={**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        with _admin().connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = output.read_text()
+    for heading in (
+        "## Targets",
+        "## Web requests",
+        "## Bare enqueue-and-await",
+        "## Many sequences",
+        "## Batch numbering",
+        "## Growth",
+    ):
+        assert heading in report
+    for system in (
+        "numbering (redis)",
+        "numbering (rabbitmq)",
+        "django-sequences",
+        "SELECT FOR UPDATE",
+        "Celery no-op round trip",
+        "nextval",
+    ):
+        assert f"| {system}" in report
+    assert "Result: every ledger gapless." in report
+    assert (tmp_path / "benchmarks-web.png").stat().st_size > 10_000
+    assert (tmp_path / "benchmarks-bare.png").stat().st_size > 10_000
