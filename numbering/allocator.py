@@ -19,10 +19,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any, NamedTuple, overload
 
 from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -32,8 +34,10 @@ from numbering.errors import (
     KeyReusedError,
     NumberingError,
     SequenceExhaustedError,
+    SequenceFrozenError,
     SequenceNotFoundError,
 )
+from numbering.policies import document_date, period_key, period_name, render
 from numbering.schema import STATUS_ASSIGNED, ledger, sequences
 from numbering.validation import (
     MAX_INT64,
@@ -63,11 +67,16 @@ class Request:
     key: str
     count: int = 1
     reference: Any = None
+    #: The document's date (ISO ``YYYY-MM-DD``): picks the period of a periodic sequence
+    #: and the date parts of a format. None: today in the sequence's time zone.
+    date: str | None = None
 
     def __post_init__(self) -> None:
         check_key(self.key)
         check_count(self.count)
         check_reference(self.reference)
+        if self.date is not None:
+            document_date(self.date, None)  # validates; the zone matters only for None
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,10 @@ class Assignment:
     cycle: int
     #: True when the key already had this block (the request was a resend).
     resent: bool = False
+    #: The first value in the sequence's display format (None without a format).
+    formatted: str | None = None
+    #: The period (``2026``, ``2026-03``, ...) of a periodic sequence, else None.
+    period: str | None = None
 
     @property
     def values(self) -> range:
@@ -102,6 +115,9 @@ class _Prior(NamedTuple):
     cycle: int
     value: int
     size: int
+    parent_id: int | None = None
+    formatted: str | None = None
+    period: str | None = None
 
 
 def assign(
@@ -132,21 +148,44 @@ def _lock(bind: Bind, name: str, nowait: bool) -> Any:
         bind.execute(
             update(sequences).where(sequences.c.name == name).values(cycle=sequences.c.cycle)
         )
-    row = bind.execute(
-        select(
-            sequences.c.id,
-            sequences.c.initial_value,
-            sequences.c.reset_value,
-            sequences.c.max_value,
-            sequences.c.last_value,
-            sequences.c.cycle,
-        )
-        .where(sequences.c.name == name)
-        .with_for_update(nowait=nowait)
-    ).one_or_none()
+    row = _locked_row(bind, name, nowait)
     if row is None:
         raise SequenceNotFoundError(name)
     return row
+
+
+def _locked_row(bind: Bind, name: str, nowait: bool) -> Any:
+    return bind.execute(
+        select(sequences).where(sequences.c.name == name).with_for_update(nowait=nowait)
+    ).one_or_none()
+
+
+def _period_counter(bind: Bind, parent: Any, key: str, nowait: bool, *, frozen: bool) -> Any:
+    """Lock the counter of ``parent``'s period ``key``; create it on first use.
+
+    Race-free: the parent row is locked first by everyone who assigns from it, and the
+    insert does nothing if the row exists (a direct writer may have made it meanwhile).
+    """
+    name = period_name(parent.name, key)
+    row = _locked_row(bind, name, nowait)
+    if row is not None:
+        return row
+    now = datetime.now(timezone.utc)
+    values = {
+        "name": name,
+        "initial_value": parent.initial_value,
+        "reset_value": parent.reset_value,
+        "max_value": parent.max_value,
+        "cycle": 0,
+        "created_at": now,
+        "updated_at": now,
+        "frozen": frozen,
+        "parent_id": parent.id,
+        "period_key": key,
+    }
+    dialect = sqlite_insert if is_sqlite(bind) else pg_insert
+    bind.execute(dialect(sequences).values(values).on_conflict_do_nothing())
+    return _lock(bind, name, nowait)
 
 
 def _next_block(name: str, seq: Any, last: int | None, cycle: int, count: int) -> tuple[int, int]:
@@ -175,70 +214,123 @@ def _next_block(name: str, seq: Any, last: int | None, cycle: int, count: int) -
 
 def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) -> list[Outcome]:
     seq = _lock(bind, name, nowait)
-    keys = {request.key for request in requests}
-    prior = {
-        row.request_key: _Prior(row.sequence_id, row.cycle, row.value, row.block_count)
-        for row in bind.execute(
-            select(
-                ledger.c.request_key,
-                ledger.c.sequence_id,
-                ledger.c.cycle,
-                ledger.c.value,
-                ledger.c.count.label("block_count"),  # Row.count is tuple.count
-            ).where(ledger.c.request_key.in_(keys))
-        )
-    }
-
-    now = datetime.now(timezone.utc)
-    last: int | None = seq.last_value
-    cycle: int = seq.cycle
-    outcomes: list[Outcome] = []
-    rows: list[dict[str, Any]] = []
-    for request in requests:
+    prior = _look_up(bind, {request.key for request in requests})
+    outcomes: dict[int, Outcome] = {}
+    # Requests grouped by the counter they draw from: the sequence, or one of its periods.
+    groups: dict[str | None, list[tuple[int, Request, date]]] = {}
+    first_copy: dict[str, int] = {}  # a key sent twice in one batch: the later copy waits
+    copies: dict[int, int] = {}
+    for index, request in enumerate(requests):
         known = prior.get(request.key)
         if known is not None:
-            outcomes.append(_resend(name, seq.id, request, known))
+            outcomes[index] = _resend(name, seq.id, request, known)
+            continue
+        if request.key in first_copy:
+            copies[index] = first_copy[request.key]
+            continue
+        first_copy[request.key] = index
+        if seq.frozen:
+            outcomes[index] = SequenceFrozenError(name)
             continue
         try:
-            first, cycle = _next_block(name, seq, last, cycle, request.count)
+            day = document_date(request.date, seq.timezone)
         except NumberingError as error:
-            outcomes.append(error)
+            outcomes[index] = error
             continue
-        last = first + request.count - 1
-        prior[request.key] = _Prior(seq.id, cycle, first, request.count)
-        outcomes.append(Assignment(name, request.key, first, request.count, cycle))
-        rows.append(
-            {
-                "sequence_id": seq.id,
-                "cycle": cycle,
-                "value": first,
-                "count": request.count,
-                "request_key": request.key,
-                "reference": request.reference,
-                "status": STATUS_ASSIGNED,
-                "assigned_at": now,
-            }
-        )
+        key = period_key(seq.period, day) if seq.period else None
+        groups.setdefault(key, []).append((index, request, day))
 
+    now = datetime.now(timezone.utc)
+    rows: list[dict[str, Any]] = []
+    for key in sorted(groups, key=lambda k: k or ""):  # one lock order for everyone
+        counter = seq if key is None else _period_counter(bind, seq, key, nowait, frozen=False)
+        if counter.frozen:
+            for index, _, _ in groups[key]:
+                outcomes[index] = SequenceFrozenError(counter.name)
+            continue
+        last: int | None = counter.last_value
+        cycle: int = counter.cycle
+        for index, request, day in groups[key]:
+            try:
+                first, cycle = _next_block(counter.name, counter, last, cycle, request.count)
+            except NumberingError as error:
+                outcomes[index] = error
+                continue
+            last = first + request.count - 1
+            formatted = render(seq.format, first, day, key) if seq.format else None
+            outcomes[index] = Assignment(
+                name, request.key, first, request.count, cycle, False, formatted, key
+            )
+            rows.append(
+                {
+                    "sequence_id": counter.id,
+                    "cycle": cycle,
+                    "value": first,
+                    "count": request.count,
+                    "request_key": request.key,
+                    "reference": request.reference,
+                    "status": STATUS_ASSIGNED,
+                    "assigned_at": now,
+                    "formatted": formatted,
+                }
+            )
+        if last != counter.last_value or cycle != counter.cycle:
+            bind.execute(
+                update(sequences)
+                .where(sequences.c.id == counter.id)
+                .values(last_value=last, cycle=cycle, updated_at=now)
+            )
     if rows:
-        bind.execute(
-            update(sequences)
-            .where(sequences.c.id == seq.id)
-            .values(last_value=last, cycle=cycle, updated_at=now)
-        )
         bind.execute(insert(ledger), rows)
-    return outcomes
+    for index, original in copies.items():
+        outcome = outcomes[original]
+        if isinstance(outcome, Assignment):
+            known = _Prior(
+                seq.id, outcome.cycle, outcome.value, outcome.count, None,
+                outcome.formatted, outcome.period,
+            )  # fmt: skip
+            outcome = _resend(name, seq.id, requests[index], known)
+        outcomes[index] = outcome
+    return [outcomes[index] for index in range(len(requests))]
+
+
+def _look_up(bind: Bind, keys: set[str]) -> dict[str, _Prior]:
+    """The assignments the ledger already holds for ``keys``."""
+    query = (
+        select(
+            ledger.c.request_key,
+            ledger.c.sequence_id,
+            ledger.c.cycle,
+            ledger.c.value,
+            ledger.c.count.label("block_count"),  # Row.count is tuple.count
+            sequences.c.parent_id,
+            ledger.c.formatted,
+            sequences.c.period_key,
+        )
+        .join(sequences, sequences.c.id == ledger.c.sequence_id)
+        .where(ledger.c.request_key.in_(keys))
+    )
+    return {row.request_key: _Prior(*row[1:]) for row in bind.execute(query)}
 
 
 def _resend(name: str, sequence_id: int, request: Request, known: _Prior) -> Outcome:
-    if known.sequence_id != sequence_id:
+    if sequence_id not in (known.sequence_id, known.parent_id):
         return KeyReusedError(request.key, "is already used on another sequence")
     if known.size != request.count:
         return KeyReusedError(
             request.key,
             f"was already used for a block of {known.size} value(s), not {request.count}",
         )
-    return Assignment(name, request.key, known.value, known.size, known.cycle, resent=True)
+    return Assignment(
+        name,
+        request.key,
+        known.value,
+        known.size,
+        known.cycle,
+        resent=True,
+        formatted=known.formatted,
+        period=known.period,
+    )
 
 
 @overload

@@ -168,6 +168,20 @@ def sequence() -> None:
 )
 @click.option("--max-value", type=int, help="Stop with 'sequence exhausted' past this value.")
 @click.option("--exist-ok", is_flag=True, help="Succeed if it exists with the same definition.")
+@click.option(
+    "--format", "format_", metavar="FORMAT", help="Display format, e.g. INV-{year}-{number:06d}."
+)
+@click.option(
+    "--period",
+    type=click.Choice(["year", "month", "day"]),
+    help="Restart numbering every year, month or day (of each request's document date).",
+)
+@click.option("--timezone", metavar="ZONE", help="Time zone of 'today' (IANA name; default UTC).")
+@click.option(
+    "--start-after",
+    metavar="TABLE.COLUMN",
+    help="Import: start after the highest number in TABLE.COLUMN (in NUMBERING_BATCH_TABLES).",
+)
 @click.pass_context
 def sequence_create(
     ctx: click.Context,
@@ -176,31 +190,64 @@ def sequence_create(
     reset_value: int | None,
     max_value: int | None,
     exist_ok: bool,
+    format_: str | None,
+    period: str | None,
+    timezone: str | None,
+    start_after: str | None,
 ) -> None:
-    """Create sequence NAME."""
+    """Create sequence NAME.
+
+    \b
+    Examples:
+      numbering sequence create invoices --format 'INV-{year}-{number:06d}' --period year
+      numbering sequence create orders --start-after orders.number
+    """
+    source = None
+    if start_after is not None:
+        table, dot, column = start_after.rpartition(".")
+        if not dot or not table or not column:
+            _fail(f"--start-after takes TABLE.COLUMN, not {start_after!r}")
+        source = (table, column)
     info = _allocator(ctx).create_sequence(
         name,
         initial_value=initial_value,
         reset_value=reset_value,
         max_value=max_value,
         exist_ok=exist_ok,
+        format=format_,
+        period=period,
+        timezone=timezone,
+        start_after=source,
+        allowed_tables=_settings(ctx).batch_tables,
     )
-    click.echo(f"sequence {info.name!r} ready; next value {info.next_value}")
+    preview = info.preview()
+    shown = f"{info.next_value}" + (f" ({preview})" if preview else "")
+    click.echo(f"sequence {info.name!r} ready; next value {shown}")
 
 
 @sequence.command("show")
 @click.argument("name")
+@click.option("--period", help="Show one period's counter (2026, 2026-03, 2026-03-07).")
+@click.option("--date", "day", metavar="YYYY-MM-DD", help="Preview the next number for this date.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def sequence_show(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Show sequence NAME: its definition, last value and next value."""
-    info = _allocator(ctx).sequence(name)
+def sequence_show(
+    ctx: click.Context, name: str, period: str | None, day: str | None, as_json: bool
+) -> None:
+    """Show sequence NAME: its definition, last value, next value and a preview of the
+    next formatted number (nothing is reserved)."""
+    allocator = _allocator(ctx)
+    info = allocator.sequence(name, period)
     shown = _describe(info)
+    if period is None:
+        shown["next_formatted"] = allocator.preview(name, day)
+    else:
+        shown["next_formatted"] = info.preview(day)
     if as_json:
         click.echo(json.dumps(shown, indent=2))
         return
     for field, value in shown.items():
-        click.echo(f"{field + ':':<15}{'-' if value is None else value}")
+        click.echo(f"{field + ':':<16}{'-' if value is None else value}")
 
 
 def _describe(info: SequenceInfo) -> dict[str, Any]:
@@ -212,9 +259,66 @@ def _describe(info: SequenceInfo) -> dict[str, Any]:
         "last_value": info.last_value,
         "next_value": info.next_value,
         "cycle": info.cycle,
+        "format": info.format,
+        "period": info.period,
+        "period_key": info.period_key,
+        "timezone": info.timezone,
+        "frozen": info.frozen,
         "created_at": info.created_at.isoformat(),
         "updated_at": info.updated_at.isoformat(),
     }
+
+
+@sequence.command("freeze")
+@click.argument("name")
+@click.option("--period", help="Freeze one period only (year-end close: --period 2025).")
+@click.pass_context
+def sequence_freeze(ctx: click.Context, name: str, period: str | None) -> None:
+    """Refuse new numbers from NAME (or one of its periods) until it is unfrozen.
+
+    Requests are answered with a 'frozen' error and nothing is assigned; numbers already
+    given stay as they are, and resent requests still get them."""
+    info = _allocator(ctx).freeze(name, period)
+    click.echo(f"sequence {info.name!r} frozen")
+
+
+@sequence.command("unfreeze")
+@click.argument("name")
+@click.option("--period", help="Unfreeze one period only.")
+@click.pass_context
+def sequence_unfreeze(ctx: click.Context, name: str, period: str | None) -> None:
+    """Accept requests on NAME (or one of its periods) again."""
+    info = _allocator(ctx).unfreeze(name, period)
+    click.echo(f"sequence {info.name!r} unfrozen; next value {info.next_value}")
+
+
+@main.command("void")
+@click.argument("name")
+@click.option("--key", help="Void the assignment of this request key.")
+@click.option("--value", type=int, help="Void this number.")
+@click.option("--period", help="The period of --value, for a periodic sequence.")
+@click.option("--cycle", type=int, help="The cycle of --value (default: the current one).")
+@click.option("--reason", required=True, help="Why (kept in the ledger for auditors).")
+@click.pass_context
+def void(
+    ctx: click.Context,
+    name: str,
+    key: str | None,
+    value: int | None,
+    period: str | None,
+    cycle: int | None,
+    reason: str,
+) -> None:
+    """Void a number of sequence NAME, by --key or --value, with a --reason.
+
+    The number stays in the ledger, marked voided with the reason and time; it is never
+    given again and never deleted. `numbering audit` counts it and `numbering export`
+    lists it."""
+    done = _allocator(ctx).void(
+        name, reason=reason, key=key, value=value, period=period, cycle=cycle
+    )
+    values = f"{done.value}" if done.count == 1 else f"{done.value}..{done.value + done.count - 1}"
+    click.echo(f"voided {values} of {done.sequence!r} (key {done.key!r}): {done.reason}")
 
 
 @sequence.command("list")
@@ -250,6 +354,7 @@ def sequence_list(ctx: click.Context) -> None:
     is_flag=True,
     help="Assign in the database from this process instead of through the queue.",
 )
+@click.option("--date", "day", metavar="YYYY-MM-DD", help="The document's date (default: today).")
 @click.option("--json", "as_json", is_flag=True, help="Print the assignment as JSON.")
 @click.pass_context
 def next_(
@@ -260,13 +365,15 @@ def next_(
     reference: str | None,
     timeout: float | None,
     direct: bool,
+    day: str | None,
     as_json: bool,
 ) -> None:
     """Take the next value (or COUNT values) of sequence NAME.
 
     The request goes through the sequence's queue to its worker (start one with
     `numbering worker --sequence NAME`), or with --direct straight to the database.
-    Prints the value, or FIRST..LAST for a block.
+    Prints the value, or FIRST..LAST for a block, then the formatted number if the
+    sequence has a format.
     """
     note = None
     if reference is not None:
@@ -275,13 +382,17 @@ def next_(
         except json.JSONDecodeError as exc:
             _fail(f"--reference is not valid JSON: {exc}")
     if direct:
-        assignment = _allocator(ctx).next_block(name, count=count, key=key, reference=note)
+        assignment = _allocator(ctx).next_block(
+            name, count=count, key=key, reference=note, date=day
+        )
     else:
         from numbering.client import Client
 
         client = Client.from_settings(_settings(ctx))
         ctx.call_on_close(client.close)
-        assignment = client.next_block(name, count=count, key=key, reference=note, timeout=timeout)
+        assignment = client.next_block(
+            name, count=count, key=key, reference=note, timeout=timeout, date=day
+        )
     if as_json:
         click.echo(
             json.dumps(
@@ -293,13 +404,16 @@ def next_(
                     "count": assignment.count,
                     "cycle": assignment.cycle,
                     "resent": assignment.resent,
+                    "formatted": assignment.formatted,
+                    "period": assignment.period,
                 }
             )
         )
-    elif assignment.count == 1:
-        click.echo(assignment.value)
-    else:
-        click.echo(f"{assignment.value}..{assignment.last}")
+        return
+    shown = (
+        str(assignment.value) if assignment.count == 1 else f"{assignment.value}..{assignment.last}"
+    )
+    click.echo(shown if assignment.formatted is None else f"{shown} {assignment.formatted}")
 
 
 @main.command("worker")

@@ -23,6 +23,7 @@ first use and never touches its parent's.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -45,6 +46,9 @@ from numbering.messages import encode_redis_message, error_from_reply
 from numbering.replies import new_reply_list
 from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
 from numbering.validation import check_count, check_seconds, check_sequence_name
+
+#: A document date: a date, an ISO string (YYYY-MM-DD), or None for today.
+DateLike = datetime.date | str | None
 
 __all__ = ["Client"]
 
@@ -210,6 +214,8 @@ class Client:
             "count": request.count,
             "reference": request.reference,
         }
+        if request.date is not None:
+            kwargs["date"] = request.date
         queue = queue_for(sequence, self.shards)
         if state.broker is not None:
             message = encode_redis_message(state.app, queue, kwargs, state.reply_list)
@@ -224,10 +230,17 @@ class Client:
         )
 
     def _prepare(
-        self, sequence: str, count: int, key: str | None, reference: Any, timeout: float | None
+        self,
+        sequence: str,
+        count: int,
+        key: str | None,
+        reference: Any,
+        timeout: float | None,
+        date: DateLike,
     ) -> tuple[str, Request, float, float]:
         name = check_sequence_name(sequence)
-        request = Request(new_key() if key is None else key, check_count(count), reference)
+        day = date.isoformat() if isinstance(date, datetime.date) else date
+        request = Request(new_key() if key is None else key, check_count(count), reference, day)
         wait = self.timeout if timeout is None else check_seconds(timeout, "timeout")
         resend = self.resend_after or max(wait / 3, 0.05)
         return name, request, wait, resend
@@ -252,9 +265,10 @@ class Client:
         key: str | None = None,
         reference: Any = None,
         timeout: float | None = None,
+        date: DateLike = None,
     ) -> Assignment:
         """Request ``count`` consecutive values; block until they are assigned."""
-        name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout)
+        name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout, date)
         state = self._process_state()
         answered = threading.Event()
         box: list[dict[str, Any]] = []
@@ -299,9 +313,12 @@ class Client:
         key: str | None = None,
         reference: Any = None,
         timeout: float | None = None,
+        date: DateLike = None,
     ) -> int:
         """Request the next value of ``sequence``; the same key always gets the same value."""
-        return self.next_block(sequence, key=key, reference=reference, timeout=timeout).value
+        return self.next_block(
+            sequence, key=key, reference=reference, timeout=timeout, date=date
+        ).value
 
     def next_values(
         self,
@@ -311,10 +328,11 @@ class Client:
         key: str | None = None,
         reference: Any = None,
         timeout: float | None = None,
+        date: DateLike = None,
     ) -> range:
         """Request ``count`` consecutive values, as a range."""
         return self.next_block(
-            sequence, count=count, key=key, reference=reference, timeout=timeout
+            sequence, count=count, key=key, reference=reference, timeout=timeout, date=date
         ).values
 
     async def next_block_async(
@@ -325,9 +343,10 @@ class Client:
         key: str | None = None,
         reference: Any = None,
         timeout: float | None = None,
+        date: DateLike = None,
     ) -> Assignment:
         """:meth:`next_block` for asyncio: waiting does not block the event loop."""
-        name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout)
+        name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout, date)
         loop = asyncio.get_running_loop()
         state = await loop.run_in_executor(None, self._process_state)
         answer: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -364,9 +383,12 @@ class Client:
         key: str | None = None,
         reference: Any = None,
         timeout: float | None = None,
+        date: DateLike = None,
     ) -> int:
         """:meth:`next_value` for asyncio."""
-        block = await self.next_block_async(sequence, key=key, reference=reference, timeout=timeout)
+        block = await self.next_block_async(
+            sequence, key=key, reference=reference, timeout=timeout, date=date
+        )
         return block.value
 
     async def next_values_async(
@@ -377,10 +399,11 @@ class Client:
         key: str | None = None,
         reference: Any = None,
         timeout: float | None = None,
+        date: DateLike = None,
     ) -> range:
         """:meth:`next_values` for asyncio."""
         block = await self.next_block_async(
-            sequence, count=count, key=key, reference=reference, timeout=timeout
+            sequence, count=count, key=key, reference=reference, timeout=timeout, date=date
         )
         return block.values
 
@@ -397,9 +420,17 @@ def _result(sequence: str, request: Request, reply: dict[str, Any]) -> Assignmen
             count=int(reply["count"]),
             cycle=int(reply["cycle"]),
             resent=bool(reply["resent"]),
+            formatted=_optional_str(reply.get("formatted")),
+            period=_optional_str(reply.get("period")),
         )
     except (KeyError, TypeError, ValueError):
         raise NumberingError(f"malformed reply for key {request.key!r}: {reply!r}") from None
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
 
 
 # Clients to reset in a forked child: connections and threads do not survive a fork, and

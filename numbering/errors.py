@@ -41,6 +41,7 @@ __all__ = [
     "DeadlockConflict",
     "InvalidCountError",
     "InvalidKeyError",
+    "InvalidPolicyError",
     "InvalidRequestError",
     "InvalidSequenceNameError",
     "InvalidValueError",
@@ -55,8 +56,10 @@ __all__ = [
     "RetryableError",
     "SequenceExhaustedError",
     "SequenceExistsError",
+    "SequenceFrozenError",
     "SequenceNotFoundError",
     "SerializationConflict",
+    "VoidError",
 ]
 
 
@@ -122,6 +125,25 @@ class KeyReusedError(InvalidRequestError):
 
 
 # -- settings --------------------------------------------------------------------------------
+
+
+class InvalidPolicyError(InvalidRequestError):
+    """A bad format, period, time zone or document date."""
+
+
+class VoidError(InvalidRequestError):
+    """The number cannot be voided (not assigned, already voided, part of a block)."""
+
+
+class SequenceFrozenError(NumberingError):
+    """The sequence, or the request's period, is frozen: nothing is assigned."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"sequence {name!r} is frozen: no numbers are given until it is unfrozen "
+            f"(numbering sequence unfreeze ...)"
+        )
 
 
 class ConfigurationError(NumberingError, ValueError):

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import DBAPIError
 
 from numbering.database import translate_error
-from numbering.errors import SequenceNotFoundError
+from numbering.errors import SequenceNotFoundError, VoidError
 from numbering.schema import STATUS_VOIDED, as_utc, ledger, sequences
 from numbering.validation import check_sequence_name
 
-__all__ = ["EXPORT_FIELDS", "AuditReport", "audit", "export"]
+__all__ = ["EXPORT_FIELDS", "AuditReport", "Voided", "audit", "export", "void"]
 
 # The fields of each exported assignment, in order.
 EXPORT_FIELDS = (
@@ -37,6 +37,7 @@ EXPORT_FIELDS = (
     "void_reason",
     "assigned_at",
     "voided_at",
+    "formatted",
 )
 
 # A report lists at most this many problems per sequence, then counts the rest.
@@ -71,9 +72,13 @@ class AuditReport:
 
 
 def _sequence_rows(connection: Connection, name: str | None) -> list[Any]:
+    """Every sequence, or ``name`` and its period counters (``name/2026``, ...)."""
     query = select(sequences).order_by(sequences.c.name)
     if name is not None:
-        query = query.where(sequences.c.name == check_sequence_name(name))
+        parent = select(sequences.c.id).where(sequences.c.name == check_sequence_name(name))
+        query = query.where(
+            (sequences.c.name == name) | sequences.c.parent_id.in_(parent.scalar_subquery())
+        )
     rows = list(connection.execute(query).all())
     if name is not None and not rows:
         raise SequenceNotFoundError(name)
@@ -143,33 +148,160 @@ def _check_cycle_end(report: AuditReport, seq: Any, cycle: int, expected: int) -
 def export(connection: Connection, name: str) -> Iterator[dict[str, Any]]:
     """Yield sequence ``name``'s ledger in value order, one dict per assignment.
 
-    The keys are :data:`EXPORT_FIELDS`; times are ISO 8601 in UTC.
+    The keys are :data:`EXPORT_FIELDS`; times are ISO 8601 in UTC. A periodic sequence
+    is exported period by period (``sequence`` names the period's counter).
     """
     try:
-        [seq] = _sequence_rows(connection, name)
-        rows = connection.execution_options(yield_per=STREAM_CHUNK).execute(
-            select(ledger)
-            .where(ledger.c.sequence_id == seq.id)
-            .order_by(ledger.c.cycle, ledger.c.value)
-        )
-        for row in rows:
-            data = row._mapping  # by name: Row.count is tuple.count
-            yield {
-                "sequence": seq.name,
-                "cycle": data["cycle"],
-                "value": data["value"],
-                "last": data["value"] + data["count"] - 1,
-                "count": data["count"],
-                "request_key": data["request_key"],
-                "reference": data["reference"],
-                "status": data["status"],
-                "void_reason": data["void_reason"],
-                "assigned_at": _iso(data["assigned_at"]),
-                "voided_at": _iso(data["voided_at"]),
-            }
+        for seq in _sequence_rows(connection, name):  # a periodic one: each period's counter
+            yield from _export_one(connection, seq)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
 
 
+def _export_one(connection: Connection, seq: Any) -> Iterator[dict[str, Any]]:
+    rows = connection.execution_options(yield_per=STREAM_CHUNK).execute(
+        select(ledger)
+        .where(ledger.c.sequence_id == seq.id)
+        .order_by(ledger.c.cycle, ledger.c.value)
+    )
+    for row in rows:
+        data = row._mapping  # by name: Row.count is tuple.count
+        yield {
+            "sequence": seq.name,
+            "cycle": data["cycle"],
+            "value": data["value"],
+            "last": data["value"] + data["count"] - 1,
+            "count": data["count"],
+            "request_key": data["request_key"],
+            "reference": data["reference"],
+            "status": data["status"],
+            "void_reason": data["void_reason"],
+            "assigned_at": _iso(data["assigned_at"]),
+            "voided_at": _iso(data["voided_at"]),
+            "formatted": data["formatted"],
+        }
+
+
 def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else as_utc(moment).isoformat()
+
+
+@dataclass(frozen=True)
+class Voided:
+    """A voided assignment: it stays in the ledger and its values are never given again."""
+
+    sequence: str
+    key: str
+    value: int
+    count: int
+    cycle: int
+    reason: str
+    voided_at: datetime
+
+
+MAX_VOID_REASON = 1000
+
+
+def void(
+    connection: Connection,
+    sequence: str,
+    *,
+    reason: str,
+    key: str | None = None,
+    value: int | None = None,
+    period: str | None = None,
+    cycle: int | None = None,
+) -> Voided:
+    """Void an assignment of ``sequence``, named by its request ``key`` or by its
+    ``value`` (in ``period`` for a periodic sequence; in the current ``cycle`` unless
+    given). The row stays in the ledger with the reason and time; the number is never
+    given again, and the audit lists it. A value inside a block of several is voided by
+    voiding the block's key."""
+    from numbering.allocator import _lock
+    from numbering.sequences import get_sequence
+
+    name = check_sequence_name(sequence)
+    if not isinstance(reason, str) or not reason.strip():
+        raise VoidError("give a reason for voiding (auditors will read it)")
+    if len(reason) > MAX_VOID_REASON:
+        raise VoidError(f"a void reason is at most {MAX_VOID_REASON} characters")
+    if (key is None) == (value is None):
+        raise VoidError("name the number to void by its key or by its value (one of them)")
+    try:
+        seq = _lock(connection, name, nowait=False)
+        if period is not None:
+            counter = get_sequence(connection, name, period)
+            query = select(sequences.c.id, sequences.c.cycle).where(
+                sequences.c.name == counter.name
+            )
+            found = connection.execute(query).one_or_none()
+            ids = [] if found is None else [found.id]
+            current_cycle = 0 if found is None else found.cycle
+        else:
+            children = select(sequences.c.id).where(sequences.c.parent_id == seq.id)
+            ids = [seq.id, *connection.execute(children).scalars()]
+            current_cycle = seq.cycle
+        row = _find_assignment(connection, ids, key, value, cycle, current_cycle, seq.period)
+        if row is None:
+            what = f"key {key!r}" if key is not None else f"value {value}"
+            raise VoidError(f"sequence {name!r} has no assignment with {what}")
+        if value is not None and row.block_count > 1:
+            raise VoidError(
+                f"value {value} is part of the block {row.value}.."
+                f"{row.value + row.block_count - 1} assigned to key {row.request_key!r}; "
+                "void the whole block by its key"
+            )
+        if row.status == STATUS_VOIDED:
+            raise VoidError(
+                f"{row.request_key!r} ({row.value}) is already voided: {row.void_reason}"
+            )
+        now = datetime.now(UTC)
+        connection.execute(
+            update(ledger)
+            .where(ledger.c.id == row.id)
+            .values(status=STATUS_VOIDED, void_reason=reason, voided_at=now)
+        )
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+    return Voided(name, row.request_key, row.value, row.block_count, row.cycle, reason, now)
+
+
+def _find_assignment(
+    connection: Connection,
+    ids: list[int],
+    key: str | None,
+    value: int | None,
+    cycle: int | None,
+    current_cycle: int,
+    period: str | None,
+) -> Any:
+    columns = (
+        ledger.c.id,
+        ledger.c.request_key,
+        ledger.c.value,
+        ledger.c.count.label("block_count"),
+        ledger.c.cycle,
+        ledger.c.status,
+        ledger.c.void_reason,
+    )
+    if not ids:
+        return None
+    if key is not None:
+        query = select(*columns).where(ledger.c.request_key == key)
+        return connection.execute(query.where(ledger.c.sequence_id.in_(ids))).one_or_none()
+    if period is not None and len(ids) > 1:
+        raise VoidError("this sequence has periods: say which one (--period)")
+    query = (
+        select(*columns)
+        .where(
+            ledger.c.sequence_id == ids[0],
+            ledger.c.cycle == (current_cycle if cycle is None else cycle),
+            ledger.c.value <= value,
+        )
+        .order_by(ledger.c.value.desc())
+        .limit(1)
+    )
+    row = connection.execute(query).one_or_none()
+    if row is None or value is None or value >= row.value + row.block_count:
+        return None
+    return row

@@ -36,7 +36,7 @@ __all__ = [
 MAX_MESSAGE_BYTES = 16 * 1024 + 2 * MAX_REFERENCE_BYTES
 # Reply lists are Redis keys of this shape.
 _REPLY_PREFIX = "numbering.reply."
-_KWARGS = {"sequence", "key", "count", "reference"}
+_KWARGS = {"sequence", "key", "count", "reference", "date"}
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,10 @@ def parse_task(headers: dict[str, Any], body: Any) -> Job | BadMessage:
         if "key" not in kwargs:
             raise InvalidRequestError("a request key is required")
         sequence = check_sequence_name(kwargs.get("sequence"))
-        request = Request(kwargs["key"], kwargs.get("count", 1), kwargs.get("reference"))
+        date = kwargs.get("date")
+        if date is not None and not isinstance(date, str):
+            raise InvalidRequestError("date must be an ISO date string (YYYY-MM-DD)")
+        request = Request(kwargs["key"], kwargs.get("count", 1), kwargs.get("reference"), date)
     except NumberingError as error:
         return BadMessage(task_id, key, reply_to, error)
     return Job(task_id, sequence, request, reply_to)
@@ -179,6 +182,8 @@ def reply_for(key: str | None, outcome: Assignment | NumberingError) -> dict[str
         "count": outcome.count,
         "cycle": outcome.cycle,
         "resent": outcome.resent,
+        "formatted": outcome.formatted,
+        "period": outcome.period,
     }
 
 

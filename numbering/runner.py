@@ -10,6 +10,7 @@ for the lost transaction to finish either way) and finds the key if it committed
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -28,6 +29,9 @@ from numbering.sequences import SequenceInfo
 from numbering.validation import check_count, check_isolation_level
 
 __all__ = ["Allocator"]
+
+#: A document date: a date, an ISO string (YYYY-MM-DD), or None for today.
+DateLike = datetime.date | str | None
 
 T = TypeVar("T")
 
@@ -127,23 +131,79 @@ class Allocator:
         reset_value: int | None = None,
         max_value: int | None = None,
         exist_ok: bool = False,
+        format: str | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        start_after: tuple[str, str] | None = None,
+        allowed_tables: Sequence[str] = (),
     ) -> SequenceInfo:
-        """Create a sequence (see :func:`numbering.sequences.create_sequence`)."""
-        return self.run(
-            lambda c: sequences.create_sequence(
-                c,
+        """Create a sequence (see :func:`numbering.sequences.create_sequence`).
+
+        ``start_after=(table, column)`` imports existing numbering: the sequence starts
+        after the highest number already in that column (the table must be in
+        ``allowed_tables``, normally ``NUMBERING_BATCH_TABLES``), read under a lock in the
+        same transaction that creates the sequence.
+        """
+
+        def create(connection: Connection) -> SequenceInfo:
+            initial = initial_value
+            if start_after is not None:
+                highest = sequences.highest_existing(connection, *start_after, allowed_tables)
+                if highest is not None:
+                    initial = max(initial_value, highest + 1)
+            return sequences.create_sequence(
+                connection,
                 name,
-                initial_value=initial_value,
+                initial_value=initial,
                 reset_value=reset_value,
                 max_value=max_value,
                 exist_ok=exist_ok,
-            ),
-            describe=f"create sequence {name!r}",
+                format=format,
+                period=period,
+                timezone=timezone,
+            )
+
+        return self.run(create, describe=f"create sequence {name!r}")
+
+    def sequence(self, name: str, period: str | None = None) -> SequenceInfo:
+        """The definition and state of sequence ``name`` (or of one of its periods)."""
+        return self.run(lambda c: sequences.get_sequence(c, name, period), readonly=True)
+
+    def preview(self, name: str, date: DateLike = None) -> str | None:
+        """The formatted number the next request dated ``date`` would get (nothing is
+        reserved; None for a sequence without a format)."""
+        return self.run(lambda c: sequences.preview(c, name, date), readonly=True)
+
+    def freeze(self, name: str, period: str | None = None) -> SequenceInfo:
+        """Refuse new requests on ``name`` (or on one period of it) until unfrozen."""
+        return self.run(
+            lambda c: sequences.set_frozen(c, name, True, period), describe=f"freeze {name!r}"
         )
 
-    def sequence(self, name: str) -> SequenceInfo:
-        """The definition and state of sequence ``name``."""
-        return self.run(lambda c: sequences.get_sequence(c, name), readonly=True)
+    def unfreeze(self, name: str, period: str | None = None) -> SequenceInfo:
+        """Accept requests on ``name`` (or one period of it) again."""
+        return self.run(
+            lambda c: sequences.set_frozen(c, name, False, period),
+            describe=f"unfreeze {name!r}",
+        )
+
+    def void(
+        self,
+        name: str,
+        *,
+        reason: str,
+        key: str | None = None,
+        value: int | None = None,
+        period: str | None = None,
+        cycle: int | None = None,
+    ) -> ledger.Voided:
+        """Void an assignment (see :func:`numbering.ledger.void`)."""
+        return self.run(
+            lambda c: ledger.void(
+                c, name, reason=reason, key=key, value=value, period=period, cycle=cycle
+            ),
+            describe=f"void on {name!r}",
+        )
 
     def sequences(self) -> list[SequenceInfo]:
         """Every sequence, by name."""
@@ -163,18 +223,33 @@ class Allocator:
         )
 
     def next_block(
-        self, sequence: str, *, count: int = 1, key: str | None = None, reference: Any = None
+        self,
+        sequence: str,
+        *,
+        count: int = 1,
+        key: str | None = None,
+        reference: Any = None,
+        date: DateLike = None,
     ) -> Assignment:
-        """Take ``count`` consecutive values; the full :class:`Assignment` with its key."""
-        request = Request(new_key() if key is None else key, check_count(count), reference)
+        """Take ``count`` consecutive values; the full :class:`Assignment` with its key,
+        formatted number and period. ``date``: the document's date (default today)."""
+        day = date.isoformat() if isinstance(date, datetime.date) else date
+        request = Request(new_key() if key is None else key, check_count(count), reference, day)
         [outcome] = self.assign(sequence, [request])
         if isinstance(outcome, NumberingError):
             raise outcome
         return outcome
 
-    def next_value(self, sequence: str, *, key: str | None = None, reference: Any = None) -> int:
+    def next_value(
+        self,
+        sequence: str,
+        *,
+        key: str | None = None,
+        reference: Any = None,
+        date: DateLike = None,
+    ) -> int:
         """Take the next value of ``sequence``; the same ``key`` always gets the same value."""
-        return self.next_block(sequence, key=key, reference=reference).value
+        return self.next_block(sequence, key=key, reference=reference, date=date).value
 
     def next_values(
         self, sequence: str, count: int, *, key: str | None = None, reference: Any = None

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -80,7 +82,19 @@ sequences = Table(
     Column("cycle", BigInteger, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Display format, e.g. "INV-{year}-{number:06d}" (numbering.policies).
+    Column("format", String(200), nullable=True),
+    # A periodic sequence keeps one counter per year, month or day (a child row each).
+    Column("period", String(8), nullable=True),
+    # Time zone that decides "today" for requests that carry no document date.
+    Column("timezone", String(64), nullable=True),
+    # Frozen: requests are refused (year-end close of a sequence or one period).
+    Column("frozen", Boolean, nullable=False, server_default=false()),
+    # A period's counter points at its sequence and names its period ("2026", "2026-03").
+    Column("parent_id", _ID, nullable=True, index=True),
+    Column("period_key", String(16), nullable=True),
     UniqueConstraint("name", name=SEQUENCE_NAME_CONSTRAINT),
+    CheckConstraint("period IS NULL OR period IN ('year', 'month', 'day')", name="period_known"),
     CheckConstraint(
         "reset_value IS NULL OR reset_value > initial_value", name="reset_after_initial"
     ),
@@ -109,6 +123,8 @@ ledger = Table(
     Column("void_reason", Text, nullable=True),
     Column("assigned_at", DateTime(timezone=True), nullable=False),
     Column("voided_at", DateTime(timezone=True), nullable=True),
+    # The first value as displayed, in the sequence's format (NULL without a format).
+    Column("formatted", String(255), nullable=True),
     # A request key names one request across all sequences: reusing it elsewhere is refused
     # by the database itself, not only by a look-up that a race could slip past.
     UniqueConstraint("request_key", name=LEDGER_KEY_CONSTRAINT),

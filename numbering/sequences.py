@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select
+from sqlalchemy import CursorResult, Integer, MetaData, Table, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, NoSuchTableError
+from sqlalchemy.orm import Session
 
 from numbering.allocator import Bind
 from numbering.database import is_sqlite, translate_error
-from numbering.errors import SequenceExistsError, SequenceNotFoundError
+from numbering.errors import (
+    InvalidPolicyError,
+    InvalidRequestError,
+    InvalidSequenceNameError,
+    SequenceExistsError,
+    SequenceNotFoundError,
+)
+from numbering.policies import (
+    check_format,
+    check_period,
+    check_period_key,
+    check_timezone,
+    document_date,
+    period_key,
+    period_name,
+    render,
+)
 from numbering.schema import as_utc, ledger, sequences
-from numbering.validation import check_sequence_bounds, check_sequence_name
+from numbering.validation import MAX_NAME_LENGTH, check_sequence_bounds, check_sequence_name
 
-__all__ = ["SequenceInfo", "create_sequence", "get_sequence", "last_value", "list_sequences"]
+__all__ = [
+    "SequenceInfo",
+    "create_sequence",
+    "get_sequence",
+    "highest_existing",
+    "last_value",
+    "list_sequences",
+    "preview",
+    "set_frozen",
+]
 
 
 @dataclass(frozen=True)
@@ -32,6 +59,22 @@ class SequenceInfo:
     cycle: int
     created_at: datetime
     updated_at: datetime
+    format: str | None = None
+    period: str | None = None
+    timezone: str | None = None
+    frozen: bool = False
+    #: For a period's counter: its period (``2026``, ...); None for a sequence itself.
+    period_key: str | None = None
+
+    def preview(self, day: date | str | None = None) -> str | None:
+        """The next value in this sequence's format, for a document dated ``day``
+        (default today). Nothing is reserved. For a periodic sequence, call it on the
+        period's counter (:func:`preview`) to account for that period's last value."""
+        if self.format is None:
+            return None
+        when = document_date(day, self.timezone)
+        key = period_key(self.period, when) if self.period else self.period_key
+        return render(self.format, self.next_value, when, key)
 
     @property
     def next_value(self) -> int:
@@ -53,6 +96,11 @@ class SequenceInfo:
             cycle=row.cycle,
             created_at=as_utc(row.created_at),
             updated_at=as_utc(row.updated_at),
+            format=row.format,
+            period=row.period,
+            timezone=row.timezone,
+            frozen=bool(row.frozen),
+            period_key=row.period_key,
         )
 
 
@@ -65,6 +113,11 @@ _COLUMNS = (
     sequences.c.cycle,
     sequences.c.created_at,
     sequences.c.updated_at,
+    sequences.c.format,
+    sequences.c.period,
+    sequences.c.timezone,
+    sequences.c.frozen,
+    sequences.c.period_key,
 )
 
 
@@ -76,6 +129,9 @@ def create_sequence(
     reset_value: int | None = None,
     max_value: int | None = None,
     exist_ok: bool = False,
+    format: str | None = None,
+    period: str | None = None,
+    timezone: str | None = None,
 ) -> SequenceInfo:
     """Create a sequence in the caller's transaction.
 
@@ -84,13 +140,24 @@ def create_sequence(
     in a new cycle. With ``max_value`` it stops there with "sequence exhausted" (the
     default maximum is 2**63-1). With ``exist_ok=True`` an existing sequence with the same
     definition is returned instead of raising :class:`SequenceExistsError`.
+
+    ``format`` is the display format (see :mod:`numbering.policies`); ``period``
+    (``year``, ``month`` or ``day``) gives each period its own gapless counter, the period
+    taken from each request's document date, "today" in ``timezone`` (default UTC).
     """
     name = check_sequence_name(name)
     initial, reset, maximum = check_sequence_bounds(initial_value, reset_value, max_value)
+    format, period, timezone = check_format(format), check_period(period), check_timezone(timezone)
+    if period is not None and len(name) > MAX_NAME_LENGTH - 11:
+        raise InvalidSequenceNameError(
+            f"a periodic sequence's name is at most {MAX_NAME_LENGTH - 11} characters (its "
+            "period counters are named NAME/YYYY-MM-DD)"
+        )
+    policy = (format, period, timezone)
     existing = _find(bind, name)
     if existing is not None:
-        return _existing(existing, initial, reset, maximum, exist_ok)
-    now = datetime.now(timezone.utc)
+        return _existing(existing, initial, reset, maximum, exist_ok, policy)
+    now = datetime.now(UTC)
     values = {
         "name": name,
         "initial_value": initial,
@@ -100,6 +167,10 @@ def create_sequence(
         "cycle": 0,
         "created_at": now,
         "updated_at": now,
+        "format": format,
+        "period": period,
+        "timezone": timezone,
+        "frozen": False,
     }
     # ON CONFLICT DO NOTHING waits for a concurrent creator of the same name and then
     # skips, so a race ends with "exists" (or its definition under exist_ok), not an
@@ -119,17 +190,28 @@ def create_sequence(
         existing = _find(bind, name)
         if existing is None:  # pragma: no cover - only if the creator's row vanished
             raise SequenceExistsError(name)
-        return _existing(existing, initial, reset, maximum, exist_ok)
-    return SequenceInfo(name, initial, reset, maximum, None, 0, now, now)
+        return _existing(existing, initial, reset, maximum, exist_ok, policy)
+    return SequenceInfo(name, initial, reset, maximum, None, 0, now, now, format, period, timezone)
 
 
 def _existing(
-    info: SequenceInfo, initial: int, reset: int | None, maximum: int | None, exist_ok: bool
+    info: SequenceInfo,
+    initial: int,
+    reset: int | None,
+    maximum: int | None,
+    exist_ok: bool,
+    policy: tuple[str | None, str | None, str | None],
 ) -> SequenceInfo:
     if not exist_ok:
         raise SequenceExistsError(info.name)
     wanted = (initial, reset, maximum)
     actual = (info.initial_value, info.reset_value, info.max_value)
+    if policy != (info.format, info.period, info.timezone):
+        raise SequenceExistsError(
+            info.name,
+            f"sequence {info.name!r} already exists with format={info.format!r}, "
+            f"period={info.period!r}, timezone={info.timezone!r}",
+        )
     if wanted != actual:
         raise SequenceExistsError(
             info.name,
@@ -148,12 +230,81 @@ def _find(bind: Bind, name: str) -> SequenceInfo | None:
     return None if row is None else SequenceInfo._from_row(row)
 
 
-def get_sequence(bind: Bind, name: str) -> SequenceInfo:
-    """The definition and state of sequence ``name``; raises if there is none."""
+def get_sequence(bind: Bind, name: str, period: str | None = None) -> SequenceInfo:
+    """The definition and state of sequence ``name`` (or of its ``period``'s counter);
+    raises if there is none. A period not used yet is shown as it would start."""
     info = _find(bind, check_sequence_name(name))
     if info is None:
         raise SequenceNotFoundError(name)
-    return info
+    if period is None:
+        return info
+    key = _period_of(info, period)
+    counter = _find(bind, period_name(name, key))
+    if counter is None:
+        return replace(info, name=period_name(name, key), last_value=None, cycle=0, period_key=key)
+    return replace(counter, format=info.format, period=info.period, timezone=info.timezone)
+
+
+def _period_of(info: SequenceInfo, period: str) -> str:
+    if info.period is None:
+        raise InvalidPolicyError(f"sequence {info.name!r} has no periods")
+    return check_period_key(info.period, period)
+
+
+def preview(bind: Bind, name: str, day: date | str | None = None) -> str | None:
+    """The formatted number the next request dated ``day`` would get; reserves nothing."""
+    info = _find(bind, check_sequence_name(name))
+    if info is None:
+        raise SequenceNotFoundError(name)
+    when = document_date(day, info.timezone)
+    if info.period is not None:
+        info = get_sequence(bind, name, period_key(info.period, when))
+    return info.preview(when)
+
+
+def set_frozen(bind: Bind, name: str, frozen: bool, period: str | None = None) -> SequenceInfo:
+    """Freeze (or unfreeze) sequence ``name``, or one of its periods: while frozen, new
+    requests are refused with :class:`SequenceFrozenError` and nothing is assigned. A
+    period can be frozen before its first number (a closed or not yet opened period)."""
+    from numbering.allocator import _lock, _period_counter
+
+    seq = _lock(bind, check_sequence_name(name), nowait=False)
+    target = seq
+    if period is not None:
+        key = _period_of(get_sequence(bind, name), period)
+        target = _period_counter(bind, seq, key, nowait=False, frozen=frozen)
+    bind.execute(
+        update(sequences)
+        .where(sequences.c.id == target.id)
+        .values(frozen=frozen, updated_at=datetime.now(UTC))
+    )
+    return get_sequence(bind, name, period)
+
+
+def highest_existing(bind: Bind, table: str, column: str, allowed: Sequence[str]) -> int | None:
+    """The highest number already in ``table.column`` (a table on the allow-list), read
+    while the table is locked against writers (PostgreSQL SHARE lock) so no number can
+    slip in between the read and the sequence's creation in the same transaction."""
+    if table not in allowed:
+        raise InvalidRequestError(
+            f"table {table!r} is not in NUMBERING_BATCH_TABLES; add it to import from it"
+        )
+    try:
+        connection = bind.connection() if isinstance(bind, Session) else bind
+        reflected = Table(table, MetaData(), autoload_with=connection)
+    except NoSuchTableError:
+        raise InvalidRequestError(f"table {table!r} does not exist") from None
+    if column not in reflected.c:
+        raise InvalidRequestError(f"table {table!r} has no column {column!r}")
+    if not isinstance(reflected.c[column].type, Integer):
+        raise InvalidRequestError(
+            f"column {table}.{column} is {reflected.c[column].type}, not an integer column"
+        )
+    if not is_sqlite(bind):  # SQLite: the write lock taken by BEGIN IMMEDIATE covers it
+        quoted = connection.dialect.identifier_preparer.format_table(reflected)
+        bind.execute(text(f"LOCK TABLE {quoted} IN SHARE MODE"))
+    highest = bind.execute(select(func.max(reflected.c[column]))).scalar_one()
+    return None if highest is None else int(highest)
 
 
 def last_value(bind: Bind, name: str) -> int | None:

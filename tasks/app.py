@@ -31,12 +31,16 @@ def create_app(settings: Settings | None = None) -> Celery:
     allocators: dict[int, Allocator] = {}
 
     @celery.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, max_retries=0)
-    def assign(sequence: str, key: str, count: int = 1, reference: Any = None) -> dict[str, Any]:
+    def assign(
+        sequence: str, key: str, count: int = 1, reference: Any = None, date: str | None = None
+    ) -> dict[str, Any]:
         allocator = allocators.get(0)
         if allocator is None:
             allocator = allocators.setdefault(0, Allocator.from_settings(settings))
         try:
-            block = allocator.next_block(sequence, count=count, key=key, reference=reference)
+            block = allocator.next_block(
+                sequence, count=count, key=key, reference=reference, date=date
+            )
         except NumberingError as error:
             return reply_for(key, error)
         return reply_for(key, block)

@@ -5,6 +5,7 @@ one clear message per problem, when:
 
 - the Celery configuration lost a setting the guarantee leans on (late acks,
   reject-on-worker-lost, prefetch 1, time limits below the visibility timeout);
+- the database schema is not the one this numbering was built for (run ``init-db``);
 - the database may forget a COMMIT it has acknowledged (PostgreSQL with
   ``synchronous_commit=off`` or ``fsync=off``; SQLite with ``synchronous`` below FULL):
   a number already handed out could then be handed out again after a crash;
@@ -29,6 +30,8 @@ from sqlalchemy.exc import DBAPIError
 from numbering.config.celery import VISIBILITY_TIMEOUT
 from numbering.database import translate_error
 from numbering.errors import ConfigurationError
+from numbering.migrations import current_revision, head_revision
+from numbering.policies import PERIOD_SEPARATOR
 from numbering.routing import Shard
 from numbering.schema import ledger, sequences
 
@@ -71,6 +74,12 @@ def check_celery_config(conf: Mapping[str, Any], concurrency: int) -> list[str]:
 def check_database(engine: Engine) -> list[str]:
     """What makes the database unsafe for numbering, as sentences."""
     problems = []
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        problems.append(
+            f"the database schema is at revision {current or 'none'}, this numbering needs "
+            f"{head}: run `numbering init-db` (as the schema owner)"
+        )
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             for setting, unsafe in (("synchronous_commit", "off"), ("fsync", "off")):
@@ -117,7 +126,8 @@ def check_ledgers(
     problems = []
     with engine.connect() as conn:
         for seq in conn.execute(query):
-            if seq.name not in wanted and not (shard is not None and shard.serves(seq.name)):
+            base = seq.name.split(PERIOD_SEPARATOR, 1)[0]  # a period's counter: its sequence
+            if base not in wanted and not (shard is not None and shard.serves(base)):
                 continue
             ledger_end = (seq.ledger_end, seq.ledger_cycle or 0)
             if ledger_end != (seq.last_value, seq.cycle):

@@ -56,8 +56,8 @@ def cli(request: pytest.FixtureRequest, tmp_path: Path) -> CLI:
 
 
 def test_quick_start_path(cli: CLI) -> None:
-    assert "schema upgraded from empty to revision 0001" in cli("init-db").stdout
-    assert "schema already at revision 0001" in cli("init-db").stdout
+    assert "schema upgraded from empty to revision 0002" in cli("init-db").stdout
+    assert "schema already at revision 0002" in cli("init-db").stdout
     assert "next value 1" in cli("sequence", "create", "invoices").stdout
     assert cli("next", "--direct", "invoices", "--key", "invoice:1").stdout == "1\n"
     assert cli("next", "--direct", "invoices", "--key", "invoice:1").stdout == "1\n"
@@ -84,6 +84,53 @@ def test_quick_start_path(cli: CLI) -> None:
     assert json.loads(exported[2]["reference"]) == {"doc": 5}
     as_json = json.loads(cli("export", "invoices", "--format", "json").stdout)
     assert [row["value"] for row in as_json] == [1, 2, 5]
+
+
+def test_policies_from_the_command_line(cli: CLI) -> None:
+    cli("init-db")
+    created = cli(
+        "sequence", "create", "inv", "--format", "INV-{year}-{number:05d}", "--period", "year",
+        "--timezone", "Europe/Paris",
+    )  # fmt: skip
+    assert "sequence 'inv' ready; next value 1 (INV-" in created.stdout
+    assert cli("next", "--direct", "inv", "--date", "2025-12-31").stdout == "1 INV-2025-00001\n"
+    assert cli("next", "--direct", "inv", "--date", "2026-01-01", "--key", "d").stdout == (
+        "1 INV-2026-00001\n"
+    )
+    shown = json.loads(cli("next", "--direct", "inv", "--date", "2025-05-05", "--json").stdout)
+    assert (shown["formatted"], shown["period"]) == ("INV-2025-00002", "2025")
+    assert (
+        "sequence 'inv/2025' frozen" in cli("sequence", "freeze", "inv", "--period", "2025").stdout
+    )
+    refused = cli("next", "--direct", "inv", "--date", "2025-07-01", ok=False)
+    assert "'inv/2025' is frozen" in refused.stderr
+    cli("sequence", "unfreeze", "inv", "--period", "2025")
+    assert cli("void", "inv", "--key", "d", "--reason", "duplicate invoice").stdout == (
+        "voided 1 of 'inv' (key 'd'): duplicate invoice\n"
+    )
+    refused = cli("void", "inv", "--key", "d", "--reason", "again", ok=False)
+    assert "already voided" in refused.stderr
+    show = json.loads(cli("sequence", "show", "inv", "--date", "2025-03-01", "--json").stdout)
+    assert (show["format"], show["period"], show["next_formatted"]) == (
+        "INV-{year}-{number:05d}", "year", "INV-2025-00003"
+    )  # fmt: skip
+    period = json.loads(cli("sequence", "show", "inv", "--period", "2026", "--json").stdout)
+    assert (period["name"], period["last_value"], period["next_value"]) == ("inv/2026", 1, 2)
+    assert period["next_formatted"].endswith("-00002")
+    audit = cli("audit", "inv").stdout
+    assert "inv/2026: ok: last value 1, cycle 0, 1 value(s) in 1 assignment(s), 1 voided" in audit
+    exported = list(csv.DictReader(io.StringIO(cli("export", "inv").stdout)))
+    assert [(r["sequence"], r["value"], r["status"], r["formatted"]) for r in exported] == [
+        ("inv/2025", "1", "assigned", "INV-2025-00001"),
+        ("inv/2025", "2", "assigned", "INV-2025-00002"),
+        ("inv/2026", "1", "voided", "INV-2026-00001"),
+    ]
+    bad = cli("sequence", "create", "x", "--format", "{nope}", ok=False)
+    assert "unknown field {nope}" in bad.stderr
+    bad = cli("next", "--direct", "inv", "--date", "31/12/2025", ok=False)
+    assert "invalid document date '31/12/2025'" in bad.stderr
+    bad = cli("sequence", "create", "y", "--start-after", "nodot", ok=False)
+    assert "--start-after takes TABLE.COLUMN" in bad.stderr
 
 
 def test_bad_input_is_one_clear_line(cli: CLI) -> None:
@@ -148,6 +195,15 @@ def test_audit_finds_a_planted_gap_and_duplicate(cli: CLI) -> None:
     engine = create_engine(cli.env["NUMBERING_DATABASE_URL"])
     check_gapless(engine, "invoices")
     with engine.begin() as conn:
+        # The ledger refuses this (append-only trigger)...
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"), conn.begin_nested():
+            conn.execute(sa.text("DELETE FROM numbering_ledger WHERE request_key = 'k2'"))
+        # ... so the tamperer, with the owner's rights, removes the trigger first.
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("ALTER TABLE numbering_ledger DISABLE TRIGGER USER"))
+        else:
+            conn.execute(sa.text("DROP TRIGGER numbering_ledger_no_delete"))
+            conn.execute(sa.text("DROP TRIGGER numbering_ledger_only_void"))
         # A gap: value 3 disappears. A duplicate: the unique constraint refuses a repeated
         # first value, but not a block that overlaps the next one, so k3 (value 4) grows
         # to cover 4..5, and 5 (k4) is given twice.

@@ -92,6 +92,9 @@ def test_undecodable_messages_are_refused(raw: str | bytes, message: str) -> Non
         ([[], {"sequence": "invoices", "key": "k", "count": True}, {}], {}, "integer"),
         ([[], {"sequence": "invoices", "key": "k", "count": 2**63}, {}], {}, "at most"),
         ([[], {"sequence": "invoices", "key": "k", "reference": "x" * 5000}, {}], {}, "limit"),
+        ([[], {"sequence": "invoices", "key": "k", "date": 20260307}, {}], {}, "ISO date"),
+        ([[], {"sequence": "invoices", "key": "k", "date": "2026-02-30"}, {}], {}, "YYYY-MM-DD"),
+        ([[], {"sequence": "invoices", "key": "k", "date": "x" * 5000}, {}], {}, "YYYY-MM-DD"),
     ],
 )
 def test_hostile_task_messages_fail_alone(
@@ -104,7 +107,7 @@ def test_hostile_task_messages_fail_alone(
 
 
 def test_replies_carry_assignments_and_errors() -> None:
-    block = Assignment("invoices", "k", 5, 2, 0, resent=True)
+    block = Assignment("invoices", "k", 5, 2, 0, resent=True, formatted="F-5", period="2026")
     assert reply_for("k", block) == {
         "key": "k",
         "sequence": "invoices",
@@ -112,6 +115,8 @@ def test_replies_carry_assignments_and_errors() -> None:
         "count": 2,
         "cycle": 0,
         "resent": True,
+        "formatted": "F-5",
+        "period": "2026",
     }
     reply = reply_for("k", KeyReusedError("k", "is already used on another sequence"))
     error = error_from_reply(reply["error"])
