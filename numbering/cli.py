@@ -544,6 +544,59 @@ def batch(
 # -- audit -------------------------------------------------------------------------------------
 
 
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 1 if requests wait with no consumer, or any are quarantined.",
+)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, check: bool) -> None:
+    """Show each sequence's last value, waiting and in-flight requests, quarantined
+    requests, whether its active consumer is alive, and the age of its oldest waiting
+    request. Changes nothing; --check makes it usable as a health check."""
+    from numbering.tasks.status import collect
+
+    statuses = collect(_settings(ctx), _allocator(ctx))
+    problems = [f"{s.sequence}: {p}" for s in statuses for p in s.problems]
+    if as_json:
+        click.echo(json.dumps([s.to_json() for s in statuses], indent=2))
+    elif not statuses:
+        click.echo("no sequences yet (numbering sequence create NAME)")
+    else:
+        rows = [
+            (
+                s.sequence + (" (frozen)" if s.frozen else ""),
+                "-"
+                if s.last_value is None
+                else f"{s.last_value}" + (f" ({s.last_period})" if s.last_period else ""),
+                _count(s.waiting),
+                _count(s.in_flight),
+                _count(s.quarantined),
+                "alive" if s.consumer else "NONE",
+                "-" if s.oldest_waiting_seconds is None else f"{s.oldest_waiting_seconds:.1f}s",
+            )
+            for s in statuses
+        ]
+        header = ("SEQUENCE", "LAST", "WAITING", "IN FLIGHT", "QUARANTINED", "CONSUMER", "OLDEST")
+        widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            click.echo(
+                "  ".join(
+                    str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+                ).rstrip()
+            )
+        for problem in problems:
+            click.echo(f"problem: {problem}", err=True)
+    if check and problems:
+        sys.exit(EXIT_FAILURE)
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 @main.command("audit")
 @click.argument("name", required=False)
 @click.pass_context

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "Job",
     "decode_redis_message",
     "encode_redis_message",
+    "SENT_AT_HEADER",
     "error_from_reply",
     "parse_task",
     "reply_for",
@@ -36,6 +38,8 @@ __all__ = [
 MAX_MESSAGE_BYTES = 16 * 1024 + 2 * MAX_REFERENCE_BYTES
 # Reply lists are Redis keys of this shape.
 _REPLY_PREFIX = "numbering.reply."
+# Unix time the client sent the request at (a hint for operators; never trusted).
+SENT_AT_HEADER = "numbering_sent_at"
 _KWARGS = {"sequence", "key", "count", "reference", "date"}
 
 
@@ -101,6 +105,7 @@ def encode_redis_message(app: Any, queue: str, kwargs: dict[str, Any], reply_to:
     task_id = str(uuid.uuid4())
     message = app.amqp.as_task_v2(task_id, TASK_NAME, args=(), kwargs=kwargs, ignore_result=True)
     headers = dict(message.headers)
+    headers[SENT_AT_HEADER] = round(time.time(), 3)  # for `numbering status`: oldest waiting
     if reply_to is not None:
         headers[REPLY_HEADER] = reply_to
     body = json.dumps(message.body, separators=(",", ":")).encode()

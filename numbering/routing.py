@@ -19,6 +19,8 @@ from numbering.validation import check_sequence_name
 
 __all__ = [
     "BATCH_TASK_NAME",
+    "FREEZE_TASK_NAME",
+    "VOID_TASK_NAME",
     "QUEUE_PREFIX",
     "REPLY_HEADER",
     "TASK_NAME",
@@ -32,6 +34,9 @@ __all__ = [
 TASK_NAME = "numbering.assign"
 # The Celery task that numbers a table's rows in place (sent to the control queue).
 BATCH_TASK_NAME = "numbering.batch"
+# Administrative tasks, consumed from the control queue by numbering workers.
+VOID_TASK_NAME = "numbering.void"
+FREEZE_TASK_NAME = "numbering.freeze"
 # Prefix of every queue numbering consumes.
 QUEUE_PREFIX = "numbering."
 # Message header naming the Redis list a lean client waits on for its reply.

@@ -17,7 +17,7 @@ from numbering.config.celery import celery_config
 from numbering.config.settings import Settings
 from numbering.errors import InvalidRequestError, NumberingError
 from numbering.messages import reply_for
-from numbering.routing import BATCH_TASK_NAME, TASK_NAME
+from numbering.routing import BATCH_TASK_NAME, FREEZE_TASK_NAME, TASK_NAME, VOID_TASK_NAME
 from numbering.runner import Allocator
 
 __all__ = ["create_app"]  # and `app`, created on first access (see __getattr__)
@@ -30,13 +30,18 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery.conf.update(celery_config(settings))
     allocators: dict[int, Allocator] = {}
 
+    def shared_allocator() -> Allocator:
+        """One allocator (and connection pool) per worker process, made on first use."""
+        allocator = allocators.get(0)
+        if allocator is None:
+            allocator = allocators.setdefault(0, Allocator.from_settings(settings))
+        return allocator
+
     @celery.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, max_retries=0)
     def assign(
         sequence: str, key: str, count: int = 1, reference: Any = None, date: str | None = None
     ) -> dict[str, Any]:
-        allocator = allocators.get(0)
-        if allocator is None:
-            allocator = allocators.setdefault(0, Allocator.from_settings(settings))
+        allocator = shared_allocator()
         try:
             block = allocator.next_block(
                 sequence, count=count, key=key, reference=reference, date=date
@@ -49,9 +54,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     def batch(**spec: Any) -> dict[str, Any]:
         # The broker is not trusted: BatchJob validates every field, and the table must
         # be on this deployment's allow-list.
-        allocator = allocators.get(0)
-        if allocator is None:
-            allocator = allocators.setdefault(0, Allocator.from_settings(settings))
+        allocator = shared_allocator()
         if "order_by" in spec and isinstance(spec["order_by"], list):
             spec["order_by"] = tuple(spec["order_by"])
         try:
@@ -64,6 +67,47 @@ def create_app(settings: Settings | None = None) -> Celery:
             "first_value": done.first_value,
             "last_value": done.last_value,
         }
+
+    @celery.task(name=VOID_TASK_NAME, acks_late=True, reject_on_worker_lost=True, max_retries=0)
+    def void(
+        sequence: str,
+        reason: str,
+        key: str | None = None,
+        value: int | None = None,
+        period: str | None = None,
+        cycle: int | None = None,
+    ) -> dict[str, Any]:
+        # Idempotent enough for redelivery: a second copy answers "already voided".
+        allocator = shared_allocator()
+        try:
+            done = allocator.void(
+                sequence, reason=reason, key=key, value=value, period=period, cycle=cycle
+            )
+        except NumberingError as error:
+            return reply_for(key, error)
+        return {
+            "sequence": done.sequence,
+            "key": done.key,
+            "value": done.value,
+            "count": done.count,
+            "cycle": done.cycle,
+            "reason": done.reason,
+            "voided_at": done.voided_at.isoformat(),
+        }
+
+    @celery.task(name=FREEZE_TASK_NAME, acks_late=True, reject_on_worker_lost=True, max_retries=0)
+    def freeze(sequence: str, period: str | None = None, frozen: Any = True) -> dict[str, Any]:
+        allocator = shared_allocator()
+        if not isinstance(frozen, bool):  # the broker is not trusted: "false" is not False
+            return reply_for(None, InvalidRequestError("frozen must be true or false"))
+        try:
+            if frozen:
+                info = allocator.freeze(sequence, period)
+            else:
+                info = allocator.unfreeze(sequence, period)
+        except NumberingError as error:
+            return reply_for(None, error)
+        return {"sequence": info.name, "frozen": info.frozen}
 
     return celery
 

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine
 
 from numbering.database import is_sqlite
 
-__all__ = ["ConsumerLock"]
+__all__ = ["ConsumerLock", "consumer_alive"]
 
 log = logging.getLogger("numbering.worker")
 
@@ -28,6 +28,27 @@ log = logging.getLogger("numbering.worker")
 def _lock_key(queue: str) -> int:
     digest = hashlib.sha256(f"numbering-consumer:{queue}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def consumer_alive(engine: Engine, queue: str) -> bool:
+    """True when some process holds ``queue``'s consumer lock (is its active consumer)."""
+    if is_sqlite(engine):
+        probe = ConsumerLock(engine, queue)
+        if probe.try_acquire():  # free: nobody consumes
+            probe.release()
+            return False
+        return True
+    key = _lock_key(queue) & 0xFFFFFFFFFFFFFFFF  # pg_locks shows the key as two oids
+    with engine.connect() as connection:
+        found = connection.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND classid = :high AND objid = :low AND objsubid = 1 "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            {"high": key >> 32, "low": key & 0xFFFFFFFF},
+        ).scalar_one()
+    return bool(found)
 
 
 class ConsumerLock:

@@ -14,6 +14,7 @@ from ledger_check import check_gapless
 from sqlalchemy.engine import Engine
 
 from numbering import Allocator
+from numbering.config.celery import CONTROL_QUEUE
 from numbering.errors import (
     InvalidPolicyError,
     InvalidRequestError,
@@ -21,6 +22,8 @@ from numbering.errors import (
     VoidError,
 )
 from numbering.policies import document_date, period_key, render
+from numbering.routing import FREEZE_TASK_NAME, VOID_TASK_NAME
+from numbering.tasks.app import create_app
 
 
 @pytest.fixture
@@ -295,3 +298,30 @@ def test_policies_through_the_queue(stack: Stack) -> None:
         client.next_value("inv", key="bad", date="2026-02-30")
     check_gapless(numbers.engine, "inv/2026-01", keys=["k0", "k2"])
     check_gapless(numbers.engine, "inv/2026-02", keys=["k1"])
+
+
+def test_void_and_freeze_as_celery_tasks(stack: Stack) -> None:
+    """Admin tasks on the control queue, for Celery apps that manage sequences."""
+    numbers = Allocator(stack.settings.database_url)
+    numbers.create_sequence("inv")
+    numbers.next_value("inv", key="k1")
+    stack.worker("--sequence", "inv")
+    app = create_app(stack.settings)
+
+    def call(task: str, **kwargs: object) -> dict[str, object]:
+        result = app.send_task(task, kwargs=kwargs, queue=CONTROL_QUEUE)
+        answer: dict[str, object] = result.get(timeout=60)
+        return answer
+
+    assert call(FREEZE_TASK_NAME, sequence="inv") == {"sequence": "inv", "frozen": True}
+    with pytest.raises(SequenceFrozenError):
+        stack.client().next_value("inv", key="k2")
+    refused = call(FREEZE_TASK_NAME, sequence="inv", frozen="false")
+    assert "frozen must be true or false" in str(refused["error"])
+    assert call(FREEZE_TASK_NAME, sequence="inv", frozen=False)["frozen"] is False
+    voided = call(VOID_TASK_NAME, sequence="inv", key="k1", reason="cancelled")
+    assert (voided["value"], voided["reason"]) == (1, "cancelled")
+    again = call(VOID_TASK_NAME, sequence="inv", key="k1", reason="cancelled")
+    assert "already voided" in str(again["error"])
+    assert stack.client().next_value("inv", key="k2") == 2
+    check_gapless(numbers.engine, "inv", keys=["k1", "k2"])

@@ -395,3 +395,49 @@ def test_passwords_stay_out_of_logs_and_output(stack: Stack) -> None:
         outputs += [done.stdout, done.stderr]
     assert not [out for out in outputs if secret in out]
     assert "postgres:***@" in outputs[1]  # `numbering config` shows the URL, masked
+
+
+def test_status_shows_queues_consumers_and_waiting_requests(stack: Stack) -> None:
+    setup_sequences(stack, "invoices", "orphans")
+    stack.worker("--sequence", "invoices")
+    client = stack.client(timeout=0.5)
+    assert client.next_value("invoices", key="i1") == 1
+    with pytest.raises(RequestTimeout):
+        client.next_value("orphans", key="o1")  # nobody consumes this queue
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "numbering", "status", *args],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    shown = {row["sequence"]: row for row in json.loads(status("--json").stdout)}
+    assert shown["invoices"]["consumer"] is True
+    assert (shown["invoices"]["last_value"], shown["invoices"]["waiting"]) == (1, 0)
+    assert shown["orphans"]["consumer"] is False
+    assert shown["orphans"]["waiting"] >= 1  # the request and its resends
+    assert shown["orphans"]["oldest_waiting_seconds"] >= 0.3
+    assert shown["orphans"]["problems"] == [
+        f"{shown['orphans']['waiting']} request(s) waiting and no active consumer"
+    ]
+    table = status()
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == [
+        "SEQUENCE", "LAST", "WAITING", "IN", "FLIGHT", "QUARANTINED", "CONSUMER", "OLDEST",
+    ]  # fmt: skip
+    assert lines[1].split()[:6] == ["invoices", "1", "0", "0", "0", "alive"]
+    assert lines[2].split()[0] == "orphans"
+    assert "NONE" in lines[2].split()
+    assert "problem: orphans:" in table.stderr
+    checked = status("--check")
+    assert checked.returncode == 1
+    stack.worker("--sequence", "orphans")  # the worker drains the waiting requests
+    deadline = time.monotonic() + 30
+    while status("--check").returncode != 0:
+        assert time.monotonic() < deadline, status().stdout
+        time.sleep(0.2)
+    check_gapless(create_engine(stack.settings.database_url), "orphans", keys=["o1"])
