@@ -16,7 +16,8 @@ The order of the three steps is what makes resent requests safe:
 
 from __future__ import annotations
 
-import uuid
+import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -53,8 +54,15 @@ Bind = Session | Connection
 
 
 def new_key() -> str:
-    """A fresh request key for a caller that gave none."""
-    return f"auto:{uuid.uuid4().hex}"
+    """A fresh request key for a caller that gave none: ``auto:`` then the time in
+    nanoseconds (hex, fixed width) and 64 random bits.
+
+    Time-ordered, so new keys land at the right end of the ledger's unique key index
+    instead of on a random page of it: with random keys (uuid4) the cost per number at
+    10 million ledger rows was 2.2 times the cost on an empty ledger; with these, 1.03
+    times (docs/benchmarks.md, growth).
+    """
+    return f"auto:{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True)
