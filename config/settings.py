@@ -72,6 +72,7 @@ ENV = {
     "request_timeout": "NUMBERING_REQUEST_TIMEOUT",
     "batch_tables": "NUMBERING_BATCH_TABLES",
     "idle_transaction_timeout": "NUMBERING_IDLE_TRANSACTION_TIMEOUT",
+    "metrics_port": "NUMBERING_METRICS_PORT",
 }
 
 # NUMBERING_* variables read elsewhere, which are not settings.
@@ -124,6 +125,8 @@ class Settings:
     #: PostgreSQL ends a numbering session idle in a transaction this long (seconds), so
     #: a frozen worker cannot hold a sequence's lock for ever.
     idle_transaction_timeout: float = DEFAULT_IDLE_TRANSACTION_TIMEOUT
+    #: Port a worker serves Prometheus metrics on (/metrics); None: no metrics server.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -139,6 +142,8 @@ class Settings:
             _check_positive_int(self.batch_size, ENV["batch_size"], MAX_BATCH_SIZE)
             check_seconds(self.request_timeout, ENV["request_timeout"])
             check_seconds(self.idle_transaction_timeout, ENV["idle_transaction_timeout"])
+            if self.metrics_port is not None:
+                _check_positive_int(self.metrics_port, ENV["metrics_port"], 65535)
         except (NumberingError, TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
         object.__setattr__(self, "isolation_level", level)
@@ -198,7 +203,7 @@ def _check_positive_int(value: object, what: str, maximum: int) -> None:
 
 def _parse(name: str, raw: str) -> object:
     variable = ENV[name]
-    if name in ("retry_attempts", "shards", "batch_size"):
+    if name in ("retry_attempts", "shards", "batch_size", "metrics_port"):
         try:
             return int(raw)
         except ValueError:

@@ -622,6 +622,10 @@ def audit(ctx: click.Context, name: str | None) -> None:
             click.echo(f"  - {problem}")
         if report.unlisted_problems:
             click.echo(f"  - ... and {report.unlisted_problems} more")
+        for void in report.voids:
+            click.echo(f"  voided {void}")
+        if report.voided > len(report.voids):
+            click.echo(f"  voided ... and {report.voided - len(report.voids)} more")
         bad += not report.ok
     if bad:
         _fail(f"{bad} of {len(reports)} sequence(s) failed the audit")

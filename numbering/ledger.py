@@ -58,6 +58,9 @@ class AuditReport:
     voided: int = 0
     problems: list[str] = field(default_factory=list)
     unlisted_problems: int = 0
+    #: Voided assignments, for the auditor: "value (cycle c, key k): reason" (at most
+    #: MAX_LISTED_PROBLEMS; ``voided`` counts them all).
+    voids: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +104,8 @@ def _audit_one(connection: Connection, seq: Any) -> AuditReport:
             ledger.c.value,
             ledger.c.count.label("block_count"),  # Row.count is tuple.count
             ledger.c.status,
+            ledger.c.request_key,
+            ledger.c.void_reason,
         )
         .where(ledger.c.sequence_id == seq.id)
         .order_by(ledger.c.cycle, ledger.c.value)
@@ -112,6 +117,12 @@ def _audit_one(connection: Connection, seq: Any) -> AuditReport:
         report.values += row.block_count
         if row.status == STATUS_VOIDED:
             report.voided += 1
+            if len(report.voids) < MAX_LISTED_PROBLEMS:
+                last = row.value + row.block_count - 1
+                values = f"{row.value}" if last == row.value else f"{row.value}..{last}"
+                report.voids.append(
+                    f"{values} (cycle {row.cycle}, key {row.request_key!r}): {row.void_reason}"
+                )
         if row.cycle != cycle:
             _check_cycle_end(report, seq, cycle, expected)
             if row.cycle != cycle + 1:

@@ -163,6 +163,8 @@ class AmqpDrain:
                 self.dead,
                 json.dumps({"headers": message.headers, "body": body.decode("utf-8", "replace")}),
             )
+            if self.processor.metrics is not None:
+                self.processor.metrics.quarantined.inc()
             error = QuarantinedError(
                 f"request quarantined in {self.dead} after it stopped the worker "
                 f"{tries - 1} times; nothing was assigned to it"

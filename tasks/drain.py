@@ -37,6 +37,7 @@ from numbering.replies import push_replies
 from numbering.routing import Shard
 from numbering.runner import Allocator
 from numbering.tasks.guard import ConsumerLock
+from numbering.tasks.metrics import WorkerMetrics
 
 __all__ = ["MAX_DELIVERIES", "BatchProcessor", "RedisDrain", "dead_letter_list", "inflight_list"]
 
@@ -82,11 +83,13 @@ class BatchProcessor:
         replies: redis.Redis,
         app: Celery | None = None,
         shard: Shard | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.allocator = allocator
         self.replies = replies
         self.app = app
         self.shard = shard
+        self.metrics = metrics
 
     def process(self, items: Sequence[Job | BadMessage]) -> None:
         """Assign and answer; raises only if the database could not take the batch."""
@@ -120,17 +123,23 @@ class BatchProcessor:
             failpoint("before_commit", keys)
             return assigned
 
+        seconds = None
         if groups:
             started = time.monotonic()
             outcomes.update(
                 self.allocator.run(work, describe=f"batch of {sum(map(len, groups.values()))}")
             )
-            log.debug(
-                "assigned %d request(s) in %.1f ms", len(items), 1e3 * (time.monotonic() - started)
-            )
+            seconds = time.monotonic() - started
+            log.debug("assigned %d request(s) in %.1f ms", len(items), 1e3 * seconds)
         failpoint("after_commit", keys)
         self._answer(items, outcomes)
         failpoint("after_reply", keys)
+        if self.metrics is not None:
+            self.metrics.batch(
+                [item.sequence if isinstance(item, Job) else None for item in items],
+                [outcomes[index] for index in range(len(items))],
+                seconds,
+            )
 
     def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Outcome]) -> None:
         lean: list[tuple[str, dict[str, Any]]] = []
@@ -278,6 +287,8 @@ class RedisDrain:
             self.dead,
         )
         self.broker.lpush(self.dead, raw)
+        if self.processor.metrics is not None:
+            self.processor.metrics.quarantined.inc()
         error = QuarantinedError(
             f"request quarantined in {self.dead} after it stopped the worker {tries} times; "
             "nothing was assigned to it"

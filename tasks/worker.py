@@ -26,6 +26,7 @@ from numbering.tasks.amqp import AmqpDrain
 from numbering.tasks.app import create_app
 from numbering.tasks.drain import BatchProcessor, RedisDrain
 from numbering.tasks.guard import ConsumerLock
+from numbering.tasks.metrics import WorkerMetrics
 from numbering.tasks.preflight import run_preflight
 
 __all__ = ["NumberingWorker", "build_worker", "queues_for"]
@@ -60,7 +61,8 @@ class NumberingWorker:
         self.allocator = Allocator.from_settings(settings)
         self.replies = redis.Redis.from_url(settings.result_backend)
         self.stop = threading.Event()
-        processor = BatchProcessor(self.allocator, self.replies, app, shard)
+        self.metrics = WorkerMetrics(self.allocator.stats)
+        processor = BatchProcessor(self.allocator, self.replies, app, shard, self.metrics)
         self.drains: list[RedisDrain | AmqpDrain]
         if settings.broker_url.startswith(("redis://", "rediss://")):
             broker = redis.Redis.from_url(settings.broker_url)
@@ -94,6 +96,9 @@ class NumberingWorker:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        if self.settings.metrics_port is not None:
+            self.metrics.serve(self.settings.metrics_port)
+            log.info("metrics on port %d (/metrics)", self.settings.metrics_port)
         for drain in self.drains:
             thread = threading.Thread(
                 target=drain.run, name=f"numbering:{drain.queue}", daemon=True

@@ -119,6 +119,7 @@ def test_policies_from_the_command_line(cli: CLI) -> None:
     assert period["next_formatted"].endswith("-00002")
     audit = cli("audit", "inv").stdout
     assert "inv/2026: ok: last value 1, cycle 0, 1 value(s) in 1 assignment(s), 1 voided" in audit
+    assert "  voided 1 (cycle 0, key 'd'): duplicate invoice" in audit
     exported = list(csv.DictReader(io.StringIO(cli("export", "inv").stdout)))
     assert [(r["sequence"], r["value"], r["status"], r["formatted"]) for r in exported] == [
         ("inv/2025", "1", "assigned", "INV-2025-00001"),

@@ -441,3 +441,48 @@ def test_status_shows_queues_consumers_and_waiting_requests(stack: Stack) -> Non
         assert time.monotonic() < deadline, status().stdout
         time.sleep(0.2)
     check_gapless(create_engine(stack.settings.database_url), "orphans", keys=["o1"])
+
+
+def test_worker_metrics_are_scraped(stack: Stack) -> None:
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stack.env["NUMBERING_METRICS_PORT"] = str(port)
+    setup_sequences(stack, "invoices")
+    worker = stack.worker("--sequence", "invoices")
+    assert f"metrics on port {port}" in worker.output()
+    client = stack.client()
+    for i in range(20):
+        client.next_value("invoices", key=f"k{i}")
+    client.next_value("invoices", key="k0")  # a resend
+    with pytest.raises(KeyReusedError):
+        client.next_values("invoices", 2, key="k1")  # same key, other count: refused
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            text = page.read().decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    samples = scrape()
+
+    def requests(outcome: str) -> float:
+        key = (("outcome", outcome), ("sequence", "invoices"))
+        return samples.get(("numbering_requests_total", key), 0)
+
+    assert requests("assigned") == 20
+    assert requests("resent") == 1
+    assert requests("KeyReusedError") == 1
+    assert samples[("numbering_batch_size_count", ())] >= 1
+    assert samples[("numbering_batch_size_sum", ())] == 22
+    assert samples[("numbering_assignment_seconds_count", ())] >= 1
+    assert samples[("numbering_quarantined_total", ())] == 0
+    check_gapless(create_engine(stack.settings.database_url), "invoices")
