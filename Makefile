@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/numbering: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,examples]'
 	touch $@
 
 install: $(BIN)/numbering ## Create .venv and install numbering with its test tools.
