@@ -27,6 +27,8 @@ def numbering_commands(service: dict[str, Any]) -> list[list[str]]:
     command = service.get("command", [])
     if service.get("entrypoint") == ["sh", "-c"]:
         return [shlex.split(part) for part in " ".join(command).split("&&")]
+    if "entrypoint" in service:  # another program (the example web app)
+        return []
     return [["numbering", *command]] if command else []
 
 
@@ -82,3 +84,12 @@ def test_the_worker_sequences_are_created_by_init() -> None:
     }
     served = {services[name]["command"][2] for name in services if name.startswith("worker-")}
     assert served == created == {"invoices", "credit-notes"}
+
+
+def test_the_web_service_runs_the_example_app() -> None:
+    web = compose()["services"]["web"]
+    assert web["entrypoint"] == ["uvicorn"]
+    module, _, attribute = web["command"][0].partition(":")
+    path = ROOT / (module.replace(".", "/") + ".py")
+    assert path.exists()
+    assert f"\n{attribute} = FastAPI(" in path.read_text()
