@@ -597,6 +597,47 @@ def _count(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+@main.group("quarantine")
+def quarantine() -> None:
+    """List and replay requests quarantined after they stopped the worker."""
+
+
+@quarantine.command("list")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def quarantine_list(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """List quarantined requests (of sequence NAME, or all), oldest first."""
+    from dataclasses import asdict
+
+    from numbering.tasks.quarantine import list_quarantined
+
+    found = list_quarantined(_settings(ctx), name)
+    if as_json:
+        click.echo(json.dumps([asdict(q) for q in found], indent=2))
+        return
+    if not found:
+        click.echo("no quarantined requests")
+        return
+    for q in found:
+        what = q.problem or f"sequence {q.sequence!r}, key {q.key!r}"
+        click.echo(f"{q.queue}: task {q.task_id or '-'}: {what}")
+
+
+@quarantine.command("replay")
+@click.argument("name")
+@click.pass_context
+def quarantine_replay(ctx: click.Context, name: str) -> None:
+    """Put sequence NAME's quarantined requests back in its queue, with fresh attempts.
+
+    Do it once what stopped the worker is fixed. Safe for the ledger: a request that was
+    in fact assigned gets its number back by key."""
+    from numbering.tasks.quarantine import replay
+
+    moved = replay(_settings(ctx), name)
+    click.echo(f"{moved} request(s) put back in the queue of {name!r}")
+
+
 @main.command("audit")
 @click.argument("name", required=False)
 @click.pass_context

@@ -1,0 +1,108 @@
+"""Quarantined requests: list them, and put them back in their queue once fixed.
+
+A request that stopped the worker ``MAX_DELIVERIES`` times is kept in the Redis list
+``_numbering.dead.<queue>`` (on the broker's Redis, or on the reply Redis when the broker
+is RabbitMQ) and answered with ``QuarantinedError``. After the cause is fixed, ``replay``
+moves such requests back to their queue with a fresh count of attempts. Replaying is
+safe for the ledger: a request that was in fact assigned gets its number back by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from numbering.config.settings import Settings
+from numbering.errors import ConfigurationError, NumberingError
+from numbering.messages import SENT_AT_HEADER, Job, decode_redis_message, parse_task
+from numbering.routing import QUEUE_PREFIX, queue_for
+from numbering.tasks.drain import dead_letter_list
+
+__all__ = ["Quarantined", "list_quarantined", "replay"]
+
+_DEAD_PREFIX = dead_letter_list("")
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    queue: str
+    task_id: str | None
+    sequence: str | None
+    key: str | None
+    sent_at: float | None
+    problem: str | None  # why the message itself does not parse, if it does not
+
+
+def _client(settings: Settings) -> redis.Redis:
+    on_redis = settings.broker_url.startswith(("redis://", "rediss://"))
+    return redis.Redis.from_url(settings.broker_url if on_redis else settings.result_backend)
+
+
+def list_quarantined(settings: Settings, sequence: str | None = None) -> list[Quarantined]:
+    """Every quarantined request (of ``sequence``'s queue only, if given), oldest first."""
+    client = _client(settings)
+    try:
+        if sequence is not None:
+            lists = [dead_letter_list(queue_for(sequence, settings.shards))]
+        else:
+            lists = sorted(
+                key.decode() for key in client.scan_iter(match=f"{_DEAD_PREFIX}{QUEUE_PREFIX}*")
+            )
+        found = []
+        for name in lists:
+            queue = name[len(_DEAD_PREFIX) :]
+            for raw in reversed(client.lrange(name, 0, -1)):  # LPUSHed: oldest at the right
+                found.append(_describe(queue, raw))
+        return found
+    finally:
+        client.close()
+
+
+def _describe(queue: str, raw: bytes | str) -> Quarantined:
+    try:
+        stored = json.loads(raw)
+        if "body" in stored and "properties" not in stored:  # RabbitMQ: kept as headers+body
+            headers, body = stored["headers"], json.loads(stored["body"])
+        else:
+            headers, body = decode_redis_message(raw)
+        item = parse_task(headers, body)
+    except (ValueError, KeyError, TypeError, NumberingError) as exc:
+        return Quarantined(queue, None, None, None, None, f"unreadable: {exc}")
+    sent_at = headers.get(SENT_AT_HEADER) if isinstance(headers, dict) else None
+    if isinstance(item, Job):
+        return Quarantined(
+            queue,
+            item.task_id,
+            item.sequence,
+            item.request.key,
+            float(sent_at) if isinstance(sent_at, int | float) else None,
+            None,
+        )
+    return Quarantined(queue, item.task_id, None, item.key, None, str(item.error))
+
+
+def replay(settings: Settings, sequence: str) -> int:
+    """Move ``sequence``'s quarantined requests back to its queue (Redis broker only), with
+    their attempt counts reset. Returns how many were moved."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        raise ConfigurationError(
+            "replaying quarantined requests works on a Redis broker only; on RabbitMQ, "
+            "resend them from the client with the same keys"
+        )
+    queue = queue_for(sequence, settings.shards)
+    dead, attempts = dead_letter_list(queue), f"_numbering.attempts.{queue}"
+    client = _client(settings)
+    moved = 0
+    try:
+        while True:
+            raw: Any = client.lmove(dead, queue, "RIGHT", "LEFT")  # oldest first
+            if raw is None:
+                return moved
+            client.hdel(attempts, hashlib.sha256(raw).hexdigest())
+            moved += 1
+    finally:
+        client.close()
