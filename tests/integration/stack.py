@@ -141,6 +141,16 @@ class Stack:
             worker.wait_for("active consumer" if active else "standby")
         return worker
 
+    def numbering(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run ``numbering ARGS`` with this stack's settings; its output and status."""
+        return subprocess.run(
+            [sys.executable, "-m", "numbering", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     def client(self, **kwargs: Any) -> Client:
         settings = self.settings
         client = Client(

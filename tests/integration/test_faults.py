@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -468,13 +467,7 @@ def test_quarantined_requests_are_listed_and_replayed(stack: Stack) -> None:
     assert "quarantined" in str(outcome.get("error"))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "numbering", "quarantine", *args],
-            env=stack.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return stack.numbering("quarantine", *args)
 
     listed = json.loads(cli("list", "--json").stdout)
     assert [(q["queue"], q["sequence"], q["key"]) for q in listed] == [

@@ -20,13 +20,7 @@ from numbering.tasks.preflight import check_celery_config, check_database, check
 
 def start_worker(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``numbering worker ARGS`` expecting it to refuse (it would run for ever)."""
-    return subprocess.run(
-        [sys.executable, "-m", "numbering", "worker", *args],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return stack.numbering("worker", *args)
 
 
 def assert_refused(done: subprocess.CompletedProcess[str], *phrases: str) -> None:

@@ -406,13 +406,7 @@ def test_status_shows_queues_consumers_and_waiting_requests(stack: Stack) -> Non
         client.next_value("orphans", key="o1")  # nobody consumes this queue
 
     def status(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "numbering", "status", *args],
-            env=stack.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return stack.numbering("status", *args)
 
     shown = {row["sequence"]: row for row in json.loads(status("--json").stdout)}
     assert shown["invoices"]["consumer"] is True
