@@ -13,8 +13,8 @@ $(BIN)/numbering: pyproject.toml
 
 install: $(BIN)/numbering ## Create .venv and install numbering with its test tools.
 
-demo: install ## The quick start: number invoices on an SQLite file and audit the ledger.
-	./scripts/demo.sh
+demo: install ## The quick start: `numbering demo` (no server needed; see README).
+	$(BIN)/numbering demo
 
 services: ## Start PostgreSQL and Redis on this machine if they are down.
 	./scripts/services.sh

@@ -544,6 +544,31 @@ def batch(
 # -- audit -------------------------------------------------------------------------------------
 
 
+@main.command("demo")
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """Run the whole path on this machine: concurrent clients, a queue, the single
+    consumer, the ledger, a table numbered in bulk, and the audit.
+
+    With no settings it needs no server: an in-process queue and an SQLite file
+    (./numbering.db). With NUMBERING_DATABASE_URL and NUMBERING_BROKER_URL set, it uses
+    that database and broker, with a numbering worker running in this process.
+    Exits 1 if the audit finds a problem."""
+    from numbering.tasks.demo import run_demo
+
+    reports = run_demo(_settings(ctx), click.echo)
+    for report in reports:
+        state = "ok" if report.ok else "PROBLEM"
+        click.echo(
+            f"audit {report.sequence}: {state}: {report.values} value(s) in "
+            f"{report.assignments} assignment(s), gapless: {'yes' if report.ok else 'no'}"
+        )
+        for problem in report.problems:
+            click.echo(f"  - {problem}")
+    if not all(report.ok for report in reports):
+        _fail("the audit found a problem")
+
+
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option(

@@ -1,0 +1,221 @@
+"""`numbering demo`: the whole path on one machine, with no servers by default.
+
+Requests from many client threads go through a queue to a single consumer, which
+assigns each batch in one database transaction with numbering's own batch processor,
+answers every request, and the ledger is audited at the end. Then a table of documents
+is numbered in bulk.
+
+Without ``NUMBERING_BROKER_URL`` in the environment the queue is in-process (a
+``queue.Queue`` between the client threads and the consumer thread; messages are passed
+as objects, not encoded) and the ledger is the SQLite file of ``NUMBERING_DATABASE_URL``
+(default ``./numbering.db``). With ``NUMBERING_BROKER_URL`` set, the same demo runs a real
+numbering worker in this process and the real client over that broker.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from numbering.allocator import Request
+from numbering.batch import BatchJob, number_rows
+from numbering.config.settings import ENV, Settings
+from numbering.errors import NumberingError
+from numbering.ledger import AuditReport
+from numbering.messages import BadMessage, Job, error_from_reply, reply_for
+from numbering.migrations import upgrade
+from numbering.runner import Allocator
+from numbering.tasks.drain import BatchProcessor
+
+__all__ = ["run_demo"]
+
+SEQUENCE = "demo-invoices"
+DOCUMENTS = "demo_documents"
+CLIENTS, PER_CLIENT, DOCUMENT_ROWS = 8, 250, 5000
+
+Say = Callable[[str], None]
+
+
+class _LocalProcessor(BatchProcessor):
+    """The worker's batch processor, answering waiting threads instead of Redis lists."""
+
+    def __init__(self, allocator: Allocator) -> None:
+        super().__init__(allocator, replies=None)  # type: ignore[arg-type]
+        self.waiting: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
+        self.lock = threading.Lock()
+
+    def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Any]) -> None:
+        for index, item in enumerate(items):
+            key = item.request.key if isinstance(item, Job) else item.key
+            with self.lock:
+                waiter = self.waiting.pop(key or "", None)
+            if waiter is not None:
+                waiter[1].append(reply_for(key, outcomes[index]))
+                waiter[0].set()
+
+
+class _LocalBroker:
+    """An in-process queue with one consumer thread draining it in batches."""
+
+    def __init__(self, allocator: Allocator, batch_size: int) -> None:
+        self.processor = _LocalProcessor(allocator)
+        self.queue: queue.Queue[Job] = queue.Queue()
+        self.batch_size = batch_size
+        self.stop = threading.Event()
+        self.batches = 0
+        self.thread = threading.Thread(target=self._consume, name="numbering:demo", daemon=True)
+        self.thread.start()
+
+    def _consume(self) -> None:
+        while not self.stop.is_set():
+            try:
+                batch = [self.queue.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self.processor.process_until_done(batch, self.stop, "demo")
+            self.batches += 1
+
+    def next_value(self, sequence: str, key: str) -> int:
+        answered, box = threading.Event(), list[dict[str, Any]]()
+        with self.processor.lock:
+            self.processor.waiting[key] = (answered, box)
+        self.queue.put(Job(uuid.uuid4().hex, sequence, Request(key), None))
+        if not answered.wait(60):
+            raise NumberingError(f"no answer for {key!r} in 60 s")
+        reply = box[0]
+        if "error" in reply:
+            raise error_from_reply(reply["error"])
+        return int(reply["value"])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+class _RealBroker:
+    """A numbering worker in this process, and the client, over the configured broker."""
+
+    def __init__(self, settings: Settings) -> None:
+        from numbering.client import Client
+        from numbering.routing import sequence_queue
+        from numbering.tasks.app import create_app
+        from numbering.tasks.worker import NumberingWorker
+
+        self.worker = NumberingWorker(
+            settings, [sequence_queue(SEQUENCE)], None, create_app(settings)
+        )
+        self.worker.start()
+        self.client = Client.from_settings(settings)
+
+    def next_value(self, sequence: str, key: str) -> int:
+        return self.client.next_value(sequence, key=key)
+
+    def close(self) -> None:
+        self.client.close()
+        self.worker.shutdown()
+
+
+def run_demo(settings: Settings, say: Say) -> list[AuditReport]:
+    """Run the demo; return the audit of what it numbered."""
+    engine_url = settings.database_url
+    say(f"ledger: {engine_url.split('://')[0]} ({_where(engine_url)})")
+    allocator = Allocator.from_settings(settings)
+    schema = upgrade(allocator.engine)
+    say(f"schema at revision {schema.after}")
+    allocator.create_sequence(SEQUENCE, format="INV-{year}-{number:05d}", exist_ok=True)
+    real = bool(os.environ.get(ENV["broker_url"]))
+    broker: _LocalBroker | _RealBroker
+    if real:
+        say(f"queue: {settings.broker_url.split('://')[0]} broker, a numbering worker here")
+        broker = _RealBroker(settings)
+    else:
+        say("queue: in-process (set NUMBERING_BROKER_URL to use Redis or RabbitMQ)")
+        broker = _LocalBroker(allocator, settings.batch_size)
+    run = uuid.uuid4().hex[:8]
+    try:
+        _burst(broker, run, say)
+    finally:
+        broker.close()
+    if isinstance(broker, _LocalBroker):
+        say(f"  the single consumer assigned them in {broker.batches} transaction(s)")
+    _documents(allocator, say)
+    reports = allocator.audit(SEQUENCE)
+    allocator.close()
+    return reports
+
+
+def _where(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return (
+        parsed.database or ""
+        if parsed.drivername.startswith("sqlite")
+        else (f"{parsed.host}/{parsed.database}")
+    )
+
+
+def _burst(broker: _LocalBroker | _RealBroker, run: str, say: Say) -> None:
+    total = CLIENTS * PER_CLIENT
+    say(f"{CLIENTS} clients each ask for {PER_CLIENT} invoice numbers at once")
+    got: list[int] = []
+    first: list[int] = []
+    errors: list[BaseException] = []
+
+    def clerk(c: int) -> None:
+        try:
+            for i in range(PER_CLIENT):
+                got.append(broker.next_value(SEQUENCE, f"demo:{run}:{c}:{i}"))
+                if (c, i) == (0, 0):
+                    first.append(got[-1])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=clerk, args=(c,)) for c in range(CLIENTS)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        time.sleep(0.5)
+        say(f"  {len(got):5d} / {total} numbered")
+    if errors:
+        raise errors[0]
+    elapsed = time.monotonic() - started
+    say(f"  {total} numbers in {elapsed:.1f} s: {min(got)}..{max(got)}, each once")
+    again = broker.next_value(SEQUENCE, f"demo:{run}:0:0")
+    say(f"  client 0's first request got {first[0]}; sent again with its key: {again}")
+
+
+def _documents(allocator: Allocator, say: Say) -> None:
+    with allocator.engine.begin() as conn:
+        table = sa.Table(
+            DOCUMENTS,
+            sa.MetaData(),
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("number", sa.BigInteger, nullable=True),
+        )
+        table.create(conn, checkfirst=True)
+        start = conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0))).scalar_one()
+        conn.execute(
+            table.insert(), [{"id": start + i + 1, "number": None} for i in range(DOCUMENT_ROWS)]
+        )
+    say(f"numbering {DOCUMENT_ROWS} documents in table {DOCUMENTS}, 1,000 rows per transaction")
+    done = number_rows(
+        allocator,
+        BatchJob(SEQUENCE, DOCUMENTS, chunk_size=1000),
+        allowed_tables=[DOCUMENTS],
+        progress=lambda p: say(f"  {p.numbered:5d} / {p.remaining_at_start} documents numbered"),
+    )
+    say(f"  documents got {done.first_value}..{done.last_value}")
