@@ -73,6 +73,7 @@ ENV = {
     "batch_tables": "NUMBERING_BATCH_TABLES",
     "idle_transaction_timeout": "NUMBERING_IDLE_TRANSACTION_TIMEOUT",
     "metrics_port": "NUMBERING_METRICS_PORT",
+    "log_format": "NUMBERING_LOG_FORMAT",
 }
 
 # NUMBERING_* variables read elsewhere, which are not settings.
@@ -127,6 +128,9 @@ class Settings:
     idle_transaction_timeout: float = DEFAULT_IDLE_TRANSACTION_TIMEOUT
     #: Port a worker serves Prometheus metrics on (/metrics); None: no metrics server.
     metrics_port: int | None = None
+    #: Worker log lines as ``text`` or as ``json`` (one object per line, with the request
+    #: key, sequence and task id as fields where a line concerns one request).
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -142,6 +146,10 @@ class Settings:
             _check_positive_int(self.batch_size, ENV["batch_size"], MAX_BATCH_SIZE)
             check_seconds(self.request_timeout, ENV["request_timeout"])
             check_seconds(self.idle_transaction_timeout, ENV["idle_transaction_timeout"])
+            if self.log_format not in ("text", "json"):
+                raise ConfigurationError(
+                    f"{ENV['log_format']} must be text or json, got {self.log_format!r}"
+                )
             if self.metrics_port is not None:
                 _check_positive_int(self.metrics_port, ENV["metrics_port"], 65535)
         except (NumberingError, TypeError, ValueError) as exc:

@@ -457,6 +457,17 @@ def worker(
     settings = _settings(ctx)
     if batch_size is not None:
         settings = replace(settings, batch_size=batch_size)
+    if settings.log_format == "json":
+        from celery.signals import after_setup_logger
+
+        from numbering.logs import JsonFormatter
+
+        def json_lines(logger: logging.Logger, **_: object) -> None:
+            for handler in logger.handlers:
+                handler.setFormatter(JsonFormatter())
+
+        json_lines(logging.getLogger())  # the handler set up above ...
+        after_setup_logger.connect(json_lines, weak=False)  # ... and any Celery adds
     parsed = Shard.parse(shard) if shard else None
     if not sequences and parsed is None:
         _fail("give at least one --sequence NAME or a --shard I/K")

@@ -147,7 +147,17 @@ class BatchProcessor:
             outcome = outcomes[index]
             key = item.request.key if isinstance(item, Job) else item.key
             if isinstance(outcome, NumberingError):
-                log.info("request %s (key %r) failed: %s", item.task_id, key, outcome)
+                log.info(
+                    "request %s (key %r) failed: %s",
+                    item.task_id,
+                    key,
+                    outcome,
+                    extra={
+                        "key": key,
+                        "task_id": item.task_id,
+                        "sequence": item.sequence if isinstance(item, Job) else None,
+                    },
+                )
             reply = reply_for(key, outcome)
             if item.reply_to is not None:
                 lean.append((item.reply_to, reply))
@@ -277,14 +287,16 @@ class RedisDrain:
 
     def _quarantine(self, raw: bytes | str, tries: int) -> None:
         item = self._parse(raw)
+        key = item.request.key if isinstance(item, Job) else item.key
         log.error(
             "%s: quarantined request %s (key %r) after it stopped the worker %d times; "
             "it is kept in %s",
             self.queue,
             item.task_id,
-            item.request.key if isinstance(item, Job) else item.key,
+            key,
             tries,
             self.dead,
+            extra={"key": key, "task_id": item.task_id, "queue": self.queue},
         )
         self.broker.lpush(self.dead, raw)
         if self.processor.metrics is not None:
@@ -293,7 +305,6 @@ class RedisDrain:
             f"request quarantined in {self.dead} after it stopped the worker {tries} times; "
             "nothing was assigned to it"
         )
-        key = item.request.key if isinstance(item, Job) else item.key
         bad = BadMessage(item.task_id, key, item.reply_to, error)
         self.processor.process([bad])
 

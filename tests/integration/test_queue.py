@@ -480,3 +480,24 @@ def test_worker_metrics_are_scraped(stack: Stack) -> None:
     assert samples[("numbering_assignment_seconds_count", ())] >= 1
     assert samples[("numbering_quarantined_total", ())] == 0
     check_gapless(create_engine(stack.settings.database_url), "invoices")
+
+
+def test_worker_json_logs_carry_the_request_key(stack: Stack) -> None:
+    stack.env["NUMBERING_LOG_FORMAT"] = "json"
+    setup_sequences(stack, "invoices")
+    worker = stack.worker("--sequence", "invoices")
+    client = stack.client()
+    client.next_value("invoices", key="dup")
+    with pytest.raises(KeyReusedError):
+        client.next_values("invoices", 2, key="dup")
+    deadline = time.monotonic() + 10
+    while '"key": "dup"' not in worker.output():
+        assert time.monotonic() < deadline, worker.output()
+        time.sleep(0.1)
+    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    [failure] = [line for line in lines if line.get("key") == "dup"]
+    assert failure["sequence"] == "invoices"
+    assert failure["level"] == "INFO"
+    assert "was already used for a block of 1 value(s), not 2" in failure["message"]
+    assert {"time", "logger", "task_id"} <= set(failure)
+    assert any("active consumer of numbering.invoices" in line["message"] for line in lines)

@@ -215,3 +215,22 @@ def test_tasks_and_config_are_not_top_level_names() -> None:
         assert importlib.util.find_spec("tasks") is None
     finally:
         os.chdir(here)
+
+
+def test_log_format_is_text_or_json() -> None:
+    assert Settings.from_env({"NUMBERING_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ConfigurationError, match="NUMBERING_LOG_FORMAT must be text or json"):
+        Settings.from_env({"NUMBERING_LOG_FORMAT": "xml"})
+
+
+def test_json_log_lines() -> None:
+    import json
+    import logging
+
+    from numbering.logs import JsonFormatter
+
+    record = logging.LogRecord("numbering.worker", logging.INFO, "f", 1, "hi %s", ("x",), None)
+    record.key = "invoice:1"
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["message"], line["key"], line["level"]) == ("hi x", "invoice:1", "INFO")
+    assert "sequence" not in line
