@@ -186,7 +186,8 @@ def render(results: Results, args: argparse.Namespace, machine: str, output: Pat
         "table comes from the same run; requesters are separate processes; each point is "
         f"{args.duration:g} s of measurement after {args.warmup:g} s of warm-up.",
         "",
-        "Re-run: `make bench` (about 15 minutes; `python -m benchmarks.run --help` for sizes).",
+        "Re-run: `make bench` (about 10 minutes on 2 cores; "
+        "`python -m benchmarks.run --help` for sizes).",
         "",
         "## Targets",
         "",
