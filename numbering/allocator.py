@@ -21,15 +21,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import Any, NamedTuple, overload
+from typing import Any, overload
 
-from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from numbering.database import is_sqlite, translate_error
+from numbering.database import translate_error
 from numbering.errors import (
     InvalidCountError,
     KeyReusedError,
@@ -39,7 +37,8 @@ from numbering.errors import (
     SequenceNotFoundError,
 )
 from numbering.policies import document_date, period_key, period_name, render
-from numbering.schema import STATUS_ASSIGNED, ledger, sequences
+from numbering.schema import STATUS_ASSIGNED
+from numbering.store import CoreStore, CounterUpdate, Prior, store_for
 from numbering.validation import (
     MAX_INT64,
     check_count,
@@ -118,16 +117,6 @@ class Assignment:
 Outcome = Assignment | NumberingError
 
 
-class _Prior(NamedTuple):
-    sequence_id: int
-    cycle: int
-    value: int
-    size: int
-    parent_id: int | None = None
-    formatted: str | None = None
-    period: str | None = None
-
-
 def assign(
     bind: Bind, sequence: str, requests: Sequence[Request], *, nowait: bool = False
 ) -> list[Outcome]:
@@ -151,49 +140,44 @@ def assign(
 
 
 def _lock(bind: Bind, name: str, nowait: bool) -> Any:
-    if is_sqlite(bind):
-        # SQLite ignores FOR UPDATE; a write takes the database lock before we read.
-        bind.execute(
-            update(sequences).where(sequences.c.name == name).values(cycle=sequences.c.cycle)
-        )
-    row = _locked_row(bind, name, nowait)
+    """Lock the counter row of sequence ``name`` (for the rest of the transaction)."""
+    row = store_for(bind).lock(name, nowait)
     if row is None:
         raise SequenceNotFoundError(name)
     return row
 
 
-def _locked_row(bind: Bind, name: str, nowait: bool) -> Any:
-    return bind.execute(
-        select(sequences).where(sequences.c.name == name).with_for_update(nowait=nowait)
-    ).one_or_none()
-
-
-def _period_counter(bind: Bind, parent: Any, key: str, nowait: bool, *, frozen: bool) -> Any:
+def _period_counter(
+    store: CoreStore, parent: Any, key: str, nowait: bool, *, frozen: bool = False
+) -> Any:
     """Lock the counter of ``parent``'s period ``key``; create it on first use.
 
     Race-free: the parent row is locked first by everyone who assigns from it, and the
     insert does nothing if the row exists (a direct writer may have made it meanwhile).
     """
     name = period_name(parent.name, key)
-    row = _locked_row(bind, name, nowait)
+    row = store.lock(name, nowait)
     if row is not None:
         return row
     now = datetime.now(timezone.utc)
-    values = {
-        "name": name,
-        "initial_value": parent.initial_value,
-        "reset_value": parent.reset_value,
-        "max_value": parent.max_value,
-        "cycle": 0,
-        "created_at": now,
-        "updated_at": now,
-        "frozen": frozen,
-        "parent_id": parent.id,
-        "period_key": key,
-    }
-    dialect = sqlite_insert if is_sqlite(bind) else pg_insert
-    bind.execute(dialect(sequences).values(values).on_conflict_do_nothing())
-    return _lock(bind, name, nowait)
+    store.create_counter(
+        {
+            "name": name,
+            "initial_value": parent.initial_value,
+            "reset_value": parent.reset_value,
+            "max_value": parent.max_value,
+            "cycle": 0,
+            "created_at": now,
+            "updated_at": now,
+            "frozen": frozen,
+            "parent_id": parent.id,
+            "period_key": key,
+        }
+    )
+    row = store.lock(name, nowait)
+    if row is None:
+        raise SequenceNotFoundError(name)
+    return row
 
 
 def _next_block(name: str, seq: Any, last: int | None, cycle: int, count: int) -> tuple[int, int]:
@@ -221,8 +205,10 @@ def _next_block(name: str, seq: Any, last: int | None, cycle: int, count: int) -
 
 
 def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) -> list[Outcome]:
-    seq = _lock(bind, name, nowait)
-    prior = _look_up(bind, {request.key for request in requests})
+    store = store_for(bind)
+    seq, prior = store.lock_and_look_up(name, {request.key for request in requests}, nowait)
+    if seq is None:
+        raise SequenceNotFoundError(name)
     outcomes: dict[int, Outcome] = {}
     # Requests grouped by the counter they draw from: the sequence, or one of its periods.
     groups: dict[str | None, list[tuple[int, Request, date]]] = {}
@@ -250,8 +236,9 @@ def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) ->
 
     now = datetime.now(timezone.utc)
     rows: list[dict[str, Any]] = []
+    updates: list[CounterUpdate] = []
     for key in sorted(groups, key=lambda k: k or ""):  # one lock order for everyone
-        counter = seq if key is None else _period_counter(bind, seq, key, nowait, frozen=False)
+        counter = seq if key is None else _period_counter(store, seq, key, nowait)
         if counter.frozen:
             for index, _, _ in groups[key]:
                 outcomes[index] = SequenceFrozenError(counter.name)
@@ -283,17 +270,12 @@ def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) ->
                 }
             )
         if last != counter.last_value or cycle != counter.cycle:
-            bind.execute(
-                update(sequences)
-                .where(sequences.c.id == counter.id)
-                .values(last_value=last, cycle=cycle, updated_at=now)
-            )
-    if rows:
-        bind.execute(insert(ledger), rows)
+            updates.append(CounterUpdate(counter.id, last, cycle))
+    store.write(updates, rows, now)
     for index, original in copies.items():
         outcome = outcomes[original]
         if isinstance(outcome, Assignment):
-            known = _Prior(
+            known = Prior(
                 seq.id, outcome.cycle, outcome.value, outcome.count, None,
                 outcome.formatted, outcome.period,
             )  # fmt: skip
@@ -302,26 +284,7 @@ def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) ->
     return [outcomes[index] for index in range(len(requests))]
 
 
-def _look_up(bind: Bind, keys: set[str]) -> dict[str, _Prior]:
-    """The assignments the ledger already holds for ``keys``."""
-    query = (
-        select(
-            ledger.c.request_key,
-            ledger.c.sequence_id,
-            ledger.c.cycle,
-            ledger.c.value,
-            ledger.c.count.label("block_count"),  # Row.count is tuple.count
-            sequences.c.parent_id,
-            ledger.c.formatted,
-            sequences.c.period_key,
-        )
-        .join(sequences, sequences.c.id == ledger.c.sequence_id)
-        .where(ledger.c.request_key.in_(keys))
-    )
-    return {row.request_key: _Prior(*row[1:]) for row in bind.execute(query)}
-
-
-def _resend(name: str, sequence_id: int, request: Request, known: _Prior) -> Outcome:
+def _resend(name: str, sequence_id: int, request: Request, known: Prior) -> Outcome:
     if sequence_id not in (known.sequence_id, known.parent_id):
         return KeyReusedError(request.key, "is already used on another sequence")
     if known.size != request.count:

@@ -267,12 +267,13 @@ def set_frozen(bind: Bind, name: str, frozen: bool, period: str | None = None) -
     requests are refused with :class:`SequenceFrozenError` and nothing is assigned. A
     period can be frozen before its first number (a closed or not yet opened period)."""
     from numbering.allocator import _lock, _period_counter
+    from numbering.store import store_for
 
     seq = _lock(bind, check_sequence_name(name), nowait=False)
     target = seq
     if period is not None:
         key = _period_of(get_sequence(bind, name), period)
-        target = _period_counter(bind, seq, key, nowait=False, frozen=frozen)
+        target = _period_counter(store_for(bind), seq, key, nowait=False, frozen=frozen)
     bind.execute(
         update(sequences)
         .where(sequences.c.id == target.id)

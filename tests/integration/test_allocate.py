@@ -272,3 +272,39 @@ def test_in_session_api_works_with_orm_sessions(engine: Engine) -> None:
     with Session(engine) as session, session.begin():
         assert allocate(session, "invoices", key="k") == 1
     check_gapless(engine, "invoices", keys=["k"])
+
+
+def test_batch_rows_are_stored_exactly_by_either_store(numbers: Allocator, engine: Engine) -> None:
+    """PostgreSQL through psycopg2 takes the plain-SQL store (two statements a round
+    trip); SQLite the Core one. Both must write the same ledger rows: references of every
+    JSON kind, formatted numbers, counters, and resends answered from the ledger."""
+    from numbering.schema import ledger
+    from numbering.store import CoreStore, Psycopg2Store, store_for
+
+    with engine.connect() as conn:
+        store = store_for(conn)
+    expected_store = Psycopg2Store if engine.dialect.name == "postgresql" else CoreStore
+    assert type(store) is expected_store
+
+    numbers.create_sequence("invoices", format="INV-{number:04d}", initial_value=7)
+    references = [{"invoice": 1, "lines": [1, 2]}, [1, "two"], "text with 'quotes'", 3.5, None]
+    requests = [Request(f"k{i}", 1 + i, ref) for i, ref in enumerate(references)]
+    outcomes = numbers.assign("invoices", requests)
+    assert [(o.value, o.count, o.formatted) for o in outcomes] == [  # type: ignore[union-attr]
+        (7, 1, "INV-0007"), (8, 2, "INV-0008"), (10, 3, "INV-0010"),
+        (13, 4, "INV-0013"), (17, 5, "INV-0017"),
+    ]  # fmt: skip
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(ledger.c.request_key, ledger.c.value, ledger.c.count, ledger.c.reference,
+                      ledger.c.formatted, ledger.c.status).order_by(ledger.c.value)
+        ).all()  # fmt: skip
+    assert [tuple(r) for r in rows] == [
+        (f"k{i}", o.value, o.count, ref, o.formatted, "assigned")  # type: ignore[union-attr]
+        for i, (o, ref) in enumerate(zip(outcomes, references, strict=True))
+    ]
+    assert numbers.last_value("invoices") == 21
+
+    again = numbers.assign("invoices", [*requests[:2], Request("k9")])
+    assert [(o.value, o.resent) for o in again] == [(7, True), (8, True), (22, False)]  # type: ignore[union-attr]
+    check_gapless(engine, "invoices", keys=[r.key for r in requests] + ["k9"])
