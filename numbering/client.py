@@ -9,9 +9,12 @@
     r = client.next_values("invoices", count=500, key="batch:7")      # range
     n = await client.next_value_async("invoices", key="invoice:42")
 
-Requests are real Celery task messages, published with ``send_task`` on the sequence's
-queue. Answers come back on a Redis list owned by this process (see
-:mod:`numbering.replies`), read by one listener thread that wakes the waiting callers.
+Requests are real Celery task messages, published on the sequence's queue (one LPUSH on
+a Redis broker, ``send_task`` on RabbitMQ). Answers come back on a Redis list owned by
+this process (see :mod:`numbering.replies`). A waiting thread reads that list itself and
+hands other threads their answers (one reader at a time; the role passes on when the
+reader has its answer), so a caller that waits alone costs no thread switch; asyncio
+callers are served by a listener thread started on first use.
 
 A request that gets no answer in time is sent again with the *same* key (it can never get
 a second number), and when ``timeout`` runs out :class:`RequestTimeout` names the key to
@@ -58,6 +61,8 @@ log = logging.getLogger("numbering.client")
 _LISTEN_SECONDS = 1.0
 # Replies popped per round trip once one has arrived.
 _REPLY_BATCH = 200
+# Shortest wait worth a BRPOP (its timeout is in seconds; 0 would block for ever).
+_MIN_BLOCK_SECONDS = 0.001
 # Seconds before sending again after the broker refused a message.
 _PUBLISH_RETRY_SECONDS = 0.2
 # What kombu raises when RabbitMQ cannot take a message.
@@ -79,6 +84,22 @@ class _ProcessState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
     listener: threading.Thread | None = None
+    #: The waiting thread that reads the reply list now (None: nobody, or the listener).
+    reader: _SyncWaiter | None = None
+
+
+class _SyncWaiter:
+    """A blocked caller: woken by its reply, or when the reader role passes to it."""
+
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: dict[str, Any] | None = None
+
+    def __call__(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+        self.event.set()
 
 
 class Client:
@@ -155,11 +176,16 @@ class Client:
             ),
             reply_list=new_reply_list(),
         )
-        state.listener = threading.Thread(
-            target=self._listen, args=(state,), name="numbering-replies", daemon=True
-        )
-        state.listener.start()
         return state
+
+    def _start_listener(self, state: _ProcessState) -> None:
+        """Read replies in a thread of their own from now on (for asyncio callers)."""
+        with state.lock:
+            if state.listener is None:
+                state.listener = threading.Thread(
+                    target=self._listen, args=(state,), name="numbering-replies", daemon=True
+                )
+                state.listener.start()
 
     def _forget(self) -> None:
         """Drop the parent's connections in a forked child, without closing them."""
@@ -193,7 +219,7 @@ class Client:
             for raw in [first[1], *more]:
                 self._deliver(state, raw)
 
-    def _deliver(self, state: _ProcessState, raw: bytes) -> None:
+    def _deliver(self, state: _ProcessState, raw: bytes | str) -> None:
         try:
             reply = json.loads(raw)
             key = reply["key"]
@@ -218,7 +244,7 @@ class Client:
             kwargs["date"] = request.date
         queue = queue_for(sequence, self.shards)
         if state.broker is not None:
-            message = encode_redis_message(state.app, queue, kwargs, state.reply_list)
+            message = encode_redis_message(queue, kwargs, state.reply_list)
             state.broker.lpush(queue, message)
             return
         state.app.send_task(
@@ -270,28 +296,73 @@ class Client:
         """Request ``count`` consecutive values; block until they are assigned."""
         name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout, date)
         state = self._process_state()
-        answered = threading.Event()
-        box: list[dict[str, Any]] = []
-
-        def wake(reply: dict[str, Any]) -> None:
-            box.append(reply)
-            answered.set()
-
-        self._register(state, request.key, wake)
+        waiter = _SyncWaiter()
+        self._register(state, request.key, waiter)
         try:
             deadline = time.monotonic() + wait
             failure: BaseException | None = None
             while True:
                 failure = self._try_publish(state, name, request)
-                left = deadline - time.monotonic()
                 pause = _PUBLISH_RETRY_SECONDS if failure else resend
-                if answered.wait(min(pause, max(left, 0))):
-                    return _result(name, request, box[0])
+                if self._await(state, waiter, min(time.monotonic() + pause, deadline)):
+                    assert waiter.reply is not None
+                    return _result(name, request, waiter.reply)
                 if time.monotonic() >= deadline:
                     raise RequestTimeout(request.key, name, wait) from failure
                 log.info("no answer yet for key %r on %s; sending it again", request.key, name)
         finally:
-            self._unregister(state, request.key, wake)
+            self._unregister(state, request.key, waiter)
+            self._pass_reading_on(state, waiter)
+
+    def _await(self, state: _ProcessState, waiter: _SyncWaiter, until: float) -> bool:
+        """Wait until ``until`` (monotonic) for ``waiter``'s reply, reading the reply list
+        while no other thread does; True if the reply came."""
+        while True:
+            waiter.event.clear()
+            if waiter.reply is not None:
+                return True
+            if self._take_reading(state, waiter):
+                return self._read_replies(state, waiter, until)
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            waiter.event.wait(left)  # set by the reply, or when the reader role is ours
+
+    def _take_reading(self, state: _ProcessState, waiter: _SyncWaiter) -> bool:
+        with state.lock:
+            if state.listener is None and state.reader in (None, waiter):
+                state.reader = waiter
+                return True
+            return False
+
+    def _read_replies(self, state: _ProcessState, waiter: _SyncWaiter, until: float) -> bool:
+        """Pop replies and hand them out until ``waiter``'s has come (True) or ``until``."""
+        while waiter.reply is None:
+            left = until - time.monotonic()
+            if left < _MIN_BLOCK_SECONDS:  # BRPOP's timeout 0 would mean "for ever"
+                return False
+            try:
+                item = state.replies.brpop([state.reply_list], timeout=min(left, _LISTEN_SECONDS))
+            except redis.RedisError as exc:
+                log.warning("reading replies: %s; trying again", exc)
+                time.sleep(min(0.5, max(until - time.monotonic(), 0)))
+                continue
+            if item is not None:
+                self._deliver(state, item[1])
+        return True
+
+    def _pass_reading_on(self, state: _ProcessState, waiter: _SyncWaiter) -> None:
+        """A leaving reader hands the role to a thread still waiting, and wakes it."""
+        with state.lock:
+            if state.reader is not waiter:
+                return
+            state.reader = None
+            for waiting in state.waiters.values():
+                for other in waiting:
+                    if isinstance(other, _SyncWaiter) and other.reply is None:
+                        state.reader = other
+                        other.event.set()
+                        return
 
     def _try_publish(
         self, state: _ProcessState, sequence: str, request: Request
@@ -349,6 +420,8 @@ class Client:
         name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout, date)
         loop = asyncio.get_running_loop()
         state = await loop.run_in_executor(None, self._process_state)
+        if state.listener is None:
+            self._start_listener(state)
         answer: asyncio.Future[dict[str, Any]] = loop.create_future()
 
         def settle(reply: dict[str, Any]) -> None:

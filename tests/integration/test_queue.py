@@ -298,6 +298,63 @@ def test_client_is_shared_by_threads(stack: Stack) -> None:
     check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
 
 
+def test_reading_passes_to_a_waiting_thread_when_the_reader_leaves(stack: Stack) -> None:
+    """Waiting threads take turns reading the reply list. The reader here gives up (its
+    sequence has no worker); the other thread must take over reading at once, not at its
+    next resend (30 s away)."""
+    setup_sequences(stack, "invoices", "unserved")
+    client: Client = stack.client(resend_after=30)
+    outcome: dict[str, object] = {}
+
+    def first() -> None:  # waits first, so it is the reader; times out after 1 s
+        try:
+            client.next_value("unserved", key="u1", timeout=1)
+        except RequestTimeout as exc:
+            outcome["first"] = exc
+
+    def second() -> None:
+        outcome["second"] = client.next_value("invoices", key="i1", timeout=60)
+        outcome["second at"] = time.monotonic()
+
+    reader = threading.Thread(target=first)
+    reader.start()
+    time.sleep(0.3)
+    follower = threading.Thread(target=second)
+    follower.start()
+    reader.join(10)
+    assert isinstance(outcome.get("first"), RequestTimeout)
+    stack.worker("--sequence", "invoices")
+    ready = time.monotonic()
+    follower.join(60)
+    assert outcome["second"] == 1
+    assert float(outcome["second at"]) - ready < 10  # type: ignore[arg-type]
+
+
+def test_sync_and_asyncio_callers_in_one_process(stack: Stack) -> None:
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    client: Client = stack.client()
+    sync_values: list[int] = []
+
+    def clerk() -> None:
+        sync_values.extend(client.next_value("invoices", key=f"s{i}") for i in range(30))
+
+    thread = threading.Thread(target=clerk)
+    thread.start()
+
+    async def main() -> list[int]:
+        return await asyncio.gather(
+            *(client.next_value_async("invoices", key=f"a{i}") for i in range(30))
+        )
+
+    async_values = asyncio.run(main())
+    thread.join(60)
+    assert sorted(sync_values + async_values) == list(range(1, 61))
+    assert_increasing([sync_values])
+    keys = [f"s{i}" for i in range(30)] + [f"a{i}" for i in range(30)]
+    check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
+
+
 def test_cli_next_goes_through_the_queue(stack: Stack) -> None:
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices")

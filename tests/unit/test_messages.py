@@ -32,7 +32,7 @@ def app() -> Celery:
 
 def test_round_trip(app: Celery) -> None:
     kwargs = {"sequence": "invoices", "key": "invoice:1", "count": 3, "reference": {"a": 1}}
-    raw = encode_redis_message(app, "numbering.invoices", kwargs, "numbering.reply.abc")
+    raw = encode_redis_message("numbering.invoices", kwargs, "numbering.reply.abc")
     headers, body = decode_redis_message(raw)
     assert headers["task"] == TASK_NAME
     assert headers[REPLY_HEADER] == "numbering.reply.abc"
@@ -41,6 +41,32 @@ def test_round_trip(app: Celery) -> None:
     assert (job.sequence, job.request.key, job.request.count) == ("invoices", "invoice:1", 3)
     assert job.request.reference == {"a": 1}
     assert job.reply_to == "numbering.reply.abc"
+
+
+def test_encoded_message_is_what_celery_builds(app: Celery) -> None:
+    """The hand-written message matches Celery's own ``as_task_v2`` field for field, so
+    stock Celery tooling (workers, Flower, ``celery inspect``) reads it as a real task."""
+    kwargs = {"sequence": "invoices", "key": "invoice:1", "count": 1, "reference": None}
+    ours = json.loads(encode_redis_message("numbering.invoices", kwargs, "numbering.reply.abc"))
+    task_id = ours["headers"]["id"]
+    celery = app.amqp.as_task_v2(task_id, TASK_NAME, args=(), kwargs=kwargs, ignore_result=True)
+    expected_headers = {
+        **celery.headers,
+        "numbering_sent_at": ours["headers"]["numbering_sent_at"],
+        REPLY_HEADER: "numbering.reply.abc",
+    }
+    assert ours["headers"] == json.loads(json.dumps(expected_headers))
+    assert json.loads(base64.b64decode(ours["body"])) == json.loads(json.dumps(celery.body))
+    properties = dict(ours["properties"])
+    assert properties.pop("delivery_tag") != task_id
+    assert properties == {
+        **celery.properties,
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "numbering.invoices", "routing_key": "numbering.invoices"},
+        "priority": 0,
+        "body_encoding": "base64",
+    }
+    assert (ours["content-type"], ours["content-encoding"]) == ("application/json", "utf-8")
 
 
 def envelope(payload: object, *, headers: dict[str, object] | None = None, **extra: object) -> str:
