@@ -54,9 +54,11 @@ MAX_DELIVERIES = 3
 # Seconds to wait before retrying a batch the database could not take.
 OUTAGE_BACKOFF_SECONDS = 1.0
 
-# Atomically move up to ARGV[1] messages from the queue (oldest first) to the in-flight
-# list. Needs Redis 6.2+ (RPOP with a count).
-_DRAIN = """
+# Acknowledge the batch in flight (clear the in-flight list), then atomically move up to
+# ARGV[1] messages from the queue (oldest first) into it: one round trip between two
+# batches under load. Needs Redis 6.2+ (RPOP with a count).
+_ACK_AND_DRAIN = """
+redis.call('DEL', KEYS[2])
 local items = redis.call('RPOP', KEYS[1], ARGV[1])
 if not items then return {} end
 for i = 1, #items do redis.call('LPUSH', KEYS[2], items[i]) end
@@ -210,7 +212,7 @@ class RedisDrain:
         self.lock = lock
         self.batch_size = batch_size
         self.stop = stop
-        self._drain = broker.register_script(_DRAIN)
+        self._ack_and_drain = broker.register_script(_ACK_AND_DRAIN)
         #: Requests answered since start (for logs and tests).
         self.handled = 0
 
@@ -246,16 +248,25 @@ class RedisDrain:
     def _consume(self) -> None:
         self._finish_inflight()
         checked = time.monotonic()
+        batch: list[bytes | str] = []
         while not self.stop.is_set():
             if time.monotonic() - checked > LOCK_CHECK_SECONDS:
                 if not self.lock.still_held():
                     return
                 checked = time.monotonic()
-            first = self.broker.blmove(self.queue, self.inflight, POLL_SECONDS, "RIGHT", "LEFT")
-            if first is None:
-                continue
-            rest = self._drain(keys=[self.queue, self.inflight], args=[self.batch_size - 1])
-            self._handle([first, *rest])
+            if not batch:
+                # Idle: block for the next request and take it alone, at once. What
+                # arrives meanwhile is the next batch, taken together with the ack.
+                first = self.broker.blmove(self.queue, self.inflight, POLL_SECONDS, "RIGHT", "LEFT")
+                if first is None:
+                    continue
+                batch = [first]
+            if not self._process(batch):
+                return  # stopped during an outage: the batch stays in flight
+            if self.stop.is_set():
+                self.broker.delete(self.inflight)
+                return
+            batch = self._ack_and_drain(keys=[self.queue, self.inflight], args=[self.batch_size])
 
     def _finish_inflight(self) -> None:
         """Finish what a stopped consumer left in flight, one request at a time.
@@ -321,8 +332,3 @@ class RedisDrain:
         if done:
             self.handled += len(items)
         return done
-
-    def _handle(self, raws: list[bytes | str]) -> None:
-        if self._process(raws):
-            self.broker.delete(self.inflight)
-        # else: stopped during an outage; the batch stays in flight for the next consumer
