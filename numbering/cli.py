@@ -424,7 +424,14 @@ def next_(
     metavar="NAME",
     help="Consume this sequence's queue (repeatable).",
 )
-@click.option("--shard", metavar="I/K", help="Consume shard queue I of K (see NUMBERING_SHARDS).")
+@click.option(
+    "--shard",
+    "shards",
+    multiple=True,
+    metavar="I/K",
+    help="Consume shard queue I of K (see NUMBERING_SHARDS; repeatable: one process can "
+    "serve several shards, a consumer thread each).",
+)
 @click.option(
     "--batch-size",
     type=int,
@@ -435,7 +442,7 @@ def next_(
 def worker(
     ctx: click.Context,
     sequences: tuple[str, ...],
-    shard: str | None,
+    shards: tuple[str, ...],
     batch_size: int | None,
     loglevel: str,
 ) -> None:
@@ -468,8 +475,8 @@ def worker(
 
         json_lines(logging.getLogger())  # the handler set up above ...
         after_setup_logger.connect(json_lines, weak=False)  # ... and any Celery adds
-    parsed = Shard.parse(shard) if shard else None
-    if not sequences and parsed is None:
+    parsed = [Shard.parse(shard) for shard in shards]
+    if not sequences and not parsed:
         _fail("give at least one --sequence NAME or a --shard I/K")
     build_worker(settings, sequences, parsed, loglevel=loglevel).start()
 

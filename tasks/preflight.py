@@ -100,12 +100,13 @@ def check_database(engine: Engine) -> list[str]:
 
 
 def check_ledgers(
-    engine: Engine, names: Iterable[str] = (), shard: Shard | None = None
+    engine: Engine, names: Iterable[str] = (), shards: Iterable[Shard] = ()
 ) -> list[str]:
-    """Sequences (``names``, plus every sequence ``shard`` serves) whose counter disagrees
+    """Sequences (``names``, plus every sequence the ``shards`` serve) whose counter disagrees
     with the last block of their ledger. One index lookup per sequence; the full gapless
     check is ``numbering audit``."""
     wanted = set(names)
+    served = list(shards)
     last_block = (
         select(ledger.c.cycle, ledger.c.value + ledger.c.count - 1)
         .where(ledger.c.sequence_id == sequences.c.id)
@@ -127,7 +128,7 @@ def check_ledgers(
     with engine.connect() as conn:
         for seq in conn.execute(query):
             base = seq.name.split(PERIOD_SEPARATOR, 1)[0]  # a period's counter: its sequence
-            if base not in wanted and not (shard is not None and shard.serves(base)):
+            if base not in wanted and not any(s.serves(base) for s in served):
                 continue
             ledger_end = (seq.ledger_end, seq.ledger_cycle or 0)
             if ledger_end != (seq.last_value, seq.cycle):
@@ -170,12 +171,12 @@ def run_preflight(
     *,
     concurrency: int,
     sequences: Iterable[str] = (),
-    shard: Shard | None = None,
+    shards: Iterable[Shard] = (),
 ) -> list[str]:
     """Refuse to start (ConfigurationError listing every problem); return warnings."""
     problems = check_celery_config(conf, concurrency)
     try:
-        problems += check_database(engine) + check_ledgers(engine, sequences, shard)
+        problems += check_database(engine) + check_ledgers(engine, sequences, shards)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
     if problems:

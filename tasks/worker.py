@@ -37,11 +37,11 @@ log = logging.getLogger("numbering.worker")
 CONCURRENCY = 1
 
 
-def queues_for(sequences: Sequence[str], shard: Shard | None) -> list[str]:
-    """The queues a worker for ``sequences`` and ``shard`` consumes."""
-    queues = [sequence_queue(s) for s in sequences]
-    if shard is not None:
-        queues.append(shard.queue)
+def queues_for(sequences: Sequence[str], shards: Sequence[Shard] = ()) -> list[str]:
+    """The queues a worker for ``sequences`` and ``shards`` consumes."""
+    queues = [sequence_queue(s) for s in sequences] + [shard.queue for shard in shards]
+    if len({shard.count for shard in shards}) > 1:
+        raise ConfigurationError("every --shard of a worker must have the same count K")
     if not queues:
         raise ConfigurationError("give at least one --sequence NAME or a --shard I/K")
     if len(set(queues)) != len(queues):
@@ -53,7 +53,11 @@ class NumberingWorker:
     """The bulk consumers of one worker process: one thread per queue."""
 
     def __init__(
-        self, settings: Settings, queues: Sequence[str], shard: Shard | None, app: Celery
+        self,
+        settings: Settings,
+        queues: Sequence[str],
+        shards: Sequence[Shard] | Shard | None,
+        app: Celery,
     ) -> None:
         if not settings.result_backend.startswith(("redis://", "rediss://")):
             raise ConfigurationError("numbering replies need a Redis NUMBERING_RESULT_BACKEND")
@@ -62,7 +66,14 @@ class NumberingWorker:
         self.replies = redis.Redis.from_url(settings.result_backend)
         self.stop = threading.Event()
         self.metrics = WorkerMetrics(self.allocator.stats)
-        processor = BatchProcessor(self.allocator, self.replies, app, shard, self.metrics)
+        if isinstance(shards, Shard):
+            shards = [shards]
+        owner = {shard.queue: shard for shard in shards or ()}
+
+        def processor(queue: str) -> BatchProcessor:
+            # A shard queue's consumer refuses sequences of other shards.
+            return BatchProcessor(self.allocator, self.replies, app, owner.get(queue), self.metrics)
+
         self.drains: list[RedisDrain | AmqpDrain]
         if settings.broker_url.startswith(("redis://", "rediss://")):
             broker = redis.Redis.from_url(settings.broker_url)
@@ -70,7 +81,7 @@ class NumberingWorker:
                 RedisDrain(
                     broker,
                     queue,
-                    processor,
+                    processor(queue),
                     ConsumerLock(self.allocator.engine, queue),
                     batch_size=settings.batch_size,
                     stop=self.stop,
@@ -82,7 +93,7 @@ class NumberingWorker:
                 AmqpDrain(
                     settings.broker_url,
                     queue,
-                    processor,
+                    processor(queue),
                     batch_size=settings.batch_size,
                     stop=self.stop,
                 )
@@ -117,18 +128,23 @@ class NumberingWorker:
 def build_worker(
     settings: Settings,
     sequences: Sequence[str],
-    shard: Shard | None = None,
+    shards: Sequence[Shard] | Shard | None = None,
     *,
     loglevel: str = "INFO",
 ) -> Any:
     """A Celery worker (``WorkController``) with numbering's bulk consumers attached."""
-    if shard is not None and settings.shards not in (None, shard.count):
-        raise ConfigurationError(
-            f"--shard {shard.index}/{shard.count} disagrees with NUMBERING_SHARDS={settings.shards}"
-        )
-    queues = queues_for(sequences, shard)
+    if isinstance(shards, Shard):
+        shards = [shards]
+    shards = list(shards or ())
+    for shard in shards:
+        if settings.shards not in (None, shard.count):
+            raise ConfigurationError(
+                f"--shard {shard.index}/{shard.count} disagrees with "
+                f"NUMBERING_SHARDS={settings.shards}"
+            )
+    queues = queues_for(sequences, shards)
     app = create_app(settings)
-    numbering = NumberingWorker(settings, queues, shard, app)
+    numbering = NumberingWorker(settings, queues, shards, app)
 
     class BulkConsumers(bootsteps.StartStopStep):
         requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
@@ -148,7 +164,7 @@ def build_worker(
         settings.broker_url,
         concurrency=CONCURRENCY,
         sequences=sequences,
-        shard=shard,
+        shards=shards,
     )
     app.steps["worker"].add(BulkConsumers)
     return app.Worker(

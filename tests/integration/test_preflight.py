@@ -65,7 +65,7 @@ def test_the_ledger_check_covers_every_sequence_of_a_shard(stack: Stack) -> None
     engine = allocator.engine
     covered: set[str] = set()
     for shard in (Shard(i, 3) for i in range(3)):
-        named = {problem.split("'")[1] for problem in check_ledgers(engine, shard=shard)}
+        named = {problem.split("'")[1] for problem in check_ledgers(engine, shards=[shard])}
         assert named == {f"s{i}" for i in range(8) if shard.serves(f"s{i}")}
         covered |= named
     assert covered == {f"s{i}" for i in range(8)}

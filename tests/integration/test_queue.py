@@ -78,6 +78,25 @@ def test_sequences_on_shard_queues(stack: Stack) -> None:
         stack.check(name, [f"{name}-c:{i}" for i in range(40)])
 
 
+def test_one_worker_serves_several_shards(stack: Stack) -> None:
+    """``--shard`` repeated: one process, a consumer thread per shard queue, each one
+    refusing sequences of the other shards."""
+    names = [f"tenant-{t}" for t in range(6)]
+    setup_sequences(stack, *names)
+    stack.env["NUMBERING_SHARDS"] = "2"
+    stack.worker("--shard", "0/2", "--shard", "1/2")
+    results = stack.client_processes([(name, f"{name}-c", 30) for name in names])
+    for name, values in zip(names, results, strict=True):
+        assert values == list(range(1, 31))
+        stack.check(name, [f"{name}-c:{i}" for i in range(30)])
+    # A request put on the wrong shard's queue fails alone, with a clear reason.
+    app = Celery(broker=stack.settings.broker_url, set_as_current=False)
+    stray = next(name for name in names if Shard.of(name, 2).index == 1)
+    publish(app, Shard(0, 2).queue, "numbering.reply.stray", sequence=stray, key="x")
+    [reply] = read_replies(stack.settings.result_backend, "numbering.reply.stray", 1).values()
+    assert "does not belong to numbering.shard.0-of-2" in str(reply["error"])
+
+
 def publish(app: Celery, queue: str, reply_to: str, **kwargs: object) -> None:
     app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers={REPLY_HEADER: reply_to})
 
@@ -382,6 +401,7 @@ def test_cli_next_goes_through_the_queue(stack: Stack) -> None:
     for args, message in [
         (("worker",), "give at least one --sequence NAME or a --shard I/K"),
         (("worker", "--shard", "9/4"), "shard index must be 0..3"),
+        (("worker", "--shard", "0/2", "--shard", "1/4"), "must have the same count K"),
         (("worker", "--sequence", "bad name"), "invalid sequence name"),
     ]:
         done = cli(*args)
