@@ -206,7 +206,8 @@ def render(results: Results, args: argparse.Namespace, machine: str, output: Pat
     if many:
         out += [
             f"## Many sequences ({results.many['sequences']} sequences over "
-            f"{results.many['shards']} shard workers)",
+            f"{results.many['shards']} shards, served by {results.many['workers']} worker "
+            "processes)",
             "",
             *_table(results, "many"),
             "",

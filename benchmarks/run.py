@@ -290,6 +290,7 @@ def web_and_bare(
 
 def many_sequences(env: Env, results: Results, args: argparse.Namespace, logs: Path) -> None:
     shards, count, concurrency = 8, args.many_sequences, args.many_concurrency
+    processes = max(1, min(args.many_workers, shards))
     names = [f"many-{i:03d}" for i in range(count)]
     allocator = Allocator(env.database_url)
     for name in names:
@@ -297,13 +298,14 @@ def many_sequences(env: Env, results: Results, args: argparse.Namespace, logs: P
     allocator.close()
     print(f"many sequences: {count} sequences over {shards} shards", flush=True)
     with contextlib.ExitStack() as stack:
-        for i in range(shards):
+        for p in range(processes):  # the shards dealt out over the worker processes
+            mine = [f"{i}/{shards}" for i in range(p, shards, processes)]
             stack.enter_context(
                 worker(
                     env,
                     env.redis_broker,
-                    ["--shard", f"{i}/{shards}"],
-                    logs / f"worker-shard{i}.log",
+                    [arg for shard in mine for arg in ("--shard", shard)],
+                    logs / f"worker-shards{p}.log",
                     NUMBERING_SHARDS=str(shards),
                 )
             )
@@ -316,7 +318,12 @@ def many_sequences(env: Env, results: Results, args: argparse.Namespace, logs: P
             args.duration,
         )
     results.points.append(point)
-    results.many = {"sequences": count, "shards": shards, "concurrency": concurrency}
+    results.many = {
+        "sequences": count,
+        "shards": shards,
+        "concurrency": concurrency,
+        "workers": processes,
+    }
 
 
 def _timed(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
@@ -529,6 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=10_000)
     parser.add_argument("--many-sequences", type=int, default=100)
     parser.add_argument("--many-concurrency", type=int, default=16)
+    parser.add_argument(
+        "--many-workers",
+        type=int,
+        default=2,
+        help="worker processes sharing the 8 shards (default 2: one per core here)",
+    )
     parser.add_argument("--growth-rows", type=int, default=10_000_000)
     parser.add_argument("--growth-numbers", type=int, default=2000)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
