@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test unit lint typecheck services slow bench clean
+.PHONY: install demo test unit lint typecheck services slow bench bench-cpu clean
 
 $(BIN)/numbering: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ slow: install services ## The random fault soak, excluded from `make test` (prin
 
 bench: install services ## numbering against the alternatives; writes docs/benchmarks.md (about 10 minutes on 2 cores).
 	$(BIN)/python -m benchmarks.run
+
+bench-cpu: install services ## CPU ms per number by process (requesters, worker, PostgreSQL, Redis) at 16 requesters.
+	$(BIN)/python -m benchmarks.cpu
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache numbering.db*

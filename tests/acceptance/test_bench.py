@@ -67,3 +67,25 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
     assert "Result: every ledger gapless." in report
     assert (tmp_path / "benchmarks-web.png").stat().st_size > 10_000
     assert (tmp_path / "benchmarks-bare.png").stat().st_size > 10_000
+
+
+def test_cpu_breakdown_runs_and_audits(pg_empty_url: str, tmp_path: Path) -> None:
+    database = f"numbering_bench_cpu_{os.getpid()}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.cpu", "--requesters", "2", "--seconds", "1",
+             "--admin-url", ADMIN_URL, "--database", database],
+            cwd=ROOT,
+            env={**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+    finally:
+        with _admin().connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 requesters: " in done.stdout
+    for kind in ("requesters", "numbering worker", "postgres", "redis-server"):
+        assert f"  {kind} " in done.stdout, done.stdout
+    assert "audit of 'cpu': ok" in done.stdout
