@@ -360,65 +360,97 @@ while True:
 """
 
 
+def _batch_tables(engine: sa.Engine, tables: list[str], rows: int) -> None:
+    with engine.begin() as conn:
+        for table in tables:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+            conn.exec_driver_sql(f"CREATE TABLE {table} (id bigint PRIMARY KEY, number bigint)")
+            conn.exec_driver_sql(
+                f"INSERT INTO {table} SELECT g, NULL FROM generate_series(1, {rows}) g"
+            )
+            # What a user numbering a big table would add, for both contenders alike.
+            conn.exec_driver_sql(f"CREATE INDEX ON {table} (id) WHERE number IS NULL")
+            conn.exec_driver_sql(f"ANALYZE {table}")
+    # Start both contenders from a checkpointed database, not from the other's leftovers.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("CHECKPOINT")
+
+
 def batch(env: Env, results: Results, args: argparse.Namespace) -> None:
+    """Each size ``--batch-repeats`` times on fresh tables, the contenders taking turns
+    to go first; the report gives the median rows/s and the highest peak memory."""
     engine = create_engine(env.database_url)
     sizes = sorted({max(args.batch_rows // 10, 1000), args.batch_rows})
+    libpq_url = make_url(env.database_url).set(drivername="postgresql")
     for rows in sizes:
-        print(f"batch: {rows:,} rows", flush=True)
-        tables = {"numbering": f"batch_nb_{rows}", "ceiling": f"batch_ceiling_{rows}"}
-        with engine.begin() as conn:
-            for table in tables.values():
-                conn.exec_driver_sql(f"CREATE TABLE {table} (id bigint PRIMARY KEY, number bigint)")
-                conn.exec_driver_sql(
-                    f"INSERT INTO {table} SELECT g, NULL FROM generate_series(1, {rows}) g"
-                )
-                # What a user numbering a big table would add, for both contenders alike.
-                conn.exec_driver_sql(f"CREATE INDEX ON {table} (id) WHERE number IS NULL")
-                conn.exec_driver_sql(f"ANALYZE {table}")
-        Allocator(engine).create_sequence(f"batch-{rows}")
-        nb_env = numbering_env(env, env.redis_broker, NUMBERING_BATCH_TABLES=tables["numbering"])
-        batch_args = ["batch", f"batch-{rows}", "--table", tables["numbering"]]
-        seconds, peak, _ = _timed(
-            [sys.executable, "-m", "numbering", *batch_args, "--chunk-size", str(args.chunk_size)],
-            nb_env,
-        )
-        libpq_url = make_url(env.database_url).set(drivername="postgresql")
-        ceiling_seconds, ceiling_peak, _ = _timed(
-            [
-                sys.executable,
-                "-c",
-                CEILING,
-                libpq_url.render_as_string(hide_password=False),
-                tables["ceiling"],
-                str(args.chunk_size),
-            ],
-            dict(os.environ),
-        )
-        with engine.connect() as conn:
-            for table in tables.values():
-                count, distinct, low, high = conn.execute(
-                    sa.text(
-                        f"SELECT count(number), count(DISTINCT number), min(number), "
-                        f"max(number) FROM {table}"
-                    )
-                ).one()
-                if not (count == distinct == rows and low == 1 and high == rows):
-                    results.failures.append(f"{table}: numbers are not exactly 1..{rows}")
+        print(f"batch: {rows:,} rows, {args.batch_repeats} run(s) each", flush=True)
+        runs: dict[str, list[tuple[float, float]]] = {"numbering": [], "ceiling": []}
+        for repeat in range(args.batch_repeats):
+            tables = {"numbering": f"batch_nb_{rows}_{repeat}", "ceiling": f"batch_ceiling_{rows}"}
+            sequence = f"batch-{rows}-{repeat}"
+            Allocator(engine).create_sequence(sequence)
+            nb_env = numbering_env(
+                env, env.redis_broker, NUMBERING_BATCH_TABLES=tables["numbering"]
+            )
+            commands = {
+                "numbering": (
+                    [
+                        sys.executable, "-m", "numbering", "batch", sequence,
+                        "--table", tables["numbering"], "--chunk-size", str(args.chunk_size),
+                    ],
+                    nb_env,
+                ),
+                "ceiling": (
+                    [
+                        sys.executable, "-c", CEILING,
+                        libpq_url.render_as_string(hide_password=False),
+                        tables["ceiling"], str(args.chunk_size),
+                    ],
+                    dict(os.environ),
+                ),
+            }  # fmt: skip
+            order = ["numbering", "ceiling"] if repeat % 2 == 0 else ["ceiling", "numbering"]
+            for contender in order:
+                _batch_tables(engine, [tables[contender]], rows)
+                seconds, peak, _ = _timed(*commands[contender])
+                runs[contender].append((rows / seconds, peak / 1024))
+                _check_numbered(engine, tables[contender], rows, results)
+            print(
+                f"  run {repeat + 1}: numbering {runs['numbering'][-1][0]:,.0f} rows/s, "
+                f"set-based UPDATE {runs['ceiling'][-1][0]:,.0f} rows/s "
+                f"({' first, then '.join(order)})",
+                flush=True,
+            )
         entry = {
             "rows": rows,
-            "numbering_rows_s": rows / seconds,
-            "numbering_peak_mib": peak / 1024,
-            "ceiling_rows_s": rows / ceiling_seconds,
-            "ceiling_peak_mib": ceiling_peak / 1024,
+            "runs": args.batch_repeats,
+            "numbering_rows_s": statistics.median(r for r, _ in runs["numbering"]),
+            "numbering_peak_mib": max(m for _, m in runs["numbering"]),
+            "ceiling_rows_s": statistics.median(r for r, _ in runs["ceiling"]),
+            "ceiling_peak_mib": max(m for _, m in runs["ceiling"]),
+            "numbering_all": [r for r, _ in runs["numbering"]],
+            "ceiling_all": [r for r, _ in runs["ceiling"]],
         }
         results.batch.append(entry)
         print(
-            f"  numbering batch {entry['numbering_rows_s']:,.0f} rows/s "
+            f"  median: numbering batch {entry['numbering_rows_s']:,.0f} rows/s "
             f"(peak {entry['numbering_peak_mib']:.0f} MiB); set-based UPDATE ceiling "
             f"{entry['ceiling_rows_s']:,.0f} rows/s",
             flush=True,
         )
     engine.dispose()
+
+
+def _check_numbered(engine: sa.Engine, table: str, rows: int, results: Results) -> None:
+    with engine.connect() as conn:
+        count, distinct, low, high = conn.execute(
+            sa.text(
+                f"SELECT count(number), count(DISTINCT number), min(number), max(number) "
+                f"FROM {table}"
+            )
+        ).one()
+    if not (count == distinct == rows and low == 1 and high == rows):
+        results.failures.append(f"{table}: numbers are not exactly 1..{rows}")
 
 
 def growth(env: Env, results: Results, args: argparse.Namespace) -> None:
@@ -534,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--batch-rows", type=int, default=1_000_000)
     parser.add_argument("--chunk-size", type=int, default=10_000)
+    parser.add_argument(
+        "--batch-repeats",
+        type=int,
+        default=3,
+        help="runs of each batch contender, taking turns to go first; the median counts",
+    )
     parser.add_argument("--many-sequences", type=int, default=100)
     parser.add_argument("--many-concurrency", type=int, default=16)
     parser.add_argument(
@@ -552,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.concurrency, args.duration, args.warmup = "1,2", 0.5, 0.2
         args.batch_rows, args.chunk_size, args.many_sequences = 3000, 1000, 10
+        args.batch_repeats = 2
         args.many_concurrency, args.growth_rows, args.growth_numbers = 2, 2000, 50
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     args.scenarios = set(args.scenarios.split(","))
