@@ -89,6 +89,30 @@ def test_filter_and_order_on_sqlite_and_postgresql(db_url: str) -> None:
     check_gapless(engine, "finals")
 
 
+def test_text_ids_that_need_quoting_round_trip(db_url: str) -> None:
+    """On PostgreSQL a chunk's ids travel as the server's own array text and back: ids
+    with quotes, commas, braces, backslashes, spaces and NULL-like words must survive."""
+    engine = create_engine(db_url)
+    awkward = ['a"b', "c,d", "{e}", "f\\g", " h ", "NULL", "i'j", "", "ü"]
+    ids = [f"{text}#{i}" for i, text in enumerate(awkward * 3)] + ["NULL", ""]
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE notes (code VARCHAR(20) PRIMARY KEY, number BIGINT)")
+        conn.execute(sa.text("INSERT INTO notes (code) VALUES (:c)"), [{"c": c} for c in ids])
+    numbers = Allocator(engine)
+    numbers.create_sequence("notes")
+    job = BatchJob(sequence="notes", table="notes", id_column="code", chunk_size=7)
+    assert number_rows(numbers, job, allowed_tables=["notes"]).numbered == len(ids)
+    with engine.connect() as conn:
+        got = conn.execute(sa.text("SELECT code, number FROM notes ORDER BY number")).all()
+    assert [number for _, number in got] == list(range(1, len(ids) + 1))
+    assert sorted(code for code, _ in got) == sorted(ids)
+    # Numbered in the id's order, as the database sorts it.
+    with engine.connect() as conn:
+        in_order = conn.execute(sa.text("SELECT code FROM notes ORDER BY code")).scalars().all()
+    assert [code for code, _ in got] == list(in_order)
+    check_gapless(engine, "notes")
+
+
 def test_killed_half_way_then_resumed(pg_url: str, tmp_path: object) -> None:
     engine = create_engine(pg_url)
     make_documents(engine, 100_000)
