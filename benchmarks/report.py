@@ -184,10 +184,13 @@ def render(results: Results, args: argparse.Namespace, machine: str, output: Pat
         f"Measured {today} on {machine}, with PostgreSQL, Redis and RabbitMQ on the same "
         "machine (loopback), by `make bench` (`python -m benchmarks.run`). Every figure in a "
         "table comes from the same run; requesters are separate processes; each point is "
-        f"{args.duration:g} s of measurement after {args.warmup:g} s of warm-up.",
+        f"the median of {args.repeats} measurement(s) of {args.duration:g} s after "
+        f"{args.warmup:g} s of warm-up, the systems taking turns (numbers/s, p50 and p99 "
+        "each the median of their own).",
         "",
-        "Re-run: `make bench` (about 10 minutes on 2 cores; "
-        "`python -m benchmarks.run --help` for sizes).",
+        "Re-run: `make bench` (about 25 minutes on 2 cores; "
+        "`python -m benchmarks.run --help` for sizes and repeats). Where the CPU goes per "
+        "number: `make bench-cpu`.",
         "",
         "## Targets",
         "",

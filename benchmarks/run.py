@@ -141,6 +141,46 @@ def measure(
     return point
 
 
+def median_point(points: list[Point]) -> Point:
+    """One point from repeated measurements: the median of each figure, counts summed."""
+    first = points[0]
+    point = Point(
+        first.scenario,
+        first.system,
+        first.concurrency,
+        statistics.median(p.throughput for p in points),
+        statistics.median(p.p50_ms for p in points),
+        statistics.median(p.p99_ms for p in points),
+        sum(p.ops for p in points),
+        sum(p.errors for p in points),
+        sum(p.total_ops for p in points),
+    )
+    if len(points) > 1:
+        print(
+            f"  {first.scenario:5} {first.system:22} x{first.concurrency:<3} "
+            f"{point.throughput:9.0f}/s  p50 {point.p50_ms:7.1f} ms  p99 {point.p99_ms:7.1f} ms"
+            f"  median of {len(points)}",
+            flush=True,
+        )
+    return point
+
+
+def measure_repeated(
+    scenario: str,
+    candidates: list[tuple[str, Callable[[], Op]]],
+    concurrency: int,
+    args: argparse.Namespace,
+) -> list[Point]:
+    """Measure every candidate ``args.repeats`` times, taking turns; one median each."""
+    runs: dict[str, list[Point]] = {system: [] for system, _ in candidates}
+    for _ in range(args.repeats):
+        for system, make_op in candidates:
+            runs[system].append(
+                measure(scenario, system, make_op, concurrency, args.warmup, args.duration)
+            )
+    return [median_point(points) for points in runs.values()]
+
+
 # -- servers -----------------------------------------------------------------------------------
 
 
@@ -282,10 +322,7 @@ def web_and_bare(
                         ("Celery no-op round trip", lambda: systems.celery_noop_op(env))
                     )
                     candidates.append(("nextval (not gapless)", lambda: systems.nextval_op(env)))
-                for system, make_op in candidates:
-                    results.points.append(
-                        measure(scenario, system, make_op, concurrency, args.warmup, args.duration)
-                    )
+                results.points += measure_repeated(scenario, candidates, concurrency, args)
 
 
 def many_sequences(env: Env, results: Results, args: argparse.Namespace, logs: Path) -> None:
@@ -309,13 +346,16 @@ def many_sequences(env: Env, results: Results, args: argparse.Namespace, logs: P
                     NUMBERING_SHARDS=str(shards),
                 )
             )
-        point = measure(
+        [point] = measure_repeated(
             "many",
-            f"numbering ({count} sequences)",
-            lambda: systems.many_sequences_op(env, names, shards),
+            [
+                (
+                    f"numbering ({count} sequences)",
+                    lambda: systems.many_sequences_op(env, names, shards),
+                )
+            ],
             concurrency,
-            args.warmup,
-            args.duration,
+            args,
         )
     results.points.append(point)
     results.many = {
@@ -564,6 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per point")
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="measurements of every point, systems taking turns; the median counts",
+    )
     parser.add_argument("--batch-rows", type=int, default=1_000_000)
     parser.add_argument("--chunk-size", type=int, default=10_000)
     parser.add_argument(
@@ -590,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.concurrency, args.duration, args.warmup = "1,2", 0.5, 0.2
         args.batch_rows, args.chunk_size, args.many_sequences = 3000, 1000, 10
-        args.batch_repeats = 2
+        args.batch_repeats, args.repeats = 2, 1
         args.many_concurrency, args.growth_rows, args.growth_numbers = 2, 2000, 50
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     args.scenarios = set(args.scenarios.split(","))
