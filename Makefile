@@ -33,7 +33,7 @@ unit: install ## The tests that need no server.
 slow: install services ## The random fault soak, excluded from `make test` (prints its result).
 	$(BIN)/pytest -m slow -s
 
-bench: install services ## numbering against the alternatives; writes docs/benchmarks.md (about 25 minutes on 2 cores).
+bench: install services ## numbering against the alternatives; writes docs/benchmarks.md (about 18 minutes on 2 cores).
 	$(BIN)/python -m benchmarks.run
 
 bench-cpu: install services ## CPU ms per number by process (requesters, worker, PostgreSQL, Redis) at 16 requesters.

@@ -188,7 +188,7 @@ def render(results: Results, args: argparse.Namespace, machine: str, output: Pat
         f"{args.warmup:g} s of warm-up, the systems taking turns (numbers/s, p50 and p99 "
         "each the median of their own).",
         "",
-        "Re-run: `make bench` (about 25 minutes on 2 cores; "
+        "Re-run: `make bench` (about 18 minutes on 2 cores; "
         "`python -m benchmarks.run --help` for sizes and repeats). Where the CPU goes per "
         "number: `make bench-cpu`.",
         "",
