@@ -61,12 +61,14 @@ class Allocator:
         self.stats = RetryStats()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Allocator:
-        """An allocator for ``settings.database_url`` with the settings' level and retries."""
+    def from_settings(cls, settings: Settings, **engine_options: Any) -> Allocator:
+        """An allocator for ``settings.database_url`` with the settings' level and retries
+        (``engine_options`` go to :func:`numbering.create_engine`, e.g. ``pool_size``)."""
         return cls(
             create_engine(
                 settings.database_url,
                 idle_transaction_timeout=settings.idle_transaction_timeout,
+                **engine_options,
             ),
             isolation_level=settings.isolation_level,
             retry=settings.retry_policy(),

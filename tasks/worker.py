@@ -62,7 +62,10 @@ class NumberingWorker:
         if not settings.result_backend.startswith(("redis://", "rediss://")):
             raise ConfigurationError("numbering replies need a Redis NUMBERING_RESULT_BACKEND")
         self.settings = settings
-        self.allocator = Allocator.from_settings(settings)
+        # Each queue's consumer keeps a connection for its lock (PostgreSQL advisory lock)
+        # and takes another for each batch: room for both, so that a worker serving many
+        # queues never waits on its own pool.
+        self.allocator = Allocator.from_settings(settings, pool_size=2 * len(queues) + 1)
         self.replies = redis.Redis.from_url(settings.result_backend)
         self.stop = threading.Event()
         self.metrics = WorkerMetrics(self.allocator.stats)

@@ -97,6 +97,20 @@ def test_one_worker_serves_several_shards(stack: Stack) -> None:
     assert "does not belong to numbering.shard.0-of-2" in str(reply["error"])
 
 
+def test_one_worker_serves_many_queues(stack: Stack) -> None:
+    """Each queue's consumer holds a database connection for its lock: a worker with more
+    queues than the default pool holds (15) must still serve every one of them."""
+    names = [f"desk-{i:02d}" for i in range(18)]
+    setup_sequences(stack, *names)
+    stack.worker(*[arg for name in names for arg in ("--sequence", name)])
+    client: Client = stack.client()
+    values = [client.next_value(name, key=f"{name}:1", timeout=20) for name in names]
+    assert values == [1] * len(names)
+    engine = create_engine(stack.settings.database_url)
+    for name in names:
+        check_gapless(engine, name, keys=[f"{name}:1"])
+
+
 def publish(app: Celery, queue: str, reply_to: str, **kwargs: object) -> None:
     app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers={REPLY_HEADER: reply_to})
 
