@@ -17,7 +17,8 @@ Actions:
     SIGSTOP it the first time (it freezes until someone sends SIGCONT).
 
 The worker's points, in the order a batch passes them: ``before_assign`` (transaction
-open, nothing locked), ``before_commit`` (values written, not committed),
+open, nothing locked), ``before_commit`` (values assigned, not committed; on
+PostgreSQL the ledger writes are still held back to go with COMMIT),
 ``after_commit`` (committed, nobody answered), ``after_reply`` (answered, not
 acknowledged).
 """

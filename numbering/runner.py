@@ -26,6 +26,7 @@ from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
 from numbering.retry import RetryPolicy, RetryStats
 from numbering.sequences import SequenceInfo
+from numbering.store import enable_pipelining, run_pipelined
 from numbering.validation import check_count, check_isolation_level
 
 __all__ = ["Allocator"]
@@ -59,6 +60,7 @@ class Allocator:
         self.retry = retry or RetryPolicy()
         #: Retries so far, by error class (``stats.total`` for all of them).
         self.stats = RetryStats()
+        self._pipelining = enable_pipelining(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings, **engine_options: Any) -> Allocator:
@@ -118,6 +120,25 @@ class Allocator:
                     connection.begin(),
                 ):
                     return work(connection)
+            except DBAPIError as exc:
+                raise translate_error(exc) from exc
+
+        return self.retry.call(attempt, stats=self.stats, describe=describe)
+
+    def run_assignment(self, work: Callable[[Connection], T], *, describe: str) -> T:
+        """:meth:`run` for numbering's own assignments (``work`` calls
+        :func:`numbering.allocator.assign` and nothing that begins or ends a transaction).
+
+        On PostgreSQL through psycopg2 the transaction is pipelined: ``BEGIN`` goes with
+        the lock and the ledger writes go with ``COMMIT``, two round trips for a batch on
+        one sequence instead of four (:func:`numbering.store.run_pipelined`).
+        """
+        if not self._pipelining:
+            return self.run(work, describe=describe)
+
+        def attempt() -> T:
+            try:
+                return run_pipelined(self.engine, self.isolation_level, work)
             except DBAPIError as exc:
                 raise translate_error(exc) from exc
 
@@ -219,7 +240,7 @@ class Allocator:
 
     def assign(self, sequence: str, requests: Sequence[Request]) -> list[Outcome]:
         """Assign a batch of requests in one transaction; one outcome per request."""
-        return self.run(
+        return self.run_assignment(
             lambda c: allocator.assign(c, sequence, requests),
             describe=f"assignment of {len(requests)} request(s) on {sequence!r}",
         )

@@ -16,23 +16,43 @@ lock or create a period's counter; update counters and append ledger rows):
 
 Both go through SQLAlchemy's connection (``exec_driver_sql`` for the plain SQL), so
 driver errors, lost connections and pool invalidation are handled the same way.
+
+numbering's own transactions (the worker's batches, :meth:`Allocator.assign
+<numbering.runner.Allocator.assign>`) go further on psycopg2 with a :class:`Pipeline`:
+``BEGIN`` travels with the first statement and the writes with ``COMMIT``, so a batch on
+one sequence is two round trips to PostgreSQL in all (see :func:`run_pipelined`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, Engine, event, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from numbering.errors import DatabaseError
 from numbering.schema import ledger, sequences
 
-__all__ = ["CoreStore", "CounterUpdate", "Prior", "Psycopg2Store", "store_for"]
+T = TypeVar("T")
+
+__all__ = [
+    "CoreStore",
+    "CounterUpdate",
+    "Pipeline",
+    "Prior",
+    "Psycopg2Store",
+    "enable_pipelining",
+    "run_pipelined",
+    "store_for",
+]
+
+#: Execution option that holds a connection's :class:`Pipeline`.
+PIPELINE_OPTION = "numbering_pipeline"
 
 
 class Prior(NamedTuple):
@@ -181,13 +201,155 @@ class Psycopg2Store(CoreStore):
             params["reference"] = [
                 None if row["reference"] is None else json.dumps(row["reference"]) for row in rows
             ]
-        if statements:
-            self._execute("\n".join(statements), params)
+        if not statements:
+            return
+        sql = "\n".join(statements)
+        pipeline = _pipeline_of(self.bind)
+        if pipeline is None:
+            self._execute(sql, params)
+        else:  # held back, to go with the next statement or with COMMIT
+            assert isinstance(self.bind, Connection)
+            pipeline.hold(_mogrify(self.bind, sql, params))
 
     def _execute(self, sql: str, params: dict[str, Any]) -> Any:
         if isinstance(self.bind, Session):
             return self.bind.connection().exec_driver_sql(sql, params)
         return self.bind.exec_driver_sql(sql, params)
+
+
+class Pipeline:
+    """SQL held back to travel in front of a connection's next statement.
+
+    One round trip carries several statements (psycopg2 sends a query string as it is;
+    PostgreSQL runs its statements in order and stops at the first error, which is
+    raised as the error of the statement that carried them). What is held back is
+    already bound to its parameters, so nothing can be sent out of order: every
+    statement on the connection, numbering's or SQLAlchemy's, takes it along.
+    """
+
+    def __init__(self, first: str) -> None:
+        self._held: list[str] = [first]
+
+    def hold(self, sql: str) -> None:
+        """Send ``sql`` (complete, parameters bound) with the next statement."""
+        self._held.append(sql)
+
+    def take(self) -> str:
+        """What is held back, as a prefix for the next statement; empties the pipeline."""
+        text = "".join(f"{sql};\n" for sql in self._held)
+        self._held.clear()
+        return text
+
+    def clear(self) -> None:
+        """Forget what is held back (the transaction failed; it will not be sent)."""
+        self._held.clear()
+
+
+def _pipeline_of(bind: Session | Connection) -> Pipeline | None:
+    if isinstance(bind, Session):
+        return None
+    pipeline = bind.get_execution_options().get(PIPELINE_OPTION)
+    return pipeline if isinstance(pipeline, Pipeline) else None
+
+
+def _mogrify(connection: Connection, sql: str, params: Any) -> str:
+    """``sql`` with ``params`` bound exactly as psycopg2 would send it."""
+    dbapi = connection.connection.dbapi_connection
+    assert dbapi is not None
+    cursor = dbapi.cursor()
+    try:
+        return cursor.mogrify(sql, params).decode(_python_encoding(dbapi))  # type: ignore[no-any-return]
+    finally:
+        cursor.close()
+
+
+def _python_encoding(dbapi: Any) -> str:
+    from psycopg2.extensions import encodings
+
+    return str(encodings.get(dbapi.encoding, "utf-8"))
+
+
+def _send_held_first(
+    connection: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> tuple[str, Any]:
+    """``before_cursor_execute``: put what the connection's pipeline holds in front."""
+    pipeline = connection.get_execution_options().get(PIPELINE_OPTION)
+    if not isinstance(pipeline, Pipeline):
+        return statement, parameters
+    prefix = pipeline.take()
+    if not prefix:
+        return statement, parameters
+    if executemany:  # cannot share a round trip with executemany: send it first, alone
+        cursor.execute(prefix)
+        return statement, parameters
+    # Bind this statement's parameters as psycopg2 would (no parameters at all for raw SQL
+    # sent without them, so its % signs stay as they are), then send the lot unbound.
+    own = parameters if parameters or not context.no_parameters else None
+    text = cursor.mogrify(statement, own).decode(_python_encoding(cursor.connection))
+    return prefix + text, None
+
+
+def enable_pipelining(engine: Engine) -> bool:
+    """Let ``engine`` run :func:`run_pipelined` transactions; False where it cannot
+    (SQLite, PostgreSQL through another driver than psycopg2)."""
+    if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg2":
+        return False
+    if not event.contains(engine, "before_cursor_execute", _send_held_first):
+        event.listen(engine, "before_cursor_execute", _send_held_first, retval=True)
+    return True
+
+
+def run_pipelined(engine: Engine, isolation_level: str, work: Callable[[Connection], T]) -> T:
+    """Run ``work(connection)`` in one transaction on ``engine`` (see
+    :func:`enable_pipelining`), with ``BEGIN`` sent along with its first statement and
+    whatever the store held back sent along with ``COMMIT``.
+
+    The connection is in driver autocommit mode and the transaction is numbering's own
+    SQL: ``work`` must not begin, commit or roll back itself. On any failure the
+    transaction is rolled back; a connection whose state is then in doubt is invalidated
+    (closed), never handed to the next user of the pool inside a transaction.
+    """
+    from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+    pipeline = Pipeline(f"BEGIN ISOLATION LEVEL {isolation_level}")
+    with engine.connect() as connection:
+        connection.execution_options(**{PIPELINE_OPTION: pipeline})
+        dbapi = connection.connection.dbapi_connection
+        assert dbapi is not None
+        # Set on the driver directly: through SQLAlchemy's isolation_level option, handing
+        # the connection back to the pool would cost a round trip (SET
+        # default_transaction_isolation).
+        dbapi.autocommit = True
+        try:
+            result = work(connection)
+            done = connection.exec_driver_sql("COMMIT", execution_options={"no_parameters": True})
+            status = done.context.cursor.statusmessage
+            if status != "COMMIT":
+                # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, no error.
+                raise DatabaseError(f"the transaction ended with {status}, not COMMIT")
+            return result
+        except BaseException:
+            pipeline.clear()
+            if not connection.invalidated:
+                try:
+                    if dbapi.info.transaction_status != TRANSACTION_STATUS_IDLE:
+                        connection.exec_driver_sql(
+                            "ROLLBACK", execution_options={"no_parameters": True}
+                        )
+                except Exception:
+                    connection.invalidate()
+            raise
+        finally:
+            if not connection.invalidated:
+                try:
+                    dbapi.autocommit = False
+                except Exception:
+                    connection.invalidate()
 
 
 def store_for(bind: Session | Connection) -> CoreStore:

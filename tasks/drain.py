@@ -129,7 +129,9 @@ class BatchProcessor:
         if groups:
             started = time.monotonic()
             outcomes.update(
-                self.allocator.run(work, describe=f"batch of {sum(map(len, groups.values()))}")
+                self.allocator.run_assignment(
+                    work, describe=f"batch of {sum(map(len, groups.values()))}"
+                )
             )
             seconds = time.monotonic() - started
             log.debug("assigned %d request(s) in %.1f ms", len(items), 1e3 * seconds)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -12,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import FAST_RETRY
 from ledger_check import check_gapless
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -147,29 +147,37 @@ class LostCommitReply:
 
     ``after=True``: the server commits, then the client sees the connection drop.
     ``after=False``: the connection drops before the COMMIT is sent (nothing commits).
+    numbering's assignments send COMMIT as SQL, at the end of the round trip that also
+    carries the transaction's writes (numbering.store.run_pipelined).
     """
 
     def __init__(self, engine: Engine, *, after: bool) -> None:
-        self.dialect = engine.dialect
-        self.real: Callable[[Any], None] = engine.dialect.do_commit
+        self.engine = engine
         self.after = after
         self.fired = False
 
-    def __enter__(self) -> LostCommitReply:
-        def do_commit(dbapi_connection: Any) -> None:
-            if self.fired:
-                return self.real(dbapi_connection)
-            self.fired = True
-            if self.after:
-                self.real(dbapi_connection)
-            dbapi_connection.close()
-            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+    def _drop(self, connection: Any, statement: str, when_after: bool) -> None:
+        if self.fired or self.after is not when_after or not statement.endswith("COMMIT"):
+            return
+        self.fired = True
+        connection.connection.dbapi_connection.close()
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
 
-        self.dialect.do_commit = do_commit  # type: ignore[method-assign]
+    def _before(self, connection: Any, _cursor: Any, statement: str, *rest: Any) -> Any:
+        self._drop(connection, statement, when_after=False)
+        return statement, rest[0]
+
+    def _after(self, connection: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        self._drop(connection, statement, when_after=True)
+
+    def __enter__(self) -> LostCommitReply:
+        event.listen(self.engine, "before_cursor_execute", self._before, retval=True)
+        event.listen(self.engine, "after_cursor_execute", self._after)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.dialect.do_commit = self.real  # type: ignore[method-assign]
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
 
 
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "not-committed"])
