@@ -15,6 +15,7 @@ pairs compared for equality, not SQL text.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from sqlalchemy import Connection, Table
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from numbering.allocator import Request, assign
-from numbering.errors import InvalidRequestError, NumberingError
+from numbering.errors import InvalidKeyError, InvalidRequestError, NumberingError
 from numbering.runner import Allocator
 from numbering.validation import MAX_COUNT, check_count, check_key, check_sequence_name
 
@@ -194,7 +195,7 @@ def number_rows(
         chunk = _chunk(connection, table, job)
         if chunk is None:
             return None
-        key = f"batch:{job.job}:{chunk.first_id}"
+        key = _chunk_key(job.job, chunk.first_id)
         reference = {"table": job.table, "first_id": chunk.first_id, "last_id": chunk.last_id}
         [outcome] = assign(
             connection, job.sequence, [Request(key, chunk.count, _jsonable(reference))]
@@ -226,6 +227,16 @@ def number_rows(
             progress(state)
     log.info("batch %s: numbered %d row(s) in %d chunk(s)", job.job, state.numbered, state.chunks)
     return state
+
+
+def _chunk_key(job: str, first_id: str) -> str:
+    """The ledger key of the chunk that starts at ``first_id``: ``batch:<job>:<first id>``,
+    or, for an id that cannot be part of a key (control characters, edge whitespace,
+    too long), ``batch~sha256:<job>:<digest of the id>``. The two forms cannot collide."""
+    try:
+        return check_key(f"batch:{job}:{first_id}")
+    except InvalidKeyError:
+        return f"batch~sha256:{job}:{hashlib.sha256(first_id.encode()).hexdigest()}"
 
 
 def _jsonable(reference: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -89,18 +90,24 @@ def test_filter_and_order_on_sqlite_and_postgresql(db_url: str) -> None:
     check_gapless(engine, "finals")
 
 
+def notes_with_ids(engine: Engine, ids: list[str]) -> tuple[Allocator, BatchJob]:
+    """A table ``notes`` keyed by the text ``ids``, its sequence, and the job numbering it
+    (chunks of 7 rows)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE notes (code VARCHAR(400) PRIMARY KEY, number BIGINT)")
+        conn.execute(sa.text("INSERT INTO notes (code) VALUES (:c)"), [{"c": c} for c in ids])
+    numbers = Allocator(engine)
+    numbers.create_sequence("notes")
+    return numbers, BatchJob(sequence="notes", table="notes", id_column="code", chunk_size=7)
+
+
 def test_text_ids_that_need_quoting_round_trip(db_url: str) -> None:
     """On PostgreSQL a chunk's ids travel as the server's own array text and back: ids
     with quotes, commas, braces, backslashes, spaces and NULL-like words must survive."""
     engine = create_engine(db_url)
     awkward = ['a"b', "c,d", "{e}", "f\\g", " h ", "NULL", "i'j", "", "ü"]
     ids = [f"{text}#{i}" for i, text in enumerate(awkward * 3)] + ["NULL", ""]
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE notes (code VARCHAR(20) PRIMARY KEY, number BIGINT)")
-        conn.execute(sa.text("INSERT INTO notes (code) VALUES (:c)"), [{"c": c} for c in ids])
-    numbers = Allocator(engine)
-    numbers.create_sequence("notes")
-    job = BatchJob(sequence="notes", table="notes", id_column="code", chunk_size=7)
+    numbers, job = notes_with_ids(engine, ids)
     assert number_rows(numbers, job, allowed_tables=["notes"]).numbered == len(ids)
     with engine.connect() as conn:
         got = conn.execute(sa.text("SELECT code, number FROM notes ORDER BY number")).all()
@@ -110,6 +117,23 @@ def test_text_ids_that_need_quoting_round_trip(db_url: str) -> None:
     with engine.connect() as conn:
         in_order = conn.execute(sa.text("SELECT code FROM notes ORDER BY code")).scalars().all()
     assert [code for code, _ in got] == list(in_order)
+    check_gapless(engine, "notes")
+
+
+def test_ids_that_cannot_be_part_of_a_key_still_number(db_url: str) -> None:
+    """A chunk's ledger key holds its first id; an id that a key cannot hold (a newline,
+    a tab, edge whitespace, 300 characters) gets a digest of the id in its key instead."""
+    engine = create_engine(db_url)
+    ids = ["a\nb", "c\td", "e ", "x" * 300, "plain", "z\x01"]
+    numbers, job = notes_with_ids(engine, ids)
+    job = dataclasses.replace(job, chunk_size=1)  # every id starts a chunk
+    assert number_rows(numbers, job, allowed_tables=["notes"]).numbered == len(ids)
+    by_key = check_gapless(engine, "notes")
+    assert len(by_key) == len(ids)
+    assert sum(key.startswith("batch~sha256:notes.number:") for key in by_key) == 5
+    assert "batch:notes.number:plain" in by_key  # the job is named table.column
+    # Run again: nothing left to number, nothing numbered twice.
+    assert number_rows(numbers, job, allowed_tables=["notes"]).numbered == 0
     check_gapless(engine, "notes")
 
 
