@@ -44,7 +44,9 @@ DEFAULT_DATABASE_FILE = "numbering.db"
 MAX_BATCH_SIZE = 10_000
 # Redis on the local machine is the default broker ...
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
-# ... and result backend (another database number, so results and queues stay apart).
+# ... and result backend when the broker is RabbitMQ. With a Redis broker the result
+# backend defaults to the broker's own database: a client then sends a request and starts
+# waiting for its answer in one round trip (numbering.replies.same_database).
 DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 # The isolation level of numbering's own transactions.
 DEFAULT_ISOLATION_LEVEL = "READ COMMITTED"
@@ -111,7 +113,8 @@ class Settings:
 
     database_url: str = ""
     broker_url: str = DEFAULT_BROKER_URL
-    result_backend: str = DEFAULT_RESULT_BACKEND
+    #: Empty: the broker's URL if it is Redis, else DEFAULT_RESULT_BACKEND.
+    result_backend: str = ""
     isolation_level: str = DEFAULT_ISOLATION_LEVEL
     retry_attempts: int = DEFAULT_ATTEMPTS
     retry_timeout: float = DEFAULT_TIMEOUT
@@ -137,6 +140,10 @@ class Settings:
             object.__setattr__(self, "database_url", _default_database_url())
         object.__setattr__(self, "database_url", _check_database_url(self.database_url))
         _check_url("broker_url", self.broker_url, _BROKER_SCHEMES)
+        if not self.result_backend:
+            on_redis = self.broker_url.startswith(("redis://", "rediss://"))
+            default = self.broker_url if on_redis else DEFAULT_RESULT_BACKEND
+            object.__setattr__(self, "result_backend", default)
         _check_url("result_backend", self.result_backend, _BACKEND_SCHEMES)
         try:
             level = check_isolation_level(self.isolation_level)

@@ -46,7 +46,7 @@ from numbering.config.celery import celery_config
 from numbering.config.settings import Settings, mask_url
 from numbering.errors import ConfigurationError, NumberingError, RequestTimeout
 from numbering.messages import encode_redis_message, error_from_reply
-from numbering.replies import new_reply_list
+from numbering.replies import new_reply_list, same_database
 from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
 from numbering.validation import check_count, check_seconds, check_sequence_name
 
@@ -165,18 +165,20 @@ class Client:
         app = Celery("numbering-client", set_as_current=False)
         app.conf.update(celery_config(settings))
         app.conf.result_backend = None  # answers come on the reply list, not the backend
-        state = _ProcessState(
+        replies = redis.Redis.from_url(self.reply_url)
+        broker = None
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            broker = redis.Redis.from_url(self.broker_url)
+            if same_database(broker, replies):
+                # One client: a request and the wait for its answer share a round trip.
+                broker = replies
+        return _ProcessState(
             pid=os.getpid(),
             app=app,
-            replies=redis.Redis.from_url(self.reply_url),
-            broker=(
-                redis.Redis.from_url(self.broker_url)
-                if self.broker_url.startswith(("redis://", "rediss://"))
-                else None
-            ),
+            replies=replies,
+            broker=broker,
             reply_list=new_reply_list(),
         )
-        return state
 
     def _start_listener(self, state: _ProcessState) -> None:
         """Read replies in a thread of their own from now on (for asyncio callers)."""
@@ -201,7 +203,7 @@ class Client:
             if state.listener is not None:
                 state.listener.join(_LISTEN_SECONDS * 3)
             state.replies.close()
-            if state.broker is not None:
+            if state.broker is not None and state.broker is not state.replies:
                 state.broker.close()
             state.app.close()
 
@@ -233,7 +235,9 @@ class Client:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _publish(self, state: _ProcessState, sequence: str, request: Request) -> None:
+    def _publish(
+        self, state: _ProcessState, sequence: str, request: Request, read: float | None = None
+    ) -> None:
         kwargs = {
             "sequence": sequence,
             "key": request.key,
@@ -245,7 +249,19 @@ class Client:
         queue = queue_for(sequence, self.shards)
         if state.broker is not None:
             message = encode_redis_message(queue, kwargs, state.reply_list)
-            state.broker.lpush(queue, message)
+            if read is None:
+                state.broker.lpush(queue, message)
+                return
+            # The broker holds the reply list too: send the request and wait up to
+            # ``read`` seconds for the first answer in one round trip.
+            pipe = state.broker.pipeline(transaction=False)
+            pipe.lpush(queue, message)
+            pipe.brpop([state.reply_list], timeout=read)
+            pushed, popped = pipe.execute(raise_on_error=False)
+            if isinstance(popped, (list, tuple)):
+                self._deliver(state, popped[1])  # whoever's answer it is
+            if isinstance(pushed, Exception):
+                raise pushed
             return
         state.app.send_task(
             TASK_NAME,
@@ -302,7 +318,11 @@ class Client:
             deadline = time.monotonic() + wait
             failure: BaseException | None = None
             while True:
-                failure = self._try_publish(state, name, request)
+                read = None
+                if state.broker is state.replies and self._take_reading(state, waiter):
+                    read = min(resend, deadline - time.monotonic(), _LISTEN_SECONDS)
+                    read = read if read >= _MIN_BLOCK_SECONDS else None
+                failure = self._try_publish(state, name, request, read)
                 pause = _PUBLISH_RETRY_SECONDS if failure else resend
                 if self._await(state, waiter, min(time.monotonic() + pause, deadline)):
                     assert waiter.reply is not None
@@ -365,11 +385,12 @@ class Client:
                         return
 
     def _try_publish(
-        self, state: _ProcessState, sequence: str, request: Request
+        self, state: _ProcessState, sequence: str, request: Request, read: float | None = None
     ) -> BaseException | None:
-        """Publish; on a broker error return it (sending again later is always safe)."""
+        """Publish (and with ``read``, wait that long for a first answer); on a broker
+        error return it (sending again later is always safe)."""
         try:
-            self._publish(state, sequence, request)
+            self._publish(state, sequence, request, read)
         except (redis.RedisError, OSError, *_KOMBU_ERRORS) as exc:
             log.warning(
                 "could not send key %r to %s: %s; will send again", request.key, sequence, exc

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-__all__ = ["REPLY_TTL", "new_reply_list", "push_replies"]
+__all__ = ["REPLY_TTL", "new_reply_list", "push_replies", "same_database"]
 
 # Seconds a reply list outlives its last reply; an abandoned client's list then vanishes.
 REPLY_TTL = 300
@@ -37,3 +37,19 @@ def push_replies(client: redis.Redis, replies: Iterable[tuple[str, dict[str, Any
         pipe.expire(name, REPLY_TTL)
     if lists:
         pipe.execute()
+
+
+# What names a Redis server and database in redis-py's connection settings.
+_WHERE = ("host", "port", "path", "db", "username", "password")
+
+
+def same_database(a: redis.Redis, b: redis.Redis) -> bool:
+    """Whether ``a`` and ``b`` talk to the same Redis server and database number.
+
+    When the broker and the reply lists share one, a client sends a request and starts
+    waiting for the answer in one round trip.
+    """
+    one, other = a.connection_pool, b.connection_pool
+    if one.connection_class is not other.connection_class:
+        return False
+    return all(one.connection_kwargs.get(key) == other.connection_kwargs.get(key) for key in _WHERE)

@@ -147,6 +147,20 @@ def stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[
     stack.close()
 
 
+@pytest.fixture(params=["replies-apart", "replies-on-broker"])
+def client_stack(
+    request: pytest.FixtureRequest, pg_url: str, redis_urls: tuple[str, str], tmp_path: Path
+) -> Iterator[Stack]:
+    """:func:`stack` with the reply lists in another Redis database than the broker's, or
+    in the broker's own (the default: a client then sends a request and starts waiting
+    for the answer in one round trip)."""
+    broker, replies = redis_urls
+    shared = request.param == "replies-on-broker"
+    stack = Stack(pg_url, broker, broker if shared else replies, tmp_path)
+    yield stack
+    stack.close()
+
+
 @pytest.fixture
 def amqp_stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[Stack]:
     """Like ``stack`` with RabbitMQ as the broker (replies still travel over Redis)."""

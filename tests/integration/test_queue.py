@@ -41,7 +41,8 @@ def assert_increasing(results: list[list[int]]) -> None:
         assert len(set(values)) == len(values)
 
 
-def test_four_client_processes_on_one_sequence(stack: Stack) -> None:
+def test_four_client_processes_on_one_sequence(client_stack: Stack) -> None:
+    stack = client_stack
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices")
     results = stack.client_processes([("invoices", f"c{c}", 250) for c in range(4)])
@@ -273,7 +274,8 @@ def test_asyncio_client(stack: Stack) -> None:
     assert values[51] == by_key["a7"][0]
 
 
-def test_timeout_names_the_key_and_asking_again_is_safe(stack: Stack) -> None:
+def test_timeout_names_the_key_and_asking_again_is_safe(client_stack: Stack) -> None:
+    stack = client_stack
     setup_sequences(stack, "invoices")
     client = stack.client(resend_after=0.3)
     with pytest.raises(RequestTimeout) as info:
@@ -289,7 +291,8 @@ def test_timeout_names_the_key_and_asking_again_is_safe(stack: Stack) -> None:
     )
 
 
-def test_client_survives_fork(stack: Stack) -> None:
+def test_client_survives_fork(client_stack: Stack) -> None:
+    stack = client_stack
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices")
     client = stack.client()
@@ -312,7 +315,8 @@ def test_client_survives_fork(stack: Stack) -> None:
     check_gapless(create_engine(stack.settings.database_url), "invoices")
 
 
-def test_client_is_shared_by_threads(stack: Stack) -> None:
+def test_client_is_shared_by_threads(client_stack: Stack) -> None:
+    stack = client_stack
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices")
     client: Client = stack.client()
@@ -327,11 +331,15 @@ def test_client_is_shared_by_threads(stack: Stack) -> None:
     for thread in threads:
         thread.join(120)
     assert_increasing(list(got.values()))
+    state = client._process_state()
+    shared = stack.settings.broker_url == stack.settings.result_backend
+    assert (state.broker is state.replies) is shared  # one connection pool when shared
     keys = [f"t{t}:{i}" for t in range(8) for i in range(50)]
     check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
 
 
-def test_reading_passes_to_a_waiting_thread_when_the_reader_leaves(stack: Stack) -> None:
+def test_reading_passes_to_a_waiting_thread_when_the_reader_leaves(client_stack: Stack) -> None:
+    stack = client_stack
     """Waiting threads take turns reading the reply list. The reader here gives up (its
     sequence has no worker); the other thread must take over reading at once, not at its
     next resend (30 s away)."""
@@ -363,7 +371,8 @@ def test_reading_passes_to_a_waiting_thread_when_the_reader_leaves(stack: Stack)
     assert float(outcome["second at"]) - ready < 10  # type: ignore[arg-type]
 
 
-def test_sync_and_asyncio_callers_in_one_process(stack: Stack) -> None:
+def test_sync_and_asyncio_callers_in_one_process(client_stack: Stack) -> None:
+    stack = client_stack
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices")
     client: Client = stack.client()

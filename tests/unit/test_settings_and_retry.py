@@ -35,6 +35,16 @@ def test_defaults_need_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert settings.broker_url == "redis://127.0.0.1:6379/0"
     assert settings.isolation_level == "READ COMMITTED"
     assert settings.retry_policy() == RetryPolicy()
+    assert settings.result_backend == "redis://127.0.0.1:6379/0"  # the broker's database
+
+
+def test_replies_default_to_the_broker_database_on_redis_only() -> None:
+    broker = "redis://queue.internal:6380/3"
+    assert Settings.from_env({"NUMBERING_BROKER_URL": broker}).result_backend == broker
+    rabbit = Settings.from_env({"NUMBERING_BROKER_URL": "amqp://guest@rabbit//"})
+    assert rabbit.result_backend == "redis://127.0.0.1:6379/1"
+    chosen = {"NUMBERING_BROKER_URL": broker, "NUMBERING_RESULT_BACKEND": "redis://other/1"}
+    assert Settings.from_env(chosen).result_backend == "redis://other/1"
 
 
 def test_every_setting_is_read_from_its_variable() -> None:
