@@ -6,11 +6,16 @@ every process's CPU time from ``/proc`` over the measured window. It prints numb
 second and the CPU milliseconds each kind of process (requesters, worker, PostgreSQL,
 Redis, ...) spent per number: the figures docs/benchmarks.md uses to say what limits
 throughput on a small machine. The sequence's ledger is audited at the end. Linux only.
+
+``--sequences 100 --shards 8 --workers 2`` measures the many-sequences layout of
+``benchmarks.run`` instead: requests spread over 100 sequences, 8 shard queues dealt out
+over 2 worker processes (every sequence's ledger is audited).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -35,8 +40,8 @@ def _ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-# How the worker this script starts shows in /proc/<pid>/cmdline.
-_WORKER_CMDLINE = b"numbering\0worker\0--sequence\0" + SEQUENCE.encode() + b"\0"
+# How the workers this script starts show in /proc/<pid>/cmdline.
+_WORKER_CMDLINE = b"numbering\0worker\0"
 
 
 def _processes() -> dict[int, str]:
@@ -54,12 +59,20 @@ def _processes() -> dict[int, str]:
     return found
 
 
-def _requester(broker: str, replies: str, stop_at: float) -> None:
-    client = Client(broker, replies, timeout=60)
+def _requester(
+    broker: str, replies: str, stop_at: float, names: list[str], shards: int | None
+) -> None:
+    client = Client(broker, replies, shards=shards, timeout=60)
     i = 0
+    tag = os.getpid()
     while time.time() < stop_at:
-        client.next_value(SEQUENCE, key=f"cpu:{os.getpid()}:{i}")
+        name = names[(tag + i) % len(names)]
+        client.next_value(name, key=f"cpu:{tag}:{i}")
         i += 1
+
+
+def _numbered(allocator: Allocator, names: list[str]) -> int:
+    return sum(allocator.last_value(name) or 0 for name in names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,33 +82,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--requesters", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--sequences", type=int, default=1, help="spread requests over this many sequences"
+    )
+    parser.add_argument("--shards", type=int, default=8, help="shard queues (with --sequences)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (--sequences)")
+    parser.add_argument(
+        "--replies-apart",
+        dest="replies_with_broker",
+        action="store_false",
+        help="reply lists in another Redis database than the broker's (one more round trip)",
+    )
     args = parser.parse_args(argv)
 
     url = prepare_database(args.admin_url, args.database)
     for db in (10, 11):  # the broker and reply databases make bench uses
         redis.Redis.from_url(f"{args.redis}/{db}").flushdb()
-    env = Env(url, f"{args.redis}/10", f"{args.redis}/11", "", "", "")
+    replies = f"{args.redis}/{10 if args.replies_with_broker else 11}"
+    env = Env(url, f"{args.redis}/10", replies, "", "", "")
     allocator = Allocator(url)
-    allocator.create_sequence(SEQUENCE)
+    many = args.sequences > 1
+    sequences = [f"{SEQUENCE}-{i:03d}" for i in range(args.sequences)] if many else [SEQUENCE]
+    for name in sequences:
+        allocator.create_sequence(name)
+    shards = args.shards if many else None
+    layouts = [["--sequence", SEQUENCE]]
+    if many:
+        processes = max(1, min(args.workers, args.shards))
+        layouts = [
+            [
+                arg
+                for i in range(p, args.shards, processes)
+                for arg in ("--shard", f"{i}/{args.shards}")
+            ]
+            for p in range(processes)
+        ]
     logs = Path(os.environ.get("BENCH_LOGS", "/tmp/numbering-bench"))
     logs.mkdir(parents=True, exist_ok=True)
     warmup = 2.0
-    with worker(env, env.redis_broker, ["--sequence", SEQUENCE], logs / "worker-cpu.log"):
+    with contextlib.ExitStack() as workers:
+        for p, layout in enumerate(layouts):
+            extra = {"NUMBERING_SHARDS": str(args.shards)} if many else {}
+            workers.enter_context(
+                worker(env, env.redis_broker, layout, logs / f"worker-cpu{p}.log", **extra)
+            )
         ctx = mp.get_context("fork")
         stop_at = time.time() + warmup + args.seconds + 2
         procs = [
-            ctx.Process(target=_requester, args=(env.redis_broker, env.redis_replies, stop_at))
+            ctx.Process(
+                target=_requester,
+                args=(env.redis_broker, env.redis_replies, stop_at, sequences, shards),
+            )
             for _ in range(args.requesters)
         ]
         for proc in procs:
             proc.start()
         time.sleep(warmup)
         before = {pid: _ticks(pid) for pid in _processes()}
-        numbered = allocator.last_value(SEQUENCE) or 0
+        numbered = _numbered(allocator, sequences)
         started = time.time()
         time.sleep(args.seconds)
         after = {pid: _ticks(pid) for pid in _processes()}
-        numbers = (allocator.last_value(SEQUENCE) or 0) - numbered
+        numbers = _numbered(allocator, sequences) - numbered
         elapsed = time.time() - started
         names = _processes()
         requesters = {proc.pid for proc in procs}
@@ -118,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     for kind, ticks in sorted(by_kind.items(), key=lambda item: -item[1]):
         if ticks and numbers:
             print(f"  {kind:20} {ticks / hz / numbers * 1000:7.3f}")
-    [report] = allocator.audit(SEQUENCE)
-    print(f"audit of {SEQUENCE!r}: {'ok' if report.ok else 'PROBLEMS'}, {report.values:,} values")
+    reports = [report for report in allocator.audit() if report.sequence in sequences]
+    ok = len(reports) == len(sequences) and all(report.ok for report in reports)
+    values = sum(report.values for report in reports)
+    print(f"audit of {len(sequences)} sequence(s): {'ok' if ok else 'PROBLEMS'}, {values:,} values")
     allocator.close()
-    return 0 if report.ok else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -69,12 +69,20 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
     assert (tmp_path / "benchmarks-bare.png").stat().st_size > 10_000
 
 
-def test_cpu_breakdown_runs_and_audits(pg_empty_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("layout", "audited"),
+    [([], "audit of 1 sequence(s): ok"), (["--sequences", "6", "--shards", "2", "--workers", "2"],
+                                           "audit of 6 sequence(s): ok")],
+    ids=["one-sequence", "many-sequences"],
+)  # fmt: skip
+def test_cpu_breakdown_runs_and_audits(
+    pg_empty_url: str, tmp_path: Path, layout: list[str], audited: str
+) -> None:
     database = f"numbering_bench_cpu_{os.getpid()}"
     try:
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.cpu", "--requesters", "2", "--seconds", "1",
-             "--admin-url", ADMIN_URL, "--database", database],
+             "--admin-url", ADMIN_URL, "--database", database, *layout],
             cwd=ROOT,
             env={**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
             capture_output=True,
@@ -88,4 +96,4 @@ def test_cpu_breakdown_runs_and_audits(pg_empty_url: str, tmp_path: Path) -> Non
     assert "2 requesters: " in done.stdout
     for kind in ("requesters", "numbering worker", "postgres", "redis-server"):
         assert f"  {kind} " in done.stdout, done.stdout
-    assert "audit of 'cpu': ok" in done.stdout
+    assert audited in done.stdout
