@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kombu.exceptions
+import kombu.pools
 import redis
 from celery import Celery
 
@@ -533,7 +534,19 @@ _forget_after_fork: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    for client in list(_forget_after_fork):
+    clients = list(_forget_after_fork)
+    if not clients:
+        return
+    # kombu keeps broker connection pools in process-wide registries, keyed by URL, that
+    # it clears only in multiprocessing and billiard children. After a plain os.fork()
+    # (gunicorn --preload, uWSGI) the child's new Celery app would take the parent's open
+    # RabbitMQ connection from there: two processes on one socket, each reading the
+    # other's frames and flipping its blocking mode (a parent then hung in recv()). Drop
+    # the child's references without closing anything: closing would shut the socket the
+    # parent still uses.
+    kombu.pools.connections.clear()
+    kombu.pools.producers.clear()
+    for client in clients:
         client._forget()
 
 

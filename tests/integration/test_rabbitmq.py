@@ -11,7 +11,7 @@ from integration.stack import Stack
 from ledger_check import check_gapless
 from test_queue import assert_increasing, setup_sequences
 
-from numbering import Allocator, create_engine
+from numbering import Allocator, Client, create_engine
 
 
 def unique(name: str) -> str:
@@ -87,4 +87,42 @@ def test_client_survives_fork_on_rabbitmq(amqp_stack: Stack) -> None:
         child, elapsed = json.loads(pipe.read())
     assert elapsed < 10, f"the forked child took {elapsed:.1f}s for 10 numbers"
     assert sorted([1, *parent, *child]) == list(range(1, 22))
+    check_gapless(create_engine(amqp_stack.settings.database_url), seq)
+
+
+def broker_port(client: Client) -> int:
+    """The local port of the RabbitMQ connection ``client`` publishes on in this process."""
+    connection = client._process_state().app.pool.acquire(block=True)
+    try:
+        return int(connection.connection.sock.getsockname()[1])
+    finally:
+        connection.release()
+
+
+def test_forked_client_opens_its_own_rabbitmq_connection(amqp_stack: Stack) -> None:
+    """kombu's process-wide pool survives os.fork(): without numbering clearing it in the
+    child, the child published on its parent's socket (seen in CI as a parent stuck in
+    recv() for 300 s; the test above passes only when the race goes well)."""
+    seq = unique("invoices")
+    setup_sequences(amqp_stack, seq)
+    amqp_stack.worker("--sequence", seq)
+    client = amqp_stack.client()
+    assert client.next_value(seq, key="parent") == 1
+    parent_port = broker_port(client)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            value = client.next_value(seq, key="child")
+            os.write(write, json.dumps([value, broker_port(client)]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        value, child_port = json.loads(pipe.read())
+    assert value == 2
+    assert child_port != parent_port
+    assert broker_port(client) == parent_port  # the parent's connection is untouched
+    assert client.next_value(seq, key="parent again") == 3
     check_gapless(create_engine(amqp_stack.settings.database_url), seq)
