@@ -251,7 +251,10 @@ class RedisDrain:
         self._finish_inflight()
         checked = time.monotonic()
         batch: list[bytes | str] = []
-        while not self.stop.is_set():
+        # A batch already moved in flight is finished even when ``stop`` came meanwhile
+        # (a warm shutdown between the ack-and-drain and the next turn of the loop left
+        # it in flight for the next consumer: seen in CI); only an empty hand stops here.
+        while batch or not self.stop.is_set():
             if time.monotonic() - checked > LOCK_CHECK_SECONDS:
                 if not self.lock.still_held():
                     return

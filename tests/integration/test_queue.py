@@ -24,8 +24,10 @@ from numbering.errors import (
     KeyReusedError,
     SequenceNotFoundError,
 )
+from numbering.messages import encode_redis_message
 from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, queue_for, sequence_queue
-from numbering.tasks.drain import inflight_list
+from numbering.tasks.drain import BatchProcessor, RedisDrain, inflight_list
+from numbering.tasks.guard import ConsumerLock
 
 
 def setup_sequences(stack: Stack, *names: str) -> Allocator:
@@ -601,3 +603,52 @@ def test_worker_json_logs_carry_the_request_key(stack: Stack) -> None:
     assert "was already used for a block of 1 value(s), not 2" in failure["message"]
     assert {"time", "logger", "task_id"} <= set(failure)
     assert any("active consumer of numbering.invoices" in line["message"] for line in lines)
+
+
+def test_a_stop_during_the_ack_and_drain_still_finishes_the_batch_drained(
+    pg_url: str, redis_urls: tuple[str, str]
+) -> None:
+    """A warm shutdown that lands between the acknowledgement-and-drain of the next batch
+    and the consumer's next turn must still finish that batch, not leave it in flight
+    (seen in CI as test_sigterm_finishes_the_batch_in_hand failing now and then)."""
+    broker_url, reply_url = redis_urls
+    broker, replies = redis.Redis.from_url(broker_url), redis.Redis.from_url(reply_url)
+    engine = create_engine(pg_url)
+    allocator = Allocator(engine)
+    allocator.create_sequence("invoices")
+    queue = sequence_queue("invoices")
+    stop = threading.Event()
+    drain = RedisDrain(
+        broker,
+        queue,
+        BatchProcessor(allocator, replies),
+        ConsumerLock(engine, queue),
+        batch_size=500,
+        stop=stop,
+    )
+    real = drain._ack_and_drain
+
+    def then_stop(**kwargs: object) -> object:
+        drained = real(**kwargs)
+        stop.set()  # SIGTERM arrives now: the drained batch is already in flight
+        return drained
+
+    drain._ack_and_drain = then_stop  # type: ignore[method-assign]
+    # The first request is taken alone; the two behind it are the drained batch.
+    for key in ("a", "b", "c"):
+        broker.lpush(
+            queue,
+            encode_redis_message(
+                queue, {"sequence": "invoices", "key": key, "count": 1, "reference": None}, None
+            ),
+        )
+    consumer = threading.Thread(target=drain.run)
+    consumer.start()
+    consumer.join(30)
+    assert not consumer.is_alive()
+    assert broker.llen(drain.inflight) == 0, "the drained batch was left in flight"
+    assert broker.llen(queue) == 0
+    assert drain.handled == 3
+    check_gapless(engine, "invoices", keys=["a", "b", "c"])
+    broker.close()
+    replies.close()
