@@ -29,6 +29,16 @@ def make_documents(engine: Engine, rows: int) -> None:
             "CREATE TABLE documents (id INTEGER PRIMARY KEY, kind VARCHAR(10), "
             "issued INTEGER, number BIGINT)"
         )
+        if conn.dialect.name == "postgresql":  # the same rows, made by the server: seconds less
+            conn.execute(
+                sa.text(
+                    "INSERT INTO documents (id, kind, issued) SELECT g, CASE WHEN g % 10 = 0 "
+                    "THEN 'draft' ELSE 'final' END, (g::bigint * 7919) % :rows "
+                    "FROM generate_series(1, :rows) g"
+                ),
+                {"rows": rows},
+            )
+            return
         conn.execute(
             sa.text("INSERT INTO documents (id, kind, issued) VALUES (:id, :kind, :issued)"),
             [
