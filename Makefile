@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test unit lint typecheck services slow bench bench-cpu clean
+.PHONY: install demo test unit lint typecheck services slow bench bench-cpu bench-overhead clean
 
 $(BIN)/numbering: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: install services ## numbering against the alternatives; writes docs/bench
 
 bench-cpu: install services ## CPU ms per number by process (requesters, worker, PostgreSQL, Redis) at 16 requesters.
 	$(BIN)/python -m benchmarks.cpu
+
+bench-overhead: install services ## CPU and wall ms of numbering's own transaction against the same SQL on bare psycopg2.
+	$(BIN)/python -m benchmarks.overhead
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache numbering.db*

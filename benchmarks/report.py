@@ -190,7 +190,8 @@ def render(results: Results, args: argparse.Namespace, machine: str, output: Pat
         "",
         "Re-run: `make bench` (about 18 minutes on 2 cores; "
         "`python -m benchmarks.run --help` for sizes and repeats). Where the CPU goes per "
-        "number: `make bench-cpu`.",
+        "number: `make bench-cpu`; what numbering's own transaction costs around its SQL: "
+        "`make bench-overhead`.",
         "",
         "## Targets",
         "",

@@ -97,3 +97,24 @@ def test_cpu_breakdown_runs_and_audits(
     for kind in ("requesters", "numbering worker", "postgres", "redis-server"):
         assert f"  {kind} " in done.stdout, done.stdout
     assert audited in done.stdout
+
+
+def test_overhead_probe_runs_and_audits(pg_empty_url: str) -> None:
+    database = f"numbering_bench_overhead_{os.getpid()}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.overhead", "--numbers", "20", "--rounds", "2",
+             "--admin-url", ADMIN_URL, "--database", database],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+    finally:
+        with _admin().connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("numbering", "raw psycopg2", "raw, prepared"):
+        assert f"  {name} " in done.stdout, done.stdout
+    # 50 warm-up numbers and 2 rounds of 20 each, all three ledgers gapless
+    assert "audit of 3 sequence(s): ok, 270 values" in done.stdout, done.stdout

@@ -1,0 +1,161 @@
+"""What numbering's own transaction costs around the SQL it sends (``make bench-overhead``).
+
+One number at a time, in process, against the local PostgreSQL, measured in turns:
+
+- ``numbering``: ``Allocator.next_value`` (retrying runner, SQLAlchemy connection, the
+  pipelined psycopg2 store).
+- ``raw psycopg2``: the same SQL text (``numbering.store``), the same two round trips,
+  straight on a psycopg2 cursor: what the database and the driver cost alone.
+- ``raw, prepared``: the same with server-side prepared statements (PREPARE/EXECUTE):
+  what planning each statement costs.
+
+Prints the median wall time and CPU time (this process, user + system) per number for
+each, then audits the three sequences' ledgers (the raw loops keep them gapless too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+
+from benchmarks.run import prepare_database
+from numbering import Allocator
+from numbering.store import _INSERT_LEDGER, _LOCK_AND_LOOK_UP, _UPDATE_COUNTER
+
+_PREPARE = [
+    "PREPARE numbering_lock(text, text[]) AS "
+    + _LOCK_AND_LOOK_UP.split(";\n", 1)[1].replace("%(keys)s", "$2").replace("%(name)s", "$1"),
+    "PREPARE numbering_update(bigint, bigint, timestamptz, bigint) AS UPDATE numbering_sequence "
+    "SET last_value = $1, cycle = $2, updated_at = $3 WHERE id = $4",
+    "PREPARE numbering_insert(timestamptz, bigint[], bigint[], bigint[], bigint[], text[], "
+    "jsonb[], text[], text[]) AS "
+    + _INSERT_LEDGER.replace("%(now)s", "$1").split("FROM unnest(")[0]
+    + "FROM unnest($2, $3, $4, $5, $6, $7, $8, $9) "
+    "AS r(sequence_id, cycle, value, count, request_key, reference, status, formatted)",
+]
+
+
+class RawNumbers:
+    """Numbers of one sequence assigned with numbering's SQL on a bare psycopg2 connection
+    (a fresh sequence, no cycles or periods: value = last + 1)."""
+
+    def __init__(self, url: str, sequence: str, *, prepared: bool) -> None:
+        self.connection = psycopg2.connect(url)
+        self.connection.autocommit = True  # BEGIN and COMMIT are sent as SQL, as numbering does
+        self.cursor = self.connection.cursor()
+        self.sequence = sequence
+        self.prepared = prepared
+        self.issued = 0
+        if prepared:
+            for statement in _PREPARE:
+                self.cursor.execute(statement)
+
+    def next_value(self) -> int:
+        self.issued += 1
+        key = f"{self.sequence}:{self.issued}"
+        params: dict[str, Any] = {"name": self.sequence, "keys": [key]}
+        if self.prepared:
+            self.cursor.execute(
+                "BEGIN; SELECT 1 FROM numbering_sequence WHERE name = %(name)s FOR UPDATE; "
+                "EXECUTE numbering_lock(%(name)s, %(keys)s)",
+                params,
+            )
+        else:
+            self.cursor.execute("BEGIN; " + _LOCK_AND_LOOK_UP.format(nowait=""), params)
+        names = [column.name for column in self.cursor.description]
+        row = dict(zip(names, self.cursor.fetchone(), strict=True))
+        if row["numbering_priors"]:
+            raise RuntimeError(f"key {key!r} is already in the ledger")
+        value = row["initial_value"] if row["last_value"] is None else row["last_value"] + 1
+        params = {
+            "now": dt.datetime.now(dt.timezone.utc),
+            "id0": row["id"],
+            "last0": value,
+            "cycle0": row["cycle"],
+            "sequence_id": [row["id"]],
+            "cycle": [row["cycle"]],
+            "value": [value],
+            "count": [1],
+            "request_key": [key],
+            "reference": [None],
+            "status": ["assigned"],
+            "formatted": [None],
+        }
+        if self.prepared:
+            writes = (
+                "EXECUTE numbering_update(%(last0)s, %(cycle0)s, %(now)s, %(id0)s); "
+                "EXECUTE numbering_insert(%(now)s, %(sequence_id)s::bigint[], %(cycle)s::bigint[], "
+                "%(value)s::bigint[], %(count)s::bigint[], %(request_key)s::text[], "
+                "%(reference)s::jsonb[], %(status)s::text[], %(formatted)s::text[]); COMMIT"
+            )
+        else:
+            writes = _UPDATE_COUNTER.format(i=0) + "\n" + _INSERT_LEDGER + ";\nCOMMIT"
+        self.cursor.execute(writes, params)
+        return int(value)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def _measure(take: Callable[[], int], numbers: int) -> tuple[float, float]:
+    """(wall ms, CPU ms) per number over ``numbers`` calls of ``take``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(numbers):
+        take()
+    return (
+        (time.perf_counter() - wall) / numbers * 1000,
+        (time.process_time() - cpu) / numbers * 1000,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1/postgres")
+    parser.add_argument("--database", default="numbering_bench_overhead")
+    parser.add_argument("--numbers", type=int, default=500, help="numbers per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="measurements of each, in turns")
+    args = parser.parse_args(argv)
+
+    url = prepare_database(args.admin_url, args.database)
+    allocator = Allocator(url)
+    contenders: dict[str, Callable[[], int]] = {}
+    raws = []
+    for name, prepared in (("raw psycopg2", False), ("raw, prepared", True)):
+        sequence = "overhead-" + ("prepared" if prepared else "raw")
+        allocator.create_sequence(sequence)
+        raw = RawNumbers(url, sequence, prepared=prepared)
+        raws.append(raw)
+        contenders[name] = raw.next_value
+    allocator.create_sequence("overhead-numbering")
+    contenders["numbering"] = lambda: allocator.next_value("overhead-numbering")
+    order = ["numbering", "raw psycopg2", "raw, prepared"]
+    for name in order:  # warm the pools, the caches and the plans
+        _measure(contenders[name], 50)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in order}
+    for turn in range(args.rounds):
+        for name in order[turn % 3 :] + order[: turn % 3]:  # each goes first in turn
+            runs[name].append(_measure(contenders[name], args.numbers))
+    print(f"{args.rounds} rounds of {args.numbers} numbers each, in turns; medians per number:")
+    for name in order:
+        wall = statistics.median(w for w, _ in runs[name])
+        cpu = statistics.median(c for _, c in runs[name])
+        print(f"  {name:14} wall {wall:6.3f} ms   CPU in this process {cpu:6.3f} ms")
+    for raw in raws:
+        raw.close()
+    reports = allocator.audit()
+    ok = len(reports) == 3 and all(report.ok for report in reports)
+    values = sum(report.values for report in reports)
+    print(f"audit of {len(reports)} sequence(s): {'ok' if ok else 'PROBLEMS'}, {values:,} values")
+    allocator.close()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
