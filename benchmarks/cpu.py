@@ -166,12 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     for kind, ticks in sorted(by_kind.items(), key=lambda item: -item[1]):
         if ticks and numbers:
             print(f"  {kind:20} {ticks / hz / numbers * 1000:7.3f}")
+    ok = print_audit(allocator, sequences)
+    allocator.close()
+    return 0 if ok else 1
+
+
+def print_audit(allocator: Allocator, sequences: list[str]) -> bool:
+    """Audit ``sequences``' ledgers and print one line; True if every one is gapless."""
     reports = [report for report in allocator.audit() if report.sequence in sequences]
     ok = len(reports) == len(sequences) and all(report.ok for report in reports)
     values = sum(report.values for report in reports)
     print(f"audit of {len(sequences)} sequence(s): {'ok' if ok else 'PROBLEMS'}, {values:,} values")
-    allocator.close()
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg2
 
+from benchmarks.cpu import print_audit
 from benchmarks.run import prepare_database
 from numbering import Allocator
 from numbering.store import _INSERT_LEDGER, _LOCK_AND_LOOK_UP, _UPDATE_COUNTER
@@ -127,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     allocator = Allocator(url)
     contenders: dict[str, Callable[[], int]] = {}
     raws = []
+    sequences = ["overhead-numbering"]
     for name, prepared in (("raw psycopg2", False), ("raw, prepared", True)):
         sequence = "overhead-" + ("prepared" if prepared else "raw")
+        sequences.append(sequence)
         allocator.create_sequence(sequence)
         raw = RawNumbers(url, sequence, prepared=prepared)
         raws.append(raw)
@@ -149,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:14} wall {wall:6.3f} ms   CPU in this process {cpu:6.3f} ms")
     for raw in raws:
         raw.close()
-    reports = allocator.audit()
-    ok = len(reports) == 3 and all(report.ok for report in reports)
-    values = sum(report.values for report in reports)
-    print(f"audit of {len(reports)} sequence(s): {'ok' if ok else 'PROBLEMS'}, {values:,} values")
+    ok = print_audit(allocator, sequences)
     allocator.close()
     return 0 if ok else 1
 

@@ -253,7 +253,7 @@ class RedisDrain:
         batch: list[bytes | str] = []
         # A batch already moved in flight is finished even when ``stop`` came meanwhile
         # (a warm shutdown between the ack-and-drain and the next turn of the loop left
-        # it in flight for the next consumer: seen in CI); only an empty hand stops here.
+        # it in flight for the next consumer: seen in a test run); only an empty hand stops.
         while batch or not self.stop.is_set():
             if time.monotonic() - checked > LOCK_CHECK_SECONDS:
                 if not self.lock.still_held():

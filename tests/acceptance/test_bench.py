@@ -69,6 +69,28 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
     assert (tmp_path / "benchmarks-bare.png").stat().st_size > 10_000
 
 
+def run_probe(
+    module: str, args: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m module`` on a scratch database of its own (dropped afterwards);
+    asserts that it exited 0."""
+    database = f"numbering_{module.rpartition('.')[2]}_{os.getpid()}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args, "--admin-url", ADMIN_URL, "--database", database],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        with _admin().connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.parametrize(
     ("layout", "audited"),
     [([], "audit of 1 sequence(s): ok"), (["--sequences", "6", "--shards", "2", "--workers", "2"],
@@ -78,21 +100,11 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
 def test_cpu_breakdown_runs_and_audits(
     pg_empty_url: str, tmp_path: Path, layout: list[str], audited: str
 ) -> None:
-    database = f"numbering_bench_cpu_{os.getpid()}"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.cpu", "--requesters", "2", "--seconds", "1",
-             "--admin-url", ADMIN_URL, "--database", database, *layout],
-            cwd=ROOT,
-            env={**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )  # fmt: skip
-    finally:
-        with _admin().connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_probe(
+        "benchmarks.cpu",
+        ["--requesters", "2", "--seconds", "1", *layout],
+        env={**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
+    )
     assert "2 requesters: " in done.stdout
     for kind in ("requesters", "numbering worker", "postgres", "redis-server"):
         assert f"  {kind} " in done.stdout, done.stdout
@@ -100,20 +112,7 @@ def test_cpu_breakdown_runs_and_audits(
 
 
 def test_overhead_probe_runs_and_audits(pg_empty_url: str) -> None:
-    database = f"numbering_bench_overhead_{os.getpid()}"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.overhead", "--numbers", "20", "--rounds", "2",
-             "--admin-url", ADMIN_URL, "--database", database],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )  # fmt: skip
-    finally:
-        with _admin().connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_probe("benchmarks.overhead", ["--numbers", "20", "--rounds", "2"])
     for name in ("numbering", "raw psycopg2", "raw, prepared"):
         assert f"  {name} " in done.stdout, done.stdout
     # 50 warm-up numbers and 2 rounds of 20 each, all three ledgers gapless
