@@ -31,8 +31,8 @@ from numbering import Allocator
 from numbering.store import _INSERT_LEDGER, _LOCK_AND_LOOK_UP, _UPDATE_COUNTER
 
 _PREPARE = [
-    "PREPARE numbering_lock(text, text[]) AS "
-    + _LOCK_AND_LOOK_UP.split(";\n", 1)[1].replace("%(keys)s", "$2").replace("%(name)s", "$1"),
+    "PREPARE numbering_lock(text[], text[]) AS "
+    + _LOCK_AND_LOOK_UP.split(";\n", 1)[1].replace("%(keys)s", "$2").replace("%(names)s", "$1"),
     "PREPARE numbering_update(bigint, bigint, timestamptz, bigint) AS UPDATE numbering_sequence "
     "SET last_value = $1, cycle = $2, updated_at = $3 WHERE id = $4",
     "PREPARE numbering_insert(timestamptz, bigint[], bigint[], bigint[], bigint[], text[], "
@@ -61,12 +61,11 @@ class RawNumbers:
     def next_value(self) -> int:
         self.issued += 1
         key = f"{self.sequence}:{self.issued}"
-        params: dict[str, Any] = {"name": self.sequence, "keys": [key]}
+        params: dict[str, Any] = {"names": [self.sequence], "keys": [key]}
         if self.prepared:
+            lock = _LOCK_AND_LOOK_UP.format(nowait="").split(";\n", 1)[0]
             self.cursor.execute(
-                "BEGIN; SELECT 1 FROM numbering_sequence WHERE name = %(name)s FOR UPDATE; "
-                "EXECUTE numbering_lock(%(name)s, %(keys)s)",
-                params,
+                f"BEGIN; {lock}; EXECUTE numbering_lock(%(names)s, %(keys)s)", params
             )
         else:
             self.cursor.execute("BEGIN; " + _LOCK_AND_LOOK_UP.format(nowait=""), params)

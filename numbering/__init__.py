@@ -17,7 +17,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from numbering.allocator import Assignment, Outcome, Request, allocate, assign, new_key
+from numbering.allocator import (
+    Assignment,
+    Outcome,
+    Request,
+    allocate,
+    assign,
+    assign_many,
+    new_key,
+)
 from numbering.config.settings import Settings
 from numbering.database import create_engine
 from numbering.errors import (
@@ -75,6 +83,7 @@ __all__ = [
     # allocation in the caller's transaction
     "allocate",
     "assign",
+    "assign_many",
     "new_key",
     "Request",
     "Assignment",

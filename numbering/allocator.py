@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any, overload
@@ -47,7 +47,16 @@ from numbering.validation import (
     check_sequence_name,
 )
 
-__all__ = ["Assignment", "Bind", "Outcome", "Request", "allocate", "assign", "new_key"]
+__all__ = [
+    "Assignment",
+    "Bind",
+    "Outcome",
+    "Request",
+    "allocate",
+    "assign",
+    "assign_many",
+    "new_key",
+]
 
 Bind = Session | Connection
 
@@ -133,8 +142,45 @@ def assign(
     name = check_sequence_name(sequence)
     if not requests:
         return []
+    outcome = _assign_all(bind, {name: requests}, nowait)[name]
+    if isinstance(outcome, NumberingError):
+        raise outcome
+    return outcome
+
+
+def assign_many(
+    bind: Bind, batches: Mapping[str, Sequence[Request]], *, nowait: bool = False
+) -> dict[str, list[Outcome]]:
+    """:func:`assign` for several sequences at once, in the caller's transaction.
+
+    The sequences are locked in name order by one statement and every request key is
+    looked up by one statement, whatever the number of sequences; the counters and the
+    ledger rows are written together. Returns each sequence's outcomes, in the order of
+    its requests. What would fail a whole sequence in :func:`assign` (an unknown or
+    invalid name) fails that sequence's requests alone here. A key asked for on two
+    sequences goes to the first by name; the other request fails with
+    :class:`~numbering.errors.KeyReusedError`, as if the two had been sent one after
+    the other. Raises only for a database error.
+    """
+    results: dict[str, list[Outcome]] = {}
+    valid: dict[str, Sequence[Request]] = {}
+    for sequence, requests in batches.items():
+        try:
+            valid[check_sequence_name(sequence)] = requests
+        except NumberingError as error:
+            results[sequence] = [error] * len(requests)
+    valid = {name: requests for name, requests in valid.items() if requests}
+    for name, outcome in (_assign_all(bind, valid, nowait) if valid else {}).items():
+        failed = isinstance(outcome, NumberingError)
+        results[name] = [outcome] * len(valid[name]) if failed else outcome  # type: ignore[assignment,list-item]
+    return {sequence: results.get(sequence, []) for sequence in batches}
+
+
+def _assign_all(
+    bind: Bind, batches: dict[str, Sequence[Request]], nowait: bool
+) -> dict[str, list[Outcome] | NumberingError]:
     try:
-        return _assign(bind, name, requests, nowait)
+        return _assign(bind, batches, nowait)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
 
@@ -204,11 +250,54 @@ def _next_block(name: str, seq: Any, last: int | None, cycle: int, count: int) -
     return first, cycle
 
 
-def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) -> list[Outcome]:
+def _assign(
+    bind: Bind, batches: dict[str, Sequence[Request]], nowait: bool
+) -> dict[str, list[Outcome] | NumberingError]:
     store = store_for(bind)
-    seq, prior = store.lock_and_look_up(name, {request.key for request in requests}, nowait)
-    if seq is None:
-        raise SequenceNotFoundError(name)
+    names = sorted(batches)  # one lock order for everyone
+    keys = {request.key for requests in batches.values() for request in requests}
+    found, prior = store.lock_and_look_up_many(names, keys, nowait)
+    now = datetime.now(timezone.utc)
+    rows: list[dict[str, Any]] = []
+    updates: list[CounterUpdate] = []
+    results: dict[str, list[Outcome] | NumberingError] = {}
+    # Keys this pass has just assigned, by sequence: a later sequence asked for one of
+    # them finds it taken, exactly as its look-up would after the earlier one's writes.
+    taken: dict[str, str] = {}
+    for name in names:
+        seq = found.get(name)
+        if seq is None:
+            results[name] = SequenceNotFoundError(name)
+            continue
+        outcomes, new_rows, new_updates = _assign_one(
+            store, name, seq, batches[name], prior, taken, nowait, now
+        )
+        rows += new_rows
+        updates += new_updates
+        results[name] = outcomes
+        taken.update(
+            (outcome.key, name)
+            for outcome in outcomes
+            if isinstance(outcome, Assignment) and not outcome.resent
+        )
+    store.write(updates, rows, now)
+    return results
+
+
+def _assign_one(
+    store: CoreStore,
+    name: str,
+    seq: Any,
+    requests: Sequence[Request],
+    prior: dict[str, Prior],
+    taken: dict[str, str],
+    nowait: bool,
+    now: datetime,
+) -> tuple[list[Outcome], list[dict[str, Any]], list[CounterUpdate]]:
+    """Assign ``requests`` from the locked sequence ``seq``: their outcomes, and the
+    ledger rows and counter updates to write."""
+    rows: list[dict[str, Any]] = []
+    updates: list[CounterUpdate] = []
     outcomes: dict[int, Outcome] = {}
     # Requests grouped by the counter they draw from: the sequence, or one of its periods.
     groups: dict[str | None, list[tuple[int, Request, date]]] = {}
@@ -218,6 +307,9 @@ def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) ->
         known = prior.get(request.key)
         if known is not None:
             outcomes[index] = _resend(name, seq.id, request, known)
+            continue
+        if request.key in taken:
+            outcomes[index] = KeyReusedError(request.key, "is already used on another sequence")
             continue
         if request.key in first_copy:
             copies[index] = first_copy[request.key]
@@ -234,9 +326,6 @@ def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) ->
         key = period_key(seq.period, day) if seq.period else None
         groups.setdefault(key, []).append((index, request, day))
 
-    now = datetime.now(timezone.utc)
-    rows: list[dict[str, Any]] = []
-    updates: list[CounterUpdate] = []
     for key in sorted(groups, key=lambda k: k or ""):  # one lock order for everyone
         counter = seq if key is None else _period_counter(store, seq, key, nowait)
         if counter.frozen:
@@ -271,7 +360,6 @@ def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) ->
             )
         if last != counter.last_value or cycle != counter.cycle:
             updates.append(CounterUpdate(counter.id, last, cycle))
-    store.write(updates, rows, now)
     for index, original in copies.items():
         outcome = outcomes[original]
         if isinstance(outcome, Assignment):
@@ -281,7 +369,7 @@ def _assign(bind: Bind, name: str, requests: Sequence[Request], nowait: bool) ->
             )  # fmt: skip
             outcome = _resend(name, seq.id, requests[index], known)
         outcomes[index] = outcome
-    return [outcomes[index] for index in range(len(requests))]
+    return [outcomes[index] for index in range(len(requests))], rows, updates
 
 
 def _resend(name: str, sequence_id: int, request: Request, known: Prior) -> Outcome:

@@ -11,7 +11,7 @@ for the lost transaction to finish either way) and finds the key if it committed
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
@@ -243,6 +243,15 @@ class Allocator:
         return self.run_assignment(
             lambda c: allocator.assign(c, sequence, requests),
             describe=f"assignment of {len(requests)} request(s) on {sequence!r}",
+        )
+
+    def assign_many(self, batches: Mapping[str, Sequence[Request]]) -> dict[str, list[Outcome]]:
+        """Assign batches on several sequences in one transaction (see
+        :func:`numbering.allocator.assign_many`); each sequence's outcomes, in order."""
+        return self.run_assignment(
+            lambda c: allocator.assign_many(c, batches),
+            describe=f"assignment of {sum(map(len, batches.values()))} request(s) on "
+            f"{len(batches)} sequence(s)",
         )
 
     def next_block(

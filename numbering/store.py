@@ -93,14 +93,20 @@ class CoreStore:
             select(sequences).where(sequences.c.name == name).with_for_update(nowait=nowait)
         ).one_or_none()
 
-    def lock_and_look_up(
-        self, name: str, keys: Iterable[str], nowait: bool
-    ) -> tuple[Any, dict[str, Prior]]:
-        """Lock counter ``name``, then (after the lock is granted) look ``keys`` up."""
-        row = self.lock(name, nowait)
-        if row is None:
-            return None, {}
-        return row, self.look_up(keys)
+    def lock_and_look_up_many(
+        self, names: Sequence[str], keys: Iterable[str], nowait: bool
+    ) -> tuple[dict[str, Any], dict[str, Prior]]:
+        """Lock the counters ``names`` (in the order given), then look ``keys`` up.
+
+        Returns the locked rows by name (a name with no counter is missing) and what the
+        ledger holds for ``keys``.
+        """
+        rows = {}
+        for name in names:
+            row = self.lock(name, nowait)
+            if row is not None:
+                rows[name] = row
+        return rows, (self.look_up(keys) if rows else {})
 
     def look_up(self, keys: Iterable[str]) -> dict[str, Prior]:
         """The assignments the ledger already holds for ``keys``."""
@@ -139,17 +145,19 @@ class CoreStore:
             self.bind.execute(insert(ledger), list(rows))
 
 
-# Lock, then look up in a second statement of the same round trip (see the module doc).
+# Lock (in name order, bytewise as Python sorts), then look up in a second statement of
+# the same round trip (see the module doc). The look-up's result rides on the first row.
 _LOCK_AND_LOOK_UP = """\
-SELECT 1 FROM numbering_sequence WHERE name = %(name)s FOR UPDATE{nowait};
-SELECT s.*, (
+SELECT 1 FROM numbering_sequence WHERE name = ANY(%(names)s)
+ ORDER BY name COLLATE "C" FOR UPDATE{nowait};
+SELECT s.*, CASE WHEN row_number() OVER () = 1 THEN (
     SELECT json_agg(json_build_array(
         l.request_key, l.sequence_id, l.cycle, l.value, l.count, o.parent_id, l.formatted,
         o.period_key))
       FROM numbering_ledger l JOIN numbering_sequence o ON o.id = l.sequence_id
      WHERE l.request_key = ANY(%(keys)s)
-) AS numbering_priors
-  FROM numbering_sequence s WHERE s.name = %(name)s"""
+) END AS numbering_priors
+  FROM numbering_sequence s WHERE s.name = ANY(%(names)s)"""
 
 _UPDATE_COUNTER = (
     "UPDATE numbering_sequence SET last_value = %(last{i})s, cycle = %(cycle{i})s, "
@@ -176,15 +184,15 @@ class Psycopg2Store(CoreStore):
     def __init__(self, bind: Session | Connection) -> None:
         super().__init__(bind, sqlite=False)
 
-    def lock_and_look_up(
-        self, name: str, keys: Iterable[str], nowait: bool
-    ) -> tuple[Any, dict[str, Prior]]:
+    def lock_and_look_up_many(
+        self, names: Sequence[str], keys: Iterable[str], nowait: bool
+    ) -> tuple[dict[str, Any], dict[str, Prior]]:
         sql = _LOCK_AND_LOOK_UP.format(nowait=" NOWAIT" if nowait else "")
-        row = self._execute(sql, {"name": name, "keys": list(keys)}).one_or_none()
-        if row is None:
-            return None, {}
-        priors = {item[0]: Prior(*item[1:]) for item in row.numbering_priors or ()}
-        return row, priors
+        found = self._execute(sql, {"names": list(names), "keys": list(keys)}).all()
+        rows = {row.name: row for row in found}
+        held = found[0].numbering_priors if found else None
+        priors = {item[0]: Prior(*item[1:]) for item in held or ()}
+        return rows, priors
 
     def write(
         self, updates: Sequence[CounterUpdate], rows: Sequence[dict[str, Any]], now: datetime

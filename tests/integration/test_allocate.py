@@ -23,7 +23,7 @@ from numbering import (
     allocate,
     create_sequence,
 )
-from numbering.errors import InvalidCountError
+from numbering.errors import InvalidCountError, SequenceFrozenError
 from numbering.validation import MAX_INT64
 
 
@@ -229,6 +229,57 @@ def test_invalid_request_in_a_batch_fails_alone(numbers: Allocator, engine: Engi
     assert [(o.value, o.count) for o in (a, b, c)] == [(1, 1), (2, 3), (5, 1)]  # type: ignore[union-attr]
     assert a_again == a.__class__(a.sequence, "a", 1, 1, 0, resent=True)  # type: ignore[union-attr]
     check_gapless(engine, "invoices", keys=["a", "b", "c"])
+
+
+def test_several_sequences_in_one_pass(numbers: Allocator, engine: Engine) -> None:
+    """assign_many: each sequence numbered on its own counter; what fails a sequence (an
+    unknown or invalid name, a frozen sequence) fails its requests alone; a key asked for
+    on two sequences goes to the first by name, exactly as if sent one after the other."""
+    numbers.create_sequence("a-invoices")
+    numbers.create_sequence("b-credit", initial_value=100)
+    numbers.create_sequence("c-yearly", period="year")
+    numbers.create_sequence("d-frozen")
+    numbers.freeze("d-frozen")
+    numbers.next_value("b-credit", key="old")
+    results = numbers.assign_many(
+        {
+            "c-yearly": [Request("y1", date="2026-05-01"), Request("shared")],
+            "b-credit": [Request("shared"), Request("b1", 2), Request("old"), Request("b1", 2)],
+            "nope": [Request("n1")],
+            "bad name!": [Request("x1")],
+            "d-frozen": [Request("f1")],
+            "a-invoices": [Request("a1"), Request("old")],
+            "empty": [],
+        }
+    )
+    assert list(results) == [
+        "c-yearly", "b-credit", "nope", "bad name!", "d-frozen", "a-invoices", "empty",
+    ]  # fmt: skip
+    a1, a_old = results["a-invoices"]
+    assert (a1.value, a1.resent) == (1, False)  # type: ignore[union-attr]
+    assert isinstance(a_old, KeyReusedError)
+    assert "another sequence" in str(a_old)
+    shared, b1, b_old, b1_again = results["b-credit"]
+    assert [(o.value, o.count) for o in (shared, b1)] == [(101, 1), (102, 2)]  # type: ignore[union-attr]
+    assert (b_old.value, b_old.resent) == (100, True)  # type: ignore[union-attr]
+    assert (b1_again.value, b1_again.resent) == (102, True)  # type: ignore[union-attr]
+    y1, y_shared = results["c-yearly"]
+    assert (y1.value, y1.period) == (1, "2026")  # type: ignore[union-attr]
+    assert isinstance(y_shared, KeyReusedError)
+    assert "another sequence" in str(y_shared)
+    [missing] = results["nope"]
+    assert isinstance(missing, SequenceNotFoundError)
+    [bad] = results["bad name!"]
+    assert isinstance(bad, InvalidRequestError)
+    [frozen] = results["d-frozen"]
+    assert isinstance(frozen, SequenceFrozenError)
+    assert results["empty"] == []
+    check_gapless(engine, "a-invoices", keys=["a1"])
+    check_gapless(engine, "b-credit", keys=["old", "shared", "b1"])
+    assert numbers.last_value("d-frozen") is None
+    # The same batch again: every request that was assigned is a resend now.
+    again = numbers.assign_many({"b-credit": [Request("shared")], "a-invoices": [Request("a1")]})
+    assert [o.resent for os in again.values() for o in os] == [True, True]  # type: ignore[union-attr]
 
 
 def test_create_sequence_rules(numbers: Allocator) -> None:

@@ -155,6 +155,50 @@ def test_held_writes_go_before_any_later_statement(numbers: Allocator, engine: E
     assert periods == 1
 
 
+def test_several_sequences_are_still_two_round_trips(numbers: Allocator, engine: Engine) -> None:
+    """assign_many locks every sequence with one statement, in name order, and looks
+    every key up with one; the writes of all of them go with COMMIT."""
+    for name in ("zeta", "alpha", "Mid"):
+        numbers.create_sequence(name)
+    sent = sent_statements(engine)
+    results = numbers.assign_many(
+        {"zeta": [Request("z")], "invoices": [Request("i"), Request("j")], "alpha": [Request("a")],
+         "Mid": [Request("m")]}
+    )  # fmt: skip
+    assert len(sent) == 2
+    assert sent[0].count("FOR UPDATE") == 1
+    assert 'ORDER BY name COLLATE "C" FOR UPDATE' in sent[0]
+    assert sent[1].count("UPDATE numbering_sequence") == 4  # one per sequence
+    assert sent[1].count("INSERT INTO numbering_ledger") == 1
+    assert sent[1].endswith("COMMIT")
+    assert {name: [o.value for o in os] for name, os in results.items()} == {  # type: ignore[union-attr]
+        "zeta": [1], "invoices": [1, 2], "alpha": [1], "Mid": [1],
+    }  # fmt: skip
+    assert_connection_clean(engine)
+    for name, keys in [("zeta", ["z"]), ("invoices", ["i", "j"]), ("alpha", ["a"]), ("Mid", ["m"])]:
+        check_gapless(engine, name, keys=keys)
+
+
+def test_sequences_are_locked_in_bytewise_name_order(engine: Engine) -> None:
+    """The lock statement's row order is Python's sort order (what every other locker
+    of several sequences uses), not the database's collation: 'B' before 'a'."""
+    numbers = Allocator(engine, retry=FAST_RETRY)
+    for name in ("a", "B", "0"):
+        numbers.create_sequence(name)
+    with engine.connect() as conn:
+        order = (
+            conn.exec_driver_sql(
+                "SELECT name FROM numbering_sequence WHERE name = ANY(%(n)s) "
+                'ORDER BY name COLLATE "C" FOR UPDATE',
+                {"n": ["a", "B", "0"]},
+            )
+            .scalars()
+            .all()
+        )
+        conn.rollback()
+    assert order == sorted(["a", "B", "0"]) == ["0", "B", "a"]
+
+
 def test_references_with_percent_signs_and_quotes_survive(
     numbers: Allocator, engine: Engine
 ) -> None:
