@@ -430,7 +430,7 @@ def next_(
     multiple=True,
     metavar="I/K",
     help="Consume shard queue I of K (see NUMBERING_SHARDS; repeatable: one process can "
-    "serve several shards, a consumer thread each).",
+    "serve several shards, drained together).",
 )
 @click.option(
     "--batch-size",
@@ -448,9 +448,10 @@ def worker(
 ) -> None:
     """Run the single consumer for the given sequence queues.
 
-    A Celery worker with one bulk consumer per queue: it drains up to --batch-size waiting
-    requests, assigns them in one transaction, answers each one, then acknowledges. A
-    second worker on the same queue waits as a standby and takes over if the first dies.
+    A Celery worker with a bulk consumer for its queues: it drains up to --batch-size
+    waiting requests (from all its queues at once on Redis), assigns them in one
+    transaction, answers each one, then acknowledges. A second worker on the same queue
+    waits as a standby for it and takes over if the first dies.
     Stop it with Ctrl-C or SIGTERM: it finishes the batch in hand first.
     """
     from numbering.routing import Shard

@@ -78,6 +78,8 @@ class AmqpDrain:
     ) -> None:
         self.broker_url = broker_url
         self.queue = queue
+        #: The consumer's name in logs and thread names.
+        self.name = queue
         self.processor = processor
         self.batch_size = batch_size
         self.stop = stop

@@ -8,6 +8,12 @@ in one database transaction, answers every request, and only then clears the in-
 list: that is the acknowledgement. A consumer killed at any point leaves its batch in the
 in-flight list, and the next active consumer of the queue (the same worker restarted, or
 a standby) finishes it first. Redelivery is harmless: requests are idempotent by key.
+
+One consumer serves all of a worker process's queues on a Redis broker: each turn
+acknowledges and drains every queue it is the active consumer of in one round trip, and
+assigns what it drained in one transaction. With requests spread over many shard queues
+each queue holds only a request or two at a time; served by a thread each, every one of
+those small batches paid a transaction of its own (docs/benchmarks.md, many sequences).
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
 from celery import Celery, states
 from sqlalchemy import Connection
 
-from numbering.allocator import Outcome, assign
+from numbering.allocator import Outcome, assign_many
 from numbering.errors import (
     InvalidRequestError,
     NumberingError,
@@ -54,15 +60,27 @@ MAX_DELIVERIES = 3
 # Seconds to wait before retrying a batch the database could not take.
 OUTAGE_BACKOFF_SECONDS = 1.0
 
-# Acknowledge the batch in flight (clear the in-flight list), then atomically move up to
-# ARGV[1] messages from the queue (oldest first) into it: one round trip between two
-# batches under load. Needs Redis 6.2+ (RPOP with a count).
+# Acknowledge the batches in flight (clear the in-flight lists KEYS[1..ARGV[2]]), then
+# for each (queue, in-flight list) pair of the remaining KEYS, atomically move messages
+# from the queue (oldest first) into its in-flight list, up to ARGV[1] messages in all:
+# one round trip between two turns under load. Returns {pair number, messages, ...} for
+# the pairs that gave messages. Needs Redis 6.2+ (RPOP with a count).
 _ACK_AND_DRAIN = """
-redis.call('DEL', KEYS[2])
-local items = redis.call('RPOP', KEYS[1], ARGV[1])
-if not items then return {} end
-for i = 1, #items do redis.call('LPUSH', KEYS[2], items[i]) end
-return items
+local cleared = tonumber(ARGV[2])
+for i = 1, cleared do redis.call('DEL', KEYS[i]) end
+local budget = tonumber(ARGV[1])
+local out = {}
+for i = cleared + 1, #KEYS, 2 do
+  if budget <= 0 then break end
+  local items = redis.call('RPOP', KEYS[i], budget)
+  if items then
+    for j = 1, #items do redis.call('LPUSH', KEYS[i + 1], items[j]) end
+    budget = budget - #items
+    out[#out + 1] = (i - cleared + 1) / 2
+    out[#out + 1] = items
+  end
+end
+return out
 """
 
 
@@ -93,16 +111,23 @@ class BatchProcessor:
         self.shard = shard
         self.metrics = metrics
 
-    def process(self, items: Sequence[Job | BadMessage]) -> None:
-        """Assign and answer; raises only if the database could not take the batch."""
+    def process(
+        self, items: Sequence[Job | BadMessage], shards: Sequence[Shard | None] | None = None
+    ) -> None:
+        """Assign and answer; raises only if the database could not take the batch.
+
+        ``shards``: the shard whose queue each item came from (default: this processor's
+        own), so that a request sent to the wrong shard queue fails alone.
+        """
         outcomes: dict[int, Outcome] = {}
         groups: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
+            shard = self.shard if shards is None else shards[index]
             if isinstance(item, BadMessage):
                 outcomes[index] = item.error
-            elif self.shard is not None and not self.shard.serves(item.sequence):
+            elif shard is not None and not shard.serves(item.sequence):
                 outcomes[index] = InvalidRequestError(
-                    f"sequence {item.sequence!r} does not belong to {self.shard.queue}"
+                    f"sequence {item.sequence!r} does not belong to {shard.queue}"
                 )
             else:
                 groups[item.sequence].append(index)
@@ -111,17 +136,16 @@ class BatchProcessor:
 
         def work(connection: Connection) -> dict[int, Outcome]:
             failpoint("before_assign", keys)
+            # One transaction for the whole batch: its sequences locked in name order by
+            # one statement (two consumers of overlapping queues cannot deadlock each
+            # other), its keys looked up by one, its rows written by one.
+            batches = {
+                sequence: [items[i].request for i in indexes]  # type: ignore[union-attr]
+                for sequence, indexes in groups.items()
+            }
             assigned: dict[int, Outcome] = {}
-            # One transaction for the whole batch; sequences locked in name order, so two
-            # consumers of overlapping shards cannot deadlock each other.
-            for sequence in sorted(groups):
-                indexes = groups[sequence]
-                requests = [items[i].request for i in indexes]  # type: ignore[union-attr]
-                try:
-                    results: list[Outcome] = assign(connection, sequence, requests)
-                except InvalidRequestError as error:  # e.g. unknown sequence: fails alone
-                    results = [error] * len(indexes)
-                assigned.update(zip(indexes, results, strict=True))
+            for sequence, results in assign_many(connection, batches).items():
+                assigned.update(zip(groups[sequence], results, strict=True))
             failpoint("before_commit", keys)
             return assigned
 
@@ -175,7 +199,11 @@ class BatchProcessor:
         push_replies(self.replies, lean)
 
     def process_until_done(
-        self, items: Sequence[Job | BadMessage], stop: threading.Event, queue: str
+        self,
+        items: Sequence[Job | BadMessage],
+        stop: threading.Event,
+        queue: str,
+        shards: Sequence[Shard | None] | None = None,
     ) -> bool:
         """:meth:`process`, retried through database outages; False if stopped first.
 
@@ -184,7 +212,7 @@ class BatchProcessor:
         """
         while True:
             try:
-                self.process(items)
+                self.process(items, shards)
                 return True
             except RetriesExhaustedError as exc:
                 log.error("%s: database unavailable (%s); retrying the batch", queue, exc)
@@ -192,133 +220,285 @@ class BatchProcessor:
                     return False
 
 
+class _Queue:
+    """One queue a :class:`RedisDrain` serves: its lists, its lock, the shard it carries."""
+
+    def __init__(self, name: str, lock: ConsumerLock, shard: Shard | None) -> None:
+        self.name = name
+        self.inflight = inflight_list(name)
+        self.attempts = f"_numbering.attempts.{name}"
+        self.dead = dead_letter_list(name)
+        self.lock = lock
+        self.shard = shard
+        self.standby_logged = False
+
+
+class _Doorbell:
+    """Wakes an idle consumer of several queues when any of them has a request.
+
+    Redis cannot block on several lists without taking from one (BLMPOP would take a
+    message out of the queue before it is in flight, where a crash would lose it). So
+    each queue has a watcher thread that, while the consumer is idle, blocks on ``BLMOVE
+    queue queue RIGHT RIGHT``: a move of the oldest message onto itself, which waits for
+    the list to be non-empty and leaves it exactly as it was. The consumer then drains.
+    """
+
+    def __init__(self, broker: redis.Redis, queues: Sequence[str], stop: threading.Event):
+        self._broker = broker
+        self._stop = stop
+        self._changed = threading.Condition()
+        self._idle = False
+        self._rung = False
+        self._wanted: frozenset[str] = frozenset()
+        self._threads = [
+            threading.Thread(target=self._watch, args=(queue,), name=f"numbering:watch:{queue}")
+            for queue in queues
+        ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def wait(self, queues: Sequence[str], timeout: float) -> bool:
+        """Block until one of ``queues`` has a message (True) or ``timeout`` passes."""
+        with self._changed:
+            self._idle, self._rung, self._wanted = True, False, frozenset(queues)
+            self._changed.notify_all()
+            try:
+                return self._changed.wait_for(lambda: self._rung or self._stop.is_set(), timeout)
+            finally:
+                self._idle = False
+                self._changed.notify_all()
+
+    def _watch(self, queue: str) -> None:
+        while not self._stop.is_set():
+            with self._changed:  # look only while the consumer waits: it drains otherwise
+                if not self._changed.wait_for(
+                    lambda: self._idle and queue in self._wanted, POLL_SECONDS
+                ):
+                    continue
+            try:
+                found = self._broker.blmove(queue, queue, POLL_SECONDS, "RIGHT", "RIGHT")
+            except (redis.RedisError, OSError) as exc:
+                log.warning("watching %s: %s; retrying", queue, exc)
+                self._stop.wait(OUTAGE_BACKOFF_SECONDS)
+                continue
+            if found is None:
+                continue
+            with self._changed:
+                if self._idle:
+                    self._rung = True
+                    self._changed.notify_all()
+                # Not again before the consumer has drained: the message is still there.
+                self._changed.wait_for(lambda: not self._idle, POLL_SECONDS)
+
+    def join(self, timeout: float) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+
 class RedisDrain:
-    """The consumer of one queue on a Redis broker (run it in its own thread)."""
+    """The consumer of a worker's queues on a Redis broker (run it in its own thread).
+
+    ``queues`` maps each queue to the lock that makes its holder the queue's active
+    consumer, and ``shards`` names the shard a shard queue carries. Each queue is served
+    once its lock is taken; a queue whose lock another worker holds is served by that
+    worker, and this one takes it over when it is released.
+    """
 
     def __init__(
         self,
         broker: redis.Redis,
-        queue: str,
+        queues: Mapping[str, ConsumerLock],
         processor: BatchProcessor,
-        lock: ConsumerLock,
         *,
         batch_size: int,
         stop: threading.Event,
+        shards: Mapping[str, Shard] | None = None,
     ) -> None:
+        if not queues:
+            raise ValueError("a consumer needs at least one queue")
         self.broker = broker
-        self.queue = queue
-        self.inflight = inflight_list(queue)
-        self.attempts = f"_numbering.attempts.{queue}"
-        self.dead = dead_letter_list(queue)
+        self.queues = [
+            _Queue(name, lock, (shards or {}).get(name)) for name, lock in queues.items()
+        ]
+        #: The consumer's name in logs and thread names: its queues.
+        self.name = ",".join(queue.name for queue in self.queues)
         self.processor = processor
-        self.lock = lock
         self.batch_size = batch_size
         self.stop = stop
         self._ack_and_drain = broker.register_script(_ACK_AND_DRAIN)
+        self._held: list[_Queue] = []  # the queues this consumer is active on, in turn order
+        self._doorbell: _Doorbell | None = None
         #: Requests answered since start (for logs and tests).
         self.handled = 0
 
+    @property
+    def inflight(self) -> str:
+        """The in-flight list of a consumer's only queue (for tests of one queue)."""
+        [queue] = self.queues
+        return queue.inflight
+
     def run(self) -> None:
-        """Be the active consumer whenever the lock allows, until ``stop`` is set."""
-        standby_logged = False
+        """Be the active consumer of every queue whose lock allows, until ``stop`` is set."""
         while not self.stop.is_set():
             try:
-                if not self.lock.try_acquire():
-                    if not standby_logged:
-                        log.warning(
-                            "standby: another consumer is active on %s; waiting to take over",
-                            self.queue,
-                        )
-                        standby_logged = True
+                if not self._keep_locks():
                     self.stop.wait(STANDBY_SECONDS)
                     continue
-                standby_logged = False
-                log.info("active consumer of %s", self.queue)
                 self._consume()
             except (redis.RedisError, NumberingError, OSError) as exc:
-                log.error("consumer of %s: %s; retrying", self.queue, exc)
+                log.error("consumer of %s: %s; retrying", self.name, exc)
                 self.stop.wait(OUTAGE_BACKOFF_SECONDS)
             except Exception:
                 # A bug must not silently end the consumer while the worker looks alive;
                 # the batch stays in flight and is tried again, one request at a time.
-                log.exception("consumer of %s failed; starting over", self.queue)
+                log.exception("consumer of %s failed; starting over", self.name)
                 self.stop.wait(OUTAGE_BACKOFF_SECONDS)
             finally:
                 if self.stop.is_set():
-                    self.lock.release()
+                    for queue in self.queues:
+                        queue.lock.release()
+                    self._held = []
+        if self._doorbell is not None:
+            self._doorbell.join(POLL_SECONDS + 1)
+
+    def _keep_locks(self) -> bool:
+        """Drop the queues whose lock was lost, take those whose lock is free (finishing
+        what was left in flight on each first); True while any queue is served."""
+        for queue in self.queues:
+            if queue in self._held:
+                if not queue.lock.still_held():
+                    log.warning("%s: lost the consumer lock; serving it no longer", queue.name)
+                    self._held.remove(queue)
+                continue
+            if not queue.lock.try_acquire():
+                if not queue.standby_logged:
+                    log.warning(
+                        "standby: another consumer is active on %s; waiting to take over",
+                        queue.name,
+                    )
+                    queue.standby_logged = True
+                continue
+            queue.standby_logged = False
+            log.info("active consumer of %s", queue.name)
+            if not self._finish_inflight(queue):
+                return False  # stopped during an outage: the rest stays in flight
+            self._held.append(queue)
+        return bool(self._held)
 
     def _consume(self) -> None:
-        self._finish_inflight()
+        # What a failed turn (a lost Redis connection, a bug) left in flight comes first.
+        for queue in self._held:
+            if not self._finish_inflight(queue):
+                return
         checked = time.monotonic()
-        batch: list[bytes | str] = []
+        batch: list[tuple[_Queue, bytes | str]] = []
+        done: list[_Queue] = []  # queues whose in-flight list holds only answered requests
         # A batch already moved in flight is finished even when ``stop`` came meanwhile
         # (a warm shutdown between the ack-and-drain and the next turn of the loop left
         # it in flight for the next consumer: seen in a test run); only an empty hand stops.
         while batch or not self.stop.is_set():
-            if time.monotonic() - checked > LOCK_CHECK_SECONDS:
-                if not self.lock.still_held():
+            if batch:
+                if not self._process(batch):
+                    return  # stopped during an outage: the batch stays in flight
+                done = list({id(queue): queue for queue, _ in batch}.values())
+                batch = []
+            if self.stop.is_set():
+                self._acknowledge(done)
+                return
+            since = time.monotonic() - checked
+            standby = len(self._held) < len(self.queues)  # some queue to take over when free
+            if since > LOCK_CHECK_SECONDS or (standby and since > STANDBY_SECONDS):
+                self._acknowledge(done)
+                done = []
+                if not self._keep_locks():
                     return
                 checked = time.monotonic()
+            batch = self._drain(done)
+            done = []
             if not batch:
-                # Idle: block for the next request and take it alone, at once. What
-                # arrives meanwhile is the next batch, taken together with the ack.
-                first = self.broker.blmove(self.queue, self.inflight, POLL_SECONDS, "RIGHT", "LEFT")
-                if first is None:
-                    continue
-                batch = [first]
-            if not self._process(batch):
-                return  # stopped during an outage: the batch stays in flight
-            if self.stop.is_set():
-                self.broker.delete(self.inflight)
-                return
-            batch = self._ack_and_drain(keys=[self.queue, self.inflight], args=[self.batch_size])
+                batch = self._wait()
 
-    def _finish_inflight(self) -> None:
-        """Finish what a stopped consumer left in flight, one request at a time.
+    def _acknowledge(self, done: Sequence[_Queue]) -> None:
+        if done:
+            self.broker.delete(*(queue.inflight for queue in done))
+
+    def _drain(self, done: Sequence[_Queue]) -> list[tuple[_Queue, bytes | str]]:
+        """Acknowledge ``done``'s batches and move the next batch in flight, in one round
+        trip; the queues take turns at being drained first."""
+        order = list(self._held)
+        if len(self._held) > 1:
+            self._held.append(self._held.pop(0))
+        keys = [queue.inflight for queue in done]
+        for queue in order:
+            keys += [queue.name, queue.inflight]
+        reply = self._ack_and_drain(keys=keys, args=[self.batch_size, len(done)])
+        batch: list[tuple[_Queue, bytes | str]] = []
+        for number, items in zip(reply[::2], reply[1::2], strict=True):
+            batch += [(order[number - 1], raw) for raw in items]
+        return batch
+
+    def _wait(self) -> list[tuple[_Queue, bytes | str]]:
+        """Wait, idle, for the next request. With one queue, take it alone at once (what
+        arrives meanwhile is the next batch, taken with the ack); with several, wait for
+        any of them to have one, and drain on the next turn."""
+        if len(self._held) == 1:
+            [queue] = self._held
+            first = self.broker.blmove(queue.name, queue.inflight, POLL_SECONDS, "RIGHT", "LEFT")
+            return [] if first is None else [(queue, first)]
+        if self._doorbell is None:
+            self._doorbell = _Doorbell(self.broker, [q.name for q in self.queues], self.stop)
+        self._doorbell.wait([queue.name for queue in self._held], POLL_SECONDS)
+        return []
+
+    def _finish_inflight(self, queue: _Queue) -> bool:
+        """Finish what a stopped consumer left in ``queue``'s in-flight list, one request
+        at a time; False if stopped first (the rest stays in flight).
 
         One at a time, because one of them may be what stopped it: each is counted before
         it is tried, and a request that has now stopped the worker ``MAX_DELIVERIES``
         times is quarantined instead of tried again, so the queue keeps flowing.
         """
-        left = self.broker.lrange(self.inflight, 0, -1)
+        left = self.broker.lrange(queue.inflight, 0, -1)
         if not left:
-            return
+            return True
         left.reverse()  # LPUSHed oldest first: the oldest is at the right end
         log.warning(
             "%s: finishing %d request(s) left in flight by a stopped consumer",
-            self.queue,
+            queue.name,
             len(left),
         )
         for raw in left:
             tag = hashlib.sha256(raw if isinstance(raw, bytes) else raw.encode()).hexdigest()
-            tries = int(self.broker.hincrby(self.attempts, tag, 1))
+            tries = int(self.broker.hincrby(queue.attempts, tag, 1))
             if tries > MAX_DELIVERIES:
-                self._quarantine(raw, tries - 1)
-            elif not self._process([raw]):
-                return  # stopped during an outage: the rest stays in flight
+                self._quarantine(queue, raw, tries - 1)
+            elif not self._process([(queue, raw)]):
+                return False
             pipe = self.broker.pipeline()
-            pipe.lrem(self.inflight, 1, raw)  # type: ignore[arg-type]  # bytes are fine
-            pipe.hdel(self.attempts, tag)
+            pipe.lrem(queue.inflight, 1, raw)  # type: ignore[arg-type]  # bytes are fine
+            pipe.hdel(queue.attempts, tag)
             pipe.execute()
+        return True
 
-    def _quarantine(self, raw: bytes | str, tries: int) -> None:
+    def _quarantine(self, queue: _Queue, raw: bytes | str, tries: int) -> None:
         item = self._parse(raw)
         key = item.request.key if isinstance(item, Job) else item.key
         log.error(
             "%s: quarantined request %s (key %r) after it stopped the worker %d times; "
             "it is kept in %s",
-            self.queue,
+            queue.name,
             item.task_id,
             key,
             tries,
-            self.dead,
-            extra={"key": key, "task_id": item.task_id, "queue": self.queue},
+            queue.dead,
+            extra={"key": key, "task_id": item.task_id, "queue": queue.name},
         )
-        self.broker.lpush(self.dead, raw)
+        self.broker.lpush(queue.dead, raw)
         if self.processor.metrics is not None:
             self.processor.metrics.quarantined.inc()
         error = QuarantinedError(
-            f"request quarantined in {self.dead} after it stopped the worker {tries} times; "
+            f"request quarantined in {queue.dead} after it stopped the worker {tries} times; "
             "nothing was assigned to it"
         )
         bad = BadMessage(item.task_id, key, item.reply_to, error)
@@ -331,9 +511,10 @@ class RedisDrain:
         except NumberingError as error:
             return BadMessage(None, None, None, error)
 
-    def _process(self, raws: list[bytes | str]) -> bool:
-        items = [self._parse(raw) for raw in raws]
-        done = self.processor.process_until_done(items, self.stop, self.queue)
+    def _process(self, batch: list[tuple[_Queue, bytes | str]]) -> bool:
+        items = [self._parse(raw) for _, raw in batch]
+        shards = [queue.shard for queue, _ in batch]
+        done = self.processor.process_until_done(items, self.stop, self.name, shards)
         if done:
             self.handled += len(items)
         return done

@@ -1,8 +1,9 @@
 """Worker start-up: a Celery worker whose numbering queues are drained in bulk.
 
 ``numbering worker --sequence invoices`` starts a Celery worker (visible to ``celery
-inspect`` and Flower, with remote control on the control queue) plus one bulk consumer
-thread per numbering queue, started and stopped with the worker as a bootstep.
+inspect`` and Flower, with remote control on the control queue) plus numbering's bulk
+consumers, started and stopped with the worker as a bootstep: on Redis one consumer
+thread for all the process's queues, on RabbitMQ one per queue.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ __all__ = ["NumberingWorker", "build_worker", "queues_for"]
 
 log = logging.getLogger("numbering.worker")
 
-# Celery's own pool runs one task at a time; numbering's consumers are one thread a queue.
+# Celery's own pool runs one task at a time; numbering's consumers have threads of their own.
 CONCURRENCY = 1
 
 
@@ -50,7 +51,7 @@ def queues_for(sequences: Sequence[str], shards: Sequence[Shard] = ()) -> list[s
 
 
 class NumberingWorker:
-    """The bulk consumers of one worker process: one thread per queue."""
+    """The bulk consumers of one worker process (a thread each)."""
 
     def __init__(
         self,
@@ -79,17 +80,18 @@ class NumberingWorker:
 
         self.drains: list[RedisDrain | AmqpDrain]
         if settings.broker_url.startswith(("redis://", "rediss://")):
+            # One consumer for all the queues: each turn drains them all into one
+            # transaction (tasks/drain.py).
             broker = redis.Redis.from_url(settings.broker_url)
             self.drains = [
                 RedisDrain(
                     broker,
-                    queue,
-                    processor(queue),
-                    ConsumerLock(self.allocator.engine, queue),
+                    {queue: ConsumerLock(self.allocator.engine, queue) for queue in queues},
+                    BatchProcessor(self.allocator, self.replies, app, None, self.metrics),
                     batch_size=settings.batch_size,
                     stop=self.stop,
+                    shards=owner,
                 )
-                for queue in queues
             ]
         elif settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
             self.drains = [
@@ -114,9 +116,7 @@ class NumberingWorker:
             self.metrics.serve(self.settings.metrics_port)
             log.info("metrics on port %d (/metrics)", self.settings.metrics_port)
         for drain in self.drains:
-            thread = threading.Thread(
-                target=drain.run, name=f"numbering:{drain.queue}", daemon=True
-            )
+            thread = threading.Thread(target=drain.run, name=f"numbering:{drain.name}", daemon=True)
             thread.start()
             self.threads.append(thread)
 

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -82,8 +83,8 @@ def test_sequences_on_shard_queues(stack: Stack) -> None:
 
 
 def test_one_worker_serves_several_shards(stack: Stack) -> None:
-    """``--shard`` repeated: one process, a consumer thread per shard queue, each one
-    refusing sequences of the other shards."""
+    """``--shard`` repeated: one process, one consumer for its shard queues, refusing on
+    each queue the sequences of the other shards."""
     names = [f"tenant-{t}" for t in range(6)]
     setup_sequences(stack, *names)
     stack.env["NUMBERING_SHARDS"] = "2"
@@ -112,6 +113,126 @@ def test_one_worker_serves_many_queues(stack: Stack) -> None:
     engine = create_engine(stack.settings.database_url)
     for name in names:
         check_gapless(engine, name, keys=[f"{name}:1"])
+
+
+def test_a_worker_takes_over_only_the_queues_it_can(stack: Stack) -> None:
+    """Two workers whose queues overlap: the second serves the queue it alone has, stands
+    by for the shared one, and takes that over when the first one dies."""
+    setup_sequences(stack, "a", "b", "c")
+    first = stack.worker("--sequence", "a", "--sequence", "b")
+    second = stack.worker("--sequence", "b", "--sequence", "c")
+    second.wait_for("standby: another consumer is active on numbering.b")
+    client = stack.client()
+    assert [client.next_value(name, key=f"{name}:1") for name in "abc"] == [1, 1, 1]
+    first.kill()
+    second.wait_for("active consumer of numbering.b")
+    assert [client.next_value(name, key=f"{name}:2") for name in "bc"] == [2, 2]
+    engine = create_engine(stack.settings.database_url)
+    for name, keys in [("a", ["a:1"]), ("b", ["b:1", "b:2"]), ("c", ["c:1", "c:2"])]:
+        check_gapless(engine, name, keys=keys)
+
+
+def request_message(queue: str, sequence: str, key: str) -> bytes:
+    body = {"sequence": sequence, "key": key, "count": 1, "reference": None}
+    return encode_redis_message(queue, body, None)
+
+
+def in_thread_consumer(
+    stack: Stack, queues: list[str], engine: Any
+) -> tuple[RedisDrain, threading.Event, list[list[str]], redis.Redis]:
+    """A consumer of ``queues`` in this process, recording the keys of each batch."""
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    replies = redis.Redis.from_url(stack.settings.result_backend)
+    batches: list[list[str]] = []
+
+    class Recording(BatchProcessor):
+        def process(self, items: Any, shards: Any = None) -> None:
+            batches.append([item.request.key for item in items])
+            super().process(items, shards)
+
+    stop = threading.Event()
+    drain = RedisDrain(
+        broker,
+        {queue: ConsumerLock(engine, queue) for queue in queues},
+        Recording(Allocator(engine), replies),
+        batch_size=500,
+        stop=stop,
+    )
+    return drain, stop, batches, broker
+
+
+def test_one_consumer_drains_all_its_queues_into_one_transaction(stack: Stack) -> None:
+    """What waits on several queues is drained together and assigned in one batch; an
+    idle consumer of several queues wakes for a request on any of them."""
+    names = ["north", "south", "west"]
+    setup_sequences(stack, *names)
+    engine = create_engine(stack.settings.database_url)
+    queues = [sequence_queue(name) for name in names]
+    drain, stop, batches, broker = in_thread_consumer(stack, queues, engine)
+    for name, queue in zip(names, queues, strict=True):
+        for i in range(2):
+            broker.lpush(queue, request_message(queue, name, f"{name}:{i}"))
+    consumer = threading.Thread(target=drain.run)
+    consumer.start()
+    try:
+        deadline = time.monotonic() + 20
+        while drain.handled < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(batches[0]) == sorted(f"{n}:{i}" for n in names for i in range(2))
+        time.sleep(0.3)  # idle now: the next request rings the doorbell
+        broker.lpush(queues[2], request_message(queues[2], "west", "west:late"))
+        while drain.handled < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batches[-1] == ["west:late"]
+    finally:
+        stop.set()
+        consumer.join(30)
+    assert not consumer.is_alive()
+    assert [broker.llen(q) + broker.llen(inflight_list(q)) for q in queues] == [0, 0, 0]
+    for name in names:
+        keys = [f"{name}:0", f"{name}:1"] + (["west:late"] if name == "west" else [])
+        check_gapless(engine, name, keys=keys)
+
+
+def test_an_idle_consumer_does_not_spin_on_a_queue_it_stands_by_for(stack: Stack) -> None:
+    """A request waiting on a queue whose lock another consumer holds must neither wake
+    the idle consumer again and again nor be taken by it."""
+    names = ["one", "two", "three"]
+    setup_sequences(stack, *names)
+    engine = create_engine(stack.settings.database_url)
+    queues = [sequence_queue(name) for name in names]
+    other = ConsumerLock(engine, queues[2])
+    assert other.try_acquire()
+    drain, stop, batches, broker = in_thread_consumer(stack, queues, engine)
+    broker.lpush(queues[2], request_message(queues[2], "three", "three:0"))
+    calls = 0
+    real = drain._ack_and_drain
+
+    def counted(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(**kwargs)
+
+    drain._ack_and_drain = counted  # type: ignore[method-assign]
+    consumer = threading.Thread(target=drain.run)
+    consumer.start()
+    try:
+        time.sleep(3)
+        assert calls < 20, f"{calls} drains in 3 s while idle"
+        assert (broker.llen(queues[2]), broker.llen(inflight_list(queues[2]))) == (1, 0)
+        broker.lpush(queues[0], request_message(queues[0], "one", "one:0"))
+        deadline = time.monotonic() + 10
+        while drain.handled < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert batches == [["one:0"]]
+    finally:
+        stop.set()
+        consumer.join(30)
+        other.release()
+    assert not consumer.is_alive()
+    check_gapless(engine, "one", keys=["one:0"])
+    assert broker.llen(queues[2]) == 1  # still waiting for its own consumer
+    broker.delete(queues[2])
 
 
 def publish(app: Celery, queue: str, reply_to: str, **kwargs: object) -> None:
@@ -620,9 +741,8 @@ def test_a_stop_during_the_ack_and_drain_still_finishes_the_batch_drained(
     stop = threading.Event()
     drain = RedisDrain(
         broker,
-        queue,
+        {queue: ConsumerLock(engine, queue)},
         BatchProcessor(allocator, replies),
-        ConsumerLock(engine, queue),
         batch_size=500,
         stop=stop,
     )
