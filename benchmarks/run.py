@@ -334,30 +334,34 @@ def many_sequences(env: Env, results: Results, args: argparse.Namespace, logs: P
         allocator.create_sequence(name)
     allocator.close()
     print(f"many sequences: {count} sequences over {shards} shards", flush=True)
-    with contextlib.ExitStack() as stack:
-        for p in range(processes):  # the shards dealt out over the worker processes
-            mine = [f"{i}/{shards}" for i in range(p, shards, processes)]
-            stack.enter_context(
-                worker(
-                    env,
-                    env.redis_broker,
-                    [arg for shard in mine for arg in ("--shard", shard)],
-                    logs / f"worker-shards{p}.log",
-                    NUMBERING_SHARDS=str(shards),
+    brokers = [("redis", env.redis_broker)]
+    if "amqp" in args.brokers:
+        brokers.append(("rabbitmq", env.amqp_broker))
+    for label, broker in brokers:  # Redis first: the target compares its figure
+        with contextlib.ExitStack() as stack:
+            for p in range(processes):  # the shards dealt out over the worker processes
+                mine = [f"{i}/{shards}" for i in range(p, shards, processes)]
+                stack.enter_context(
+                    worker(
+                        env,
+                        broker,
+                        [arg for shard in mine for arg in ("--shard", shard)],
+                        logs / f"worker-shards{p}-{label}.log",
+                        NUMBERING_SHARDS=str(shards),
+                    )
                 )
+            [point] = measure_repeated(
+                "many",
+                [
+                    (
+                        f"numbering ({label}, {count} sequences)",
+                        lambda broker=broker: systems.many_sequences_op(env, broker, names, shards),
+                    )
+                ],
+                concurrency,
+                args,
             )
-        [point] = measure_repeated(
-            "many",
-            [
-                (
-                    f"numbering ({count} sequences)",
-                    lambda: systems.many_sequences_op(env, names, shards),
-                )
-            ],
-            concurrency,
-            args,
-        )
-    results.points.append(point)
+        results.points.append(point)
     results.many = {
         "sequences": count,
         "shards": shards,

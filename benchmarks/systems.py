@@ -62,8 +62,8 @@ def numbering_op(env: Env, broker: str, sequence: str, web: bool, shards: int | 
     return op
 
 
-def many_sequences_op(env: Env, names: list[str], shards: int) -> Op:
-    client = Client(env.redis_broker, env.redis_replies, shards=shards, timeout=60)
+def many_sequences_op(env: Env, broker: str, names: list[str], shards: int) -> Op:
+    client = Client(broker, env.redis_replies, shards=shards, timeout=60)
     tag = f"{os.getpid()}"
 
     def op(i: int) -> Any:

@@ -449,7 +449,7 @@ def worker(
     """Run the single consumer for the given sequence queues.
 
     A Celery worker with a bulk consumer for its queues: it drains up to --batch-size
-    waiting requests (from all its queues at once on Redis), assigns them in one
+    waiting requests (from all its queues at once), assigns them in one
     transaction, answers each one, then acknowledges. A second worker on the same queue
     waits as a standby for it and takes over if the first dies.
     Stop it with Ctrl-C or SIGTERM: it finishes the batch in hand first.

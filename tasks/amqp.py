@@ -1,10 +1,10 @@
 """The bulk consumer for a RabbitMQ broker.
 
 kombu over AMQP already delivers thousands of messages a second to one consumer, so here
-the consumer lets RabbitMQ push up to ``batch_size`` unacknowledged messages
-(``basic.qos`` prefetch), takes everything already delivered as one batch, assigns it in
-one transaction, answers each request, and acknowledges the batch with one
-``basic.ack(multiple=True)``. A consumer that dies leaves its messages unacknowledged and
+the consumer lets RabbitMQ push up to ``batch_size`` unacknowledged messages per queue
+(``basic.qos`` prefetch), takes everything already delivered from all of the worker's
+queues as one batch, assigns it in one transaction, answers each request, and then
+acknowledges each message. A consumer that dies leaves its messages unacknowledged and
 RabbitMQ delivers them again; redelivered messages are then tried one at a time, and one
 that stopped the worker ``MAX_DELIVERIES`` times is quarantined (as on Redis, in the
 Redis list ``_numbering.dead.<queue>``). Queues are declared single-active-consumer (see
@@ -14,10 +14,12 @@ hands the queue to one of them when the active consumer goes away.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable, Mapping, Sequence
 
 from kombu.connection import Connection
 from kombu.message import Message
@@ -25,7 +27,7 @@ from kombu.messaging import Consumer
 
 from numbering.errors import InvalidRequestError, NumberingError, QuarantinedError
 from numbering.messages import MAX_MESSAGE_BYTES, BadMessage, Job, parse_task
-from numbering.routing import kombu_queue
+from numbering.routing import Shard, kombu_queue
 from numbering.tasks.drain import (
     MAX_DELIVERIES,
     OUTAGE_BACKOFF_SECONDS,
@@ -65,27 +67,35 @@ def parse_amqp(message: Message) -> Job | BadMessage:
 
 
 class AmqpDrain:
-    """The consumer of one queue on a RabbitMQ broker (run it in its own thread)."""
+    """The consumer of a worker's queues on a RabbitMQ broker (run it in its own thread).
+
+    One channel, one kombu consumer per queue on it: what RabbitMQ has delivered from any
+    of the queues is one batch, assigned in one transaction. RabbitMQ picks the active
+    consumer of each queue on its own, so a worker may be active on some of its queues
+    and a standby on others.
+    """
 
     def __init__(
         self,
         broker_url: str,
-        queue: str,
+        queues: Sequence[str],
         processor: BatchProcessor,
         *,
         batch_size: int,
         stop: threading.Event,
+        shards: Mapping[str, Shard] | None = None,
     ) -> None:
+        if not queues:
+            raise ValueError("a consumer needs at least one queue")
         self.broker_url = broker_url
-        self.queue = queue
-        #: The consumer's name in logs and thread names.
-        self.name = queue
+        self.queues = list(queues)
+        #: The consumer's name in logs and thread names: its queues.
+        self.name = ",".join(self.queues)
         self.processor = processor
         self.batch_size = batch_size
         self.stop = stop
+        self.shards = dict(shards or {})
         self.handled = 0
-        self.attempts = f"_numbering.attempts.{queue}"
-        self.dead = dead_letter_list(queue)
         probe = Connection(broker_url)
         self._errors: tuple[type[BaseException], ...] = (
             OSError,
@@ -99,24 +109,35 @@ class AmqpDrain:
                 with Connection(self.broker_url, heartbeat=30) as connection:
                     self._consume(connection)
             except self._errors as exc:
-                log.error("consumer of %s: %s; reconnecting", self.queue, exc)
+                log.error("consumer of %s: %s; reconnecting", self.name, exc)
                 self.stop.wait(OUTAGE_BACKOFF_SECONDS)
             except Exception:
                 # A bug must not silently end the consumer while the worker looks alive.
-                log.exception("consumer of %s failed; starting over", self.queue)
+                log.exception("consumer of %s failed; starting over", self.name)
                 self.stop.wait(OUTAGE_BACKOFF_SECONDS)
 
     def _consume(self, connection: Connection) -> None:
         channel = connection.channel()
+        # Per consumer (a_global=False): each queue may have batch_size unacknowledged.
         channel.basic_qos(prefetch_size=0, prefetch_count=self.batch_size, a_global=False)
-        delivered: list[Message] = []
-        consumer = Consumer(
-            channel, queues=[kombu_queue(self.queue)], on_message=delivered.append, no_ack=False
-        )
-        with consumer:
+        delivered: list[tuple[str, Message]] = []
+
+        def receiver(queue: str) -> Callable[[Message], None]:
+            return lambda message: delivered.append((queue, message))
+
+        with contextlib.ExitStack() as consumers:
+            for queue in self.queues:
+                consumers.enter_context(
+                    Consumer(
+                        channel,
+                        queues=[kombu_queue(queue)],
+                        on_message=receiver(queue),
+                        no_ack=False,
+                    )
+                )
             log.info(
                 "consuming %s; RabbitMQ's single-active-consumer decides which worker is active",
-                self.queue,
+                self.name,
             )
             while not self.stop.is_set():
                 try:
@@ -130,50 +151,53 @@ class AmqpDrain:
                     except TimeoutError:
                         break
                 batch, delivered[:] = list(delivered), []
-                fresh = [m for m in batch if not m.delivery_info.get("redelivered")]
-                again = [m for m in batch if m.delivery_info.get("redelivered")]
+                fresh = [(q, m) for q, m in batch if not m.delivery_info.get("redelivered")]
+                again = [(q, m) for q, m in batch if m.delivery_info.get("redelivered")]
                 # Redelivered messages may be what killed the last consumer: one at a time.
-                for message in again:
-                    if not self._one_at_a_time(message):
+                for queue, message in again:
+                    if not self._one_at_a_time(queue, message):
                         return  # stopped: unacknowledged messages go back to the queue
                     message.ack()
                 if fresh:
-                    items = [parse_amqp(m) for m in fresh]
-                    if not self.processor.process_until_done(items, self.stop, self.queue):
+                    items = [parse_amqp(m) for _, m in fresh]
+                    shards = [self.shards.get(q) for q, _ in fresh]
+                    if not self.processor.process_until_done(items, self.stop, self.name, shards):
                         return
-                    for message in fresh:
+                    for _, message in fresh:
                         message.ack()
                 self.handled += len(batch)
 
-    def _one_at_a_time(self, message: Message) -> bool:
+    def _one_at_a_time(self, queue: str, message: Message) -> bool:
         """Process a redelivered message alone; quarantine it after too many tries."""
         item = parse_amqp(message)
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
         tag = item.task_id or hashlib.sha256(body).hexdigest()
         replies = self.processor.replies
-        tries = int(replies.hincrby(self.attempts, tag, 1))
-        replies.expire(self.attempts, ATTEMPTS_TTL)
+        attempts, dead = f"_numbering.attempts.{queue}", dead_letter_list(queue)
+        tries = int(replies.hincrby(attempts, tag, 1))
+        replies.expire(attempts, ATTEMPTS_TTL)
         if tries > MAX_DELIVERIES:
             log.error(
                 "%s: quarantined request %s after it stopped the worker %d times; kept in %s",
-                self.queue,
+                queue,
                 item.task_id,
                 tries - 1,
-                self.dead,
+                dead,
             )
             replies.lpush(
-                self.dead,
+                dead,
                 json.dumps({"headers": message.headers, "body": body.decode("utf-8", "replace")}),
             )
             if self.processor.metrics is not None:
                 self.processor.metrics.quarantined.inc()
             error = QuarantinedError(
-                f"request quarantined in {self.dead} after it stopped the worker "
+                f"request quarantined in {dead} after it stopped the worker "
                 f"{tries - 1} times; nothing was assigned to it"
             )
             key = item.request.key if isinstance(item, Job) else item.key
             item = BadMessage(item.task_id, key, item.reply_to, error)
-        if not self.processor.process_until_done([item], self.stop, self.queue):
+        shard = self.shards.get(queue)
+        if not self.processor.process_until_done([item], self.stop, queue, [shard]):
             return False
-        replies.hdel(self.attempts, tag)
+        replies.hdel(attempts, tag)
         return True

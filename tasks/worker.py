@@ -2,8 +2,8 @@
 
 ``numbering worker --sequence invoices`` starts a Celery worker (visible to ``celery
 inspect`` and Flower, with remote control on the control queue) plus numbering's bulk
-consumers, started and stopped with the worker as a bootstep: on Redis one consumer
-thread for all the process's queues, on RabbitMQ one per queue.
+consumer, started and stopped with the worker as a bootstep: one consumer thread for
+all of the process's queues, on Redis and on RabbitMQ.
 """
 
 from __future__ import annotations
@@ -74,20 +74,17 @@ class NumberingWorker:
             shards = [shards]
         owner = {shard.queue: shard for shard in shards or ()}
 
-        def processor(queue: str) -> BatchProcessor:
-            # A shard queue's consumer refuses sequences of other shards.
-            return BatchProcessor(self.allocator, self.replies, app, owner.get(queue), self.metrics)
-
+        # One consumer for all the queues, which refuses on each shard queue the sequences
+        # of other shards: each turn takes what waits on any of them into one transaction.
+        processor = BatchProcessor(self.allocator, self.replies, app, None, self.metrics)
         self.drains: list[RedisDrain | AmqpDrain]
         if settings.broker_url.startswith(("redis://", "rediss://")):
-            # One consumer for all the queues: each turn drains them all into one
-            # transaction (tasks/drain.py).
             broker = redis.Redis.from_url(settings.broker_url)
             self.drains = [
                 RedisDrain(
                     broker,
                     {queue: ConsumerLock(self.allocator.engine, queue) for queue in queues},
-                    BatchProcessor(self.allocator, self.replies, app, None, self.metrics),
+                    processor,
                     batch_size=settings.batch_size,
                     stop=self.stop,
                     shards=owner,
@@ -97,12 +94,12 @@ class NumberingWorker:
             self.drains = [
                 AmqpDrain(
                     settings.broker_url,
-                    queue,
-                    processor(queue),
+                    queues,
+                    processor,
                     batch_size=settings.batch_size,
                     stop=self.stop,
+                    shards=owner,
                 )
-                for queue in queues
             ]
         else:
             raise ConfigurationError(

@@ -7,11 +7,13 @@ import os
 import time
 import uuid
 
+from celery import Celery
 from integration.stack import Stack
 from ledger_check import check_gapless
-from test_queue import assert_increasing, setup_sequences
+from test_queue import assert_increasing, read_replies, setup_sequences
 
 from numbering import Allocator, Client, create_engine
+from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, kombu_queue
 
 
 def unique(name: str) -> str:
@@ -126,3 +128,50 @@ def test_forked_client_opens_its_own_rabbitmq_connection(amqp_stack: Stack) -> N
     assert broker_port(client) == parent_port  # the parent's connection is untouched
     assert client.next_value(seq, key="parent again") == 3
     check_gapless(create_engine(amqp_stack.settings.database_url), seq)
+
+
+def test_one_worker_serves_several_queues_and_another_stands_by(amqp_stack: Stack) -> None:
+    """One consumer for a worker's queues on RabbitMQ: the broker makes it active on the
+    queues nobody else consumes and a standby on the others, queue by queue."""
+    a, b, c = (unique(name) for name in ("a", "b", "c"))
+    setup_sequences(amqp_stack, a, b, c)
+    first = amqp_stack.worker("--sequence", a, "--sequence", b)
+    second = amqp_stack.worker("--sequence", b, "--sequence", c)
+    client = amqp_stack.client()
+    assert [client.next_value(name, key=f"{name}:1") for name in (a, b, c)] == [1, 1, 1]
+    first.kill()
+    assert [client.next_value(name, key=f"{name}:2") for name in (b, c)] == [2, 2]
+    second.terminate()
+    engine = create_engine(amqp_stack.settings.database_url)
+    check_gapless(engine, a, keys=[f"{a}:1"])
+    for name in (b, c):
+        check_gapless(engine, name, keys=[f"{name}:1", f"{name}:2"])
+
+
+def test_shard_queues_on_one_consumer(amqp_stack: Stack) -> None:
+    """Several shard queues served by one consumer: client processes on sequences of
+    every shard, each sequence gapless, and a request on the wrong shard fails alone."""
+    count = 1000 + uuid.uuid4().int % 3000  # fresh queues: RabbitMQ keeps them across runs
+    names = [unique(f"tenant{t}") for t in range(4)]
+    setup_sequences(amqp_stack, *names)
+    shards = sorted({Shard.of(name, count).index for name in names})
+    amqp_stack.env["NUMBERING_SHARDS"] = str(count)
+    amqp_stack.worker(*[arg for index in shards for arg in ("--shard", f"{index}/{count}")])
+    results = amqp_stack.client_processes([(name, f"{name}-c", 40) for name in names])
+    for name, values in zip(names, results, strict=True):
+        assert values == list(range(1, 41))
+        amqp_stack.check(name, [f"{name}-c:{i}" for i in range(40)])
+    stray = next(n for n in names if Shard.of(n, count).index != shards[0])
+    # Sent straight to the first shard's queue, which does not carry it: it fails alone.
+    app = Celery(broker=amqp_stack.settings.broker_url, set_as_current=False)
+    app.send_task(
+        TASK_NAME,
+        kwargs={"sequence": stray, "key": "stray"},
+        queue=kombu_queue(Shard(shards[0], count).queue),
+        headers={REPLY_HEADER: "numbering.reply.stray-amqp"},
+    )
+    [reply] = read_replies(
+        amqp_stack.settings.result_backend, "numbering.reply.stray-amqp", 1
+    ).values()
+    assert f"does not belong to {Shard(shards[0], count).queue}" in str(reply["error"])
+    assert Allocator(amqp_stack.settings.database_url).last_value(stray) == 40
