@@ -1,7 +1,8 @@
 """How the allocator reads and writes the counters and the ledger, in the caller's transaction.
 
-Two implementations of the same four steps (lock a counter and look the request keys up;
-lock or create a period's counter; update counters and append ledger rows):
+Two implementations of the same four steps (lock the counters of a transaction's
+sequences, in name order, and look the request keys up; lock or create a period's
+counter; update counters and append ledger rows):
 
 - :class:`CoreStore`, SQLAlchemy Core statements: SQLite, and PostgreSQL through any
   driver;
