@@ -171,8 +171,9 @@ def assign_many(
             results[sequence] = [error] * len(requests)
     valid = {name: requests for name, requests in valid.items() if requests}
     for name, outcome in (_assign_all(bind, valid, nowait) if valid else {}).items():
-        failed = isinstance(outcome, NumberingError)
-        results[name] = [outcome] * len(valid[name]) if failed else outcome  # type: ignore[assignment,list-item]
+        if isinstance(outcome, NumberingError):  # fails that sequence's requests alone
+            outcome = [outcome] * len(valid[name])
+        results[name] = outcome
     return {sequence: results.get(sequence, []) for sequence in batches}
 
 

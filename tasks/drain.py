@@ -102,13 +102,11 @@ class BatchProcessor:
         allocator: Allocator,
         replies: redis.Redis,
         app: Celery | None = None,
-        shard: Shard | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.allocator = allocator
         self.replies = replies
         self.app = app
-        self.shard = shard
         self.metrics = metrics
 
     def process(
@@ -116,13 +114,13 @@ class BatchProcessor:
     ) -> None:
         """Assign and answer; raises only if the database could not take the batch.
 
-        ``shards``: the shard whose queue each item came from (default: this processor's
-        own), so that a request sent to the wrong shard queue fails alone.
+        ``shards``: the shard whose queue each item came from (None: a sequence's own
+        queue), so that a request sent to the wrong shard queue fails alone.
         """
         outcomes: dict[int, Outcome] = {}
         groups: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
-            shard = self.shard if shards is None else shards[index]
+            shard = None if shards is None else shards[index]
             if isinstance(item, BadMessage):
                 outcomes[index] = item.error
             elif shard is not None and not shard.serves(item.sequence):
