@@ -9,14 +9,20 @@ One number at a time, in process, against the local PostgreSQL, measured in turn
 - ``raw, prepared``: the same with server-side prepared statements (PREPARE/EXECUTE):
   what planning each statement costs.
 
-Prints the median wall time and CPU time (this process, user + system) per number for
-each, then audits the three sequences' ledgers (the raw loops keep them gapless too).
+Prints the median wall time, CPU time of this process (user + system) and CPU time of
+the PostgreSQL backend serving it, per number, for each; then audits the three
+sequences' ledgers (the raw loops keep them gapless too). The raw prepared statements
+go through PostgreSQL's plan cache, which switches to a generic plan after five runs:
+on a fresh database that plan costs the backend more than the planning it saves
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
+import os
 import statistics
 import sys
 import time
@@ -27,7 +33,7 @@ import psycopg2
 
 from benchmarks.cpu import print_audit
 from benchmarks.run import prepare_database
-from numbering import Allocator
+from numbering import Allocator, create_engine
 from numbering.store import _INSERT_LEDGER, _LOCK_AND_LOOK_UP, _UPDATE_COUNTER
 
 _PREPARE = [
@@ -41,6 +47,17 @@ _PREPARE = [
     + "FROM unnest($2, $3, $4, $5, $6, $7, $8, $9) "
     "AS r(sequence_id, cycle, value, count, request_key, reference, status, formatted)",
 ]
+
+
+def backend_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of PostgreSQL backend ``pid`` so far (Linux /proc);
+    NaN where the server is not on this machine."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class RawNumbers:
@@ -57,6 +74,8 @@ class RawNumbers:
         if prepared:
             for statement in _PREPARE:
                 self.cursor.execute(statement)
+        self.cursor.execute("SELECT pg_backend_pid()")
+        self.pid = int(self.cursor.fetchone()[0])
 
     def next_value(self) -> int:
         self.issued += 1
@@ -104,14 +123,16 @@ class RawNumbers:
         self.connection.close()
 
 
-def _measure(take: Callable[[], int], numbers: int) -> tuple[float, float]:
-    """(wall ms, CPU ms) per number over ``numbers`` calls of ``take``."""
-    wall, cpu = time.perf_counter(), time.process_time()
+def _measure(take: Callable[[], int], numbers: int, backend: int) -> tuple[float, float, float]:
+    """(wall ms, CPU ms here, CPU ms of PostgreSQL backend ``backend``) per number over
+    ``numbers`` calls of ``take``."""
+    wall, cpu, server = time.perf_counter(), time.process_time(), backend_cpu(backend)
     for _ in range(numbers):
         take()
     return (
         (time.perf_counter() - wall) / numbers * 1000,
         (time.process_time() - cpu) / numbers * 1000,
+        (backend_cpu(backend) - server) / numbers * 1000,
     )
 
 
@@ -124,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     url = prepare_database(args.admin_url, args.database)
-    allocator = Allocator(url)
-    contenders: dict[str, Callable[[], int]] = {}
+    # One pooled connection, so that one backend serves all of numbering's numbers.
+    allocator = Allocator(create_engine(url, pool_size=1, max_overflow=0))
+    contenders: dict[str, tuple[Callable[[], int], int]] = {}
     raws = []
     sequences = ["overhead-numbering"]
     for name, prepared in (("raw psycopg2", False), ("raw, prepared", True)):
@@ -134,21 +156,26 @@ def main(argv: list[str] | None = None) -> int:
         allocator.create_sequence(sequence)
         raw = RawNumbers(url, sequence, prepared=prepared)
         raws.append(raw)
-        contenders[name] = raw.next_value
+        contenders[name] = raw.next_value, raw.pid
     allocator.create_sequence("overhead-numbering")
-    contenders["numbering"] = lambda: allocator.next_value("overhead-numbering")
+    with allocator.engine.connect() as conn:
+        pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+    contenders["numbering"] = (lambda: allocator.next_value("overhead-numbering")), pid
     order = ["numbering", "raw psycopg2", "raw, prepared"]
     for name in order:  # warm the pools, the caches and the plans
-        _measure(contenders[name], 50)
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in order}
+        _measure(*contenders[name][:1], 50, contenders[name][1])
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in order}
     for turn in range(args.rounds):
         for name in order[turn % 3 :] + order[: turn % 3]:  # each goes first in turn
-            runs[name].append(_measure(contenders[name], args.numbers))
+            take, backend = contenders[name]
+            runs[name].append(_measure(take, args.numbers, backend))
     print(f"{args.rounds} rounds of {args.numbers} numbers each, in turns; medians per number:")
     for name in order:
-        wall = statistics.median(w for w, _ in runs[name])
-        cpu = statistics.median(c for _, c in runs[name])
-        print(f"  {name:14} wall {wall:6.3f} ms   CPU in this process {cpu:6.3f} ms")
+        wall, cpu, server = (statistics.median(run[i] for run in runs[name]) for i in range(3))
+        print(
+            f"  {name:14} wall {wall:6.3f} ms   CPU in this process {cpu:6.3f} ms   "
+            f"CPU of its PostgreSQL backend {server:6.3f} ms"
+        )
     for raw in raws:
         raw.close()
     ok = print_audit(allocator, sequences)
