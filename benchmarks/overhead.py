@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
     contenders["numbering"] = (lambda: allocator.next_value("overhead-numbering")), pid
     order = ["numbering", "raw psycopg2", "raw, prepared"]
-    for name in order:  # warm the pools, the caches and the plans
-        _measure(*contenders[name][:1], 50, contenders[name][1])
+    for take, backend in contenders.values():  # warm the pools, the caches and the plans
+        _measure(take, 50, backend)
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in order}
     for turn in range(args.rounds):
         for name in order[turn % 3 :] + order[: turn % 3]:  # each goes first in turn
