@@ -158,14 +158,16 @@ class BatchProcessor:
             seconds = time.monotonic() - started
             log.debug("assigned %d request(s) in %.1f ms", len(items), 1e3 * seconds)
         failpoint("after_commit", keys)
-        self._answer(items, outcomes)
-        failpoint("after_reply", keys)
         if self.metrics is not None:
+            # Counted before the replies go out, so that a scrape made after a client has
+            # its answer already shows it (CI saw the counter lag the reply).
             self.metrics.batch(
                 [item.sequence if isinstance(item, Job) else None for item in items],
                 [outcomes[index] for index in range(len(items))],
                 seconds,
             )
+        self._answer(items, outcomes)
+        failpoint("after_reply", keys)
 
     def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Outcome]) -> None:
         lean: list[tuple[str, dict[str, Any]]] = []

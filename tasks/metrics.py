@@ -1,9 +1,10 @@
 """Prometheus metrics of a numbering worker (served when NUMBERING_METRICS_PORT is set).
 
 ============================================  =============================================
-``numbering_requests_total``                  requests answered, by ``sequence`` and
+``numbering_requests_total``                  requests decided, by ``sequence`` and
                                               ``outcome`` (``assigned``, ``resent``, or the
-                                              error's class name)
+                                              error's class name); counted once the batch
+                                              has committed, before its replies go out
 ``numbering_batch_size``                      requests per batch (histogram)
 ``numbering_assignment_seconds``              one batch's database transaction, retries
                                               included (histogram)
@@ -54,7 +55,7 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "numbering_requests",
-            "Requests answered, by sequence and outcome.",
+            "Requests decided (counted at commit, before the reply), by sequence and outcome.",
             ["sequence", "outcome"],
             registry=self.registry,
         )
