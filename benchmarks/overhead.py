@@ -95,9 +95,9 @@ class RawNumbers:
         value = row["initial_value"] if row["last_value"] is None else row["last_value"] + 1
         params = {
             "now": dt.datetime.now(dt.timezone.utc),
-            "id0": row["id"],
-            "last0": value,
-            "cycle0": row["cycle"],
+            "counter_id": row["id"],
+            "counter_last": value,
+            "counter_cycle": row["cycle"],
             "sequence_id": [row["id"]],
             "cycle": [row["cycle"]],
             "value": [value],
@@ -109,13 +109,14 @@ class RawNumbers:
         }
         if self.prepared:
             writes = (
-                "EXECUTE numbering_update(%(last0)s, %(cycle0)s, %(now)s, %(id0)s); "
+                "EXECUTE numbering_update(%(counter_last)s, %(counter_cycle)s, %(now)s, "
+                "%(counter_id)s); "
                 "EXECUTE numbering_insert(%(now)s, %(sequence_id)s::bigint[], %(cycle)s::bigint[], "
                 "%(value)s::bigint[], %(count)s::bigint[], %(request_key)s::text[], "
                 "%(reference)s::jsonb[], %(status)s::text[], %(formatted)s::text[]); COMMIT"
             )
         else:
-            writes = _UPDATE_COUNTER.format(i=0) + "\n" + _INSERT_LEDGER + ";\nCOMMIT"
+            writes = _UPDATE_COUNTER + "\n" + _INSERT_LEDGER + ";\nCOMMIT"
         self.cursor.execute(writes, params)
         return int(value)
 

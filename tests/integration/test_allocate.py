@@ -277,6 +277,9 @@ def test_several_sequences_in_one_pass(numbers: Allocator, engine: Engine) -> No
     check_gapless(engine, "a-invoices", keys=["a1"])
     check_gapless(engine, "b-credit", keys=["old", "shared", "b1"])
     assert numbers.last_value("d-frozen") is None
+    # Every counter the pass moved was written (on psycopg2, by one joined UPDATE).
+    assert [numbers.last_value(name) for name in ("a-invoices", "b-credit")] == [1, 103]
+    assert [numbers.next_value(name) for name in ("a-invoices", "b-credit")] == [2, 104]
     # The same batch again: every request that was assigned is a resend now.
     again = numbers.assign_many({"b-credit": [Request("shared")], "a-invoices": [Request("a1")]})
     assert [o.resent for os in again.values() for o in os] == [True, True]  # type: ignore[union-attr]
@@ -359,3 +362,34 @@ def test_batch_rows_are_stored_exactly_by_either_store(numbers: Allocator, engin
     again = numbers.assign("invoices", [*requests[:2], Request("k9")])
     assert [(o.value, o.resent) for o in again] == [(7, True), (8, True), (22, False)]  # type: ignore[union-attr]
     check_gapless(engine, "invoices", keys=[r.key for r in requests] + ["k9"])
+
+
+def test_several_counter_updates_for_one_counter_leave_the_last(pg_url: str) -> None:
+    """The psycopg2 store writes several counters with one joined UPDATE; should a pass
+    ever hold two updates of one counter, the last must win, as it did when each was an
+    UPDATE of its own (a join would apply an arbitrary one of the two)."""
+    from datetime import datetime, timezone
+
+    from numbering import create_engine
+    from numbering.store import CounterUpdate, Psycopg2Store
+
+    engine = create_engine(pg_url)
+    numbers = Allocator(engine)
+    for name in ("one", "two"):
+        numbers.create_sequence(name)
+    with engine.begin() as conn:
+        ids = list(
+            conn.execute(
+                sa.text(
+                    "SELECT id FROM numbering_sequence WHERE name IN ('one', 'two') ORDER BY name"
+                )
+            ).scalars()
+        )
+        # A plan under which the join meets the first of the two rows first.
+        conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+        conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+        updates = [CounterUpdate(ids[0], 7, 0), CounterUpdate(ids[1], 3, 0)]
+        updates += [CounterUpdate(ids[0], 5, 0)]
+        Psycopg2Store(conn).write(updates, [], datetime.now(timezone.utc))
+    assert [numbers.last_value(name) for name in ("one", "two")] == [5, 3]
+    engine.dispose()
