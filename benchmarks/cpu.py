@@ -7,9 +7,9 @@ second and the CPU milliseconds each kind of process (requesters, worker, Postgr
 Redis, ...) spent per number: the figures docs/benchmarks.md uses to say what limits
 throughput on a small machine. The sequence's ledger is audited at the end. Linux only.
 
-``--sequences 100 --shards 8 --workers 2`` measures the many-sequences layout of
-``benchmarks.run`` instead: requests spread over 100 sequences, 8 shard queues dealt out
-over 2 worker processes (every sequence's ledger is audited).
+``--sequences 100 --shards 8`` measures the many-sequences layout of ``benchmarks.run``
+instead: requests spread over 100 sequences, 8 shard queues served by one worker process
+(``--workers 2`` deals them out over two; every sequence's ledger is audited).
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sequences", type=int, default=1, help="spread requests over this many sequences"
     )
     parser.add_argument("--shards", type=int, default=8, help="shard queues (with --sequences)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (--sequences)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the shards (--sequences)"
+    )
     parser.add_argument(
         "--replies-apart",
         dest="replies_with_broker",

@@ -661,8 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--many-workers",
         type=int,
-        default=2,
-        help="worker processes sharing the 8 shards (default 2: one per core here)",
+        default=1,
+        help="worker processes sharing the 8 shards (default 1, as docs/deployment.md "
+        "advises until a process nears a full core; 2 did worse on 2 cores)",
     )
     parser.add_argument("--growth-rows", type=int, default=10_000_000)
     parser.add_argument(
