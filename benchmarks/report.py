@@ -211,7 +211,7 @@ def render(results: Results, args: argparse.Namespace, machine: str, output: Pat
         out += [
             f"## Many sequences ({results.many['sequences']} sequences over "
             f"{results.many['shards']} shards, served by {results.many['workers']} worker "
-            "processes)",
+            f"{'process' if results.many['workers'] == 1 else 'processes'})",
             "",
             *_table(results, "many"),
             "",
