@@ -168,7 +168,8 @@ def test_several_sequences_are_still_two_round_trips(numbers: Allocator, engine:
     assert len(sent) == 2
     assert sent[0].count("FOR UPDATE") == 1
     assert 'ORDER BY name COLLATE "C" FOR UPDATE' in sent[0]
-    assert sent[1].count("UPDATE numbering_sequence") == 4  # one per sequence
+    assert sent[1].count("UPDATE numbering_sequence") == 1  # one for all four counters
+    assert "FROM unnest(ARRAY[" in sent[1].split("UPDATE numbering_sequence")[1]
     assert sent[1].count("INSERT INTO numbering_ledger") == 1
     assert sent[1].endswith("COMMIT")
     assert {name: [o.value for o in os] for name, os in results.items()} == {  # type: ignore[union-attr]
