@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_RESULT_BACKEND",
     "ENV",
     "Settings",
+    "check_database_url",
     "mask_url",
 ]
 
@@ -82,7 +83,9 @@ ENV = {
 _NOT_SETTINGS = {"NUMBERING_FAILPOINTS"}  # fault injection for tests: numbering.failpoints
 
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
-_BACKEND_SCHEMES = ("redis", "rediss", "rpc", "db+postgresql", "db+sqlite", "cache+memory")
+# numbering's answers travel on Redis lists (numbering.replies): no other Celery result
+# backend can carry them.
+_BACKEND_SCHEMES = ("redis", "rediss")
 
 
 def mask_url(url: str) -> str:
@@ -167,8 +170,10 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read settings from ``NUMBERING_*`` variables (``os.environ`` by default).
 
-        Unset or empty variables take the defaults. An unknown ``NUMBERING_`` variable is
-        an error, so that a typo cannot silently fall back to a default database.
+        Unset variables take the defaults; a variable set to an empty value is an error
+        (an unset ``${VAR}`` in a compose file would otherwise mean the default). An
+        unknown ``NUMBERING_`` variable is an error, so that a typo cannot silently fall
+        back to a default database.
         """
         env = os.environ if environ is None else environ
         known = set(ENV.values())
@@ -181,9 +186,18 @@ class Settings:
             )
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = env.get(ENV[f.name], "").strip()
-            if raw:
-                values[f.name] = _parse(f.name, raw)
+            variable = ENV[f.name]
+            if variable not in env:
+                continue
+            raw = env[variable].strip()
+            if not raw:
+                # A compose file's unset ${VAR} arrives as an empty value: falling back
+                # to the default (a local SQLite file, a local Redis) would be the very
+                # trap the check for unknown variables closes.
+                raise ConfigurationError(
+                    f"{variable} is set but empty; give it a value, or unset it to use the default"
+                )
+            values[f.name] = _parse(f.name, raw)
         return cls(**values)  # type: ignore[arg-type]
 
     def retry_policy(self) -> RetryPolicy:
@@ -235,20 +249,28 @@ def _parse(name: str, raw: str) -> object:
     return raw
 
 
-def _check_database_url(url: str) -> str:
+def check_database_url(url: str, source: str = ENV["database_url"]) -> str:
+    """``url`` as numbering uses it, or a ConfigurationError naming ``source`` (the
+    variable or the command-line option the URL came from)."""
+    return _check_database_url(url, source)
+
+
+def _check_database_url(url: str, source: str = ENV["database_url"]) -> str:
+    if not url.strip():
+        raise ConfigurationError(f"{source} is empty; give a database URL")
     if url.startswith("postgres://"):  # the spelling Heroku and others hand out
         url = "postgresql://" + url.removeprefix("postgres://")
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigurationError(
-            f"{ENV['database_url']} is not a database URL: {mask_url(url)!r}; "
+            f"{source} is not a database URL: {mask_url(url)!r}; "
             "expected e.g. postgresql://user:password@host/dbname or sqlite:///numbering.db"
         ) from None
     backend = parsed.get_backend_name()
     if backend not in ("postgresql", "sqlite"):
         raise ConfigurationError(
-            f"{ENV['database_url']} names an unsupported database {backend!r}; "
+            f"{source} names an unsupported database {backend!r}; "
             "numbering supports postgresql and sqlite"
         )
     return url
@@ -258,7 +280,13 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     variable = ENV[name]
     scheme = url.partition("://")[0] if "://" in url else ""
     if scheme not in schemes:
+        why = ""
+        if name == "result_backend":
+            why = (
+                " (numbering answers its callers on Redis lists; a Celery result backend "
+                "such as rpc:// or a database cannot carry them)"
+            )
         raise ConfigurationError(
             f"{variable} must be a URL starting with one of "
-            f"{', '.join(s + '://' for s in schemes)}; got {mask_url(url)!r}"
+            f"{', '.join(s + '://' for s in schemes)}; got {mask_url(url)!r}{why}"
         )

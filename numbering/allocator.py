@@ -21,9 +21,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
+from datetime import date as _date
 from typing import Any, overload
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -139,6 +140,7 @@ def assign(
     With ``nowait=True`` a sequence locked by another transaction raises
     :class:`~numbering.errors.LockNotAvailable` at once instead of waiting (PostgreSQL).
     """
+    check_bind(bind, "assign")
     name = check_sequence_name(sequence)
     if not requests:
         return []
@@ -162,6 +164,7 @@ def assign_many(
     :class:`~numbering.errors.KeyReusedError`, as if the two had been sent one after
     the other. Raises only for a database error.
     """
+    check_bind(bind, "assign_many")
     results: dict[str, list[Outcome]] = {}
     valid: dict[str, Sequence[Request]] = {}
     for sequence, requests in batches.items():
@@ -175,6 +178,29 @@ def assign_many(
             outcome = [outcome] * len(valid[name])
         results[name] = outcome
     return {sequence: results.get(sequence, []) for sequence in batches}
+
+
+def check_bind(bind: object, function: str = "allocate") -> None:
+    """Raise a TypeError that says what to pass when ``bind`` is not a Session or a
+    Connection (an Engine, a URL or an Allocator are the usual mistakes)."""
+    if isinstance(bind, (Session, Connection)):
+        return
+    how = (
+        f"{function}() runs in your transaction: pass the SQLAlchemy Session or Connection "
+        f"that will commit the document, e.g. `with engine.begin() as conn: "
+        f"{function}(conn, ...)` or `with Session(engine) as session, session.begin(): "
+        f"{function}(session, ...)`"
+    )
+    if isinstance(bind, Engine):
+        raise TypeError(f"{how}; an Engine has no transaction of its own")
+    if isinstance(bind, str):
+        raise TypeError(f"{how}, not a URL; numbering.create_engine(url) builds the engine")
+    if type(bind).__name__ == "Allocator":
+        raise TypeError(
+            f"{how}; for numbering's own short transaction call the Allocator's methods "
+            "instead (allocator.next_value(...), allocator.next_values(...))"
+        )
+    raise TypeError(f"{how}; got {type(bind).__name__}")
 
 
 def _assign_all(
@@ -307,7 +333,7 @@ def _assign_one(
     for index, request in enumerate(requests):
         known = prior.get(request.key)
         if known is not None:
-            outcomes[index] = _resend(name, seq.id, request, known)
+            outcomes[index] = _resend(name, seq, request, known)
             continue
         if request.key in taken:
             outcomes[index] = KeyReusedError(request.key, "is already used on another sequence")
@@ -368,19 +394,25 @@ def _assign_one(
                 seq.id, outcome.cycle, outcome.value, outcome.count, None,
                 outcome.formatted, outcome.period,
             )  # fmt: skip
-            outcome = _resend(name, seq.id, requests[index], known)
+            outcome = _resend(name, seq, requests[index], known)
         outcomes[index] = outcome
     return [outcomes[index] for index in range(len(requests))], rows, updates
 
 
-def _resend(name: str, sequence_id: int, request: Request, known: Prior) -> Outcome:
-    if sequence_id not in (known.sequence_id, known.parent_id):
+def _resend(name: str, seq: Any, request: Request, known: Prior) -> Outcome:
+    """The block a resent key already has, or the error for a resend that asks for
+    something else than the first request did (another sequence, count or date): that
+    is a caller's bug, and answering it with the first block would hide it."""
+    if seq.id not in (known.sequence_id, known.parent_id):
         return KeyReusedError(request.key, "is already used on another sequence")
     if known.size != request.count:
         return KeyReusedError(
             request.key,
             f"was already used for a block of {known.size} value(s), not {request.count}",
         )
+    disagreement = _date_disagreement(seq, request, known)
+    if disagreement is not None:
+        return KeyReusedError(request.key, disagreement)
     return Assignment(
         name,
         request.key,
@@ -393,6 +425,29 @@ def _resend(name: str, sequence_id: int, request: Request, known: Prior) -> Outc
     )
 
 
+def _date_disagreement(seq: Any, request: Request, known: Prior) -> str | None:
+    """Why a resend's document date contradicts the block its key has (None if it does
+    not). A resend without a date agrees: the caller left the date to the worker (and a
+    copy resent after midnight must still find its block)."""
+    if request.date is None or (seq.period is None and seq.format is None):
+        return None
+    try:
+        day = document_date(request.date, seq.timezone)
+    except NumberingError as error:
+        return f"was already used, and this resend's date is invalid: {error}"
+    key = period_key(seq.period, day) if seq.period else None
+    if seq.period is not None and key != known.period:
+        return f"was already used for a request in period {known.period}, not {key}"
+    if seq.format is not None and known.formatted is not None:
+        again = render(seq.format, known.value, day, key)
+        if again != known.formatted:
+            return (
+                f"was already used for {known.formatted}, which a request dated "
+                f"{day.isoformat()} would not get ({again})"
+            )
+    return None
+
+
 @overload
 def allocate(
     bind: Bind,
@@ -402,6 +457,7 @@ def allocate(
     count: None = ...,
     reference: Any = ...,
     nowait: bool = ...,
+    date: date | str | None = ...,
 ) -> int: ...
 @overload
 def allocate(
@@ -412,6 +468,7 @@ def allocate(
     count: int,
     reference: Any = ...,
     nowait: bool = ...,
+    date: date | str | None = ...,
 ) -> int | range: ...
 def allocate(
     bind: Bind,
@@ -421,19 +478,26 @@ def allocate(
     count: int | None = None,
     reference: Any = None,
     nowait: bool = False,
+    date: date | str | None = None,
 ) -> int | range:
     """Take the next value of ``sequence`` in the caller's transaction; never commits.
 
     Returns an int, or a contiguous ``range`` when ``count`` is more than 1. Pass the
     document's id as ``key``: calling again with the same key returns the same value
-    instead of taking a new one. **The value is only yours if the transaction that
+    instead of taking a new one. ``date`` is the document's date (a date or
+    ``YYYY-MM-DD``; default today in the sequence's time zone): it picks the period of a
+    periodic sequence. **The value is only yours if the transaction that
     allocated it commits, together with the document that uses it.**
 
     >>> with Session(engine) as session, session.begin():
     ...     number = allocate(session, "invoices", key=f"invoice:{invoice.id}")
     ...     invoice.number = number
     """
-    request = Request(new_key() if key is None else key, 1 if count is None else count, reference)
+    check_bind(bind)
+    day = date.isoformat() if isinstance(date, _date) else date
+    request = Request(
+        new_key() if key is None else key, 1 if count is None else count, reference, day
+    )
     [outcome] = assign(bind, sequence, [request], nowait=nowait)
     if isinstance(outcome, NumberingError):
         raise outcome

@@ -181,6 +181,16 @@ def number_rows(
     committed chunk ended. Each chunk's transaction is retried on conflicts like any
     other numbering transaction.
     """
+    info = allocator.sequence(job.sequence)
+    if info.period is not None:
+        # Each chunk is one block from one counter: rows dated in two periods would be
+        # numbered in one of them, silently.
+        raise InvalidRequestError(
+            f"sequence {job.sequence!r} starts again every {info.period}: a batch job "
+            "takes each chunk from one counter and cannot put a table's rows in their own "
+            "periods; number such documents one by one with their dates (allocate(..., "
+            "date=...) or the client), or use a sequence without periods"
+        )
     with allocator.engine.connect() as connection:
         table = _reflect(connection, job, allowed_tables)
         remaining = connection.execute(

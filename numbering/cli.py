@@ -8,8 +8,10 @@ traceback (``--traceback`` shows one, for bug reports).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -19,7 +21,7 @@ import click
 
 from numbering import migrations
 from numbering.batch import DEFAULT_CHUNK_SIZE, BatchJob, BatchProgress, number_rows
-from numbering.config.settings import ENV, Settings, mask_url
+from numbering.config.settings import ENV, Settings, check_database_url, mask_url
 from numbering.errors import NumberingError
 from numbering.ledger import EXPORT_FIELDS
 from numbering.runner import Allocator
@@ -29,6 +31,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Exit status of a command that failed (bad input, database error, audit problems).
 EXIT_FAILURE = 1
+# Exit status when the reader of our output went away: that of a process killed by SIGPIPE.
+EXIT_BROKEN_PIPE = 128 + 13
 
 
 class _Group(click.Group):
@@ -57,11 +61,19 @@ class _Group(click.Group):
         except click.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(EXIT_FAILURE)
+        except BrokenPipeError:
+            _reader_went_away()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _reader_went_away()
         sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # before click's own handling, which exits with 1
+            _reader_went_away()
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except NumberingError as exc:
@@ -72,6 +84,19 @@ class _Group(click.Group):
             if ctx.meta.get("numbering.traceback"):
                 raise
             _fail(f"unexpected {type(exc).__name__}: {exc} (run with --traceback for details)")
+
+
+def _reader_went_away() -> NoReturn:
+    """The command's output was piped into a reader that stopped reading (``| head``):
+    end quietly, with the status a process killed by SIGPIPE has, as Unix tools do."""
+    # Point stdout at /dev/null so that the interpreter's last flush cannot fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _fail(message: str) -> NoReturn:
@@ -120,8 +145,9 @@ def main(ctx: click.Context, database_url: str | None, verbose: bool, traceback:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     settings = Settings.from_env()
-    if database_url:
-        settings = replace(settings, database_url=database_url)
+    if database_url is not None:
+        checked = check_database_url(database_url, "--database-url")
+        settings = replace(settings, database_url=checked)
     ctx.obj = {"settings": settings}
 
 
@@ -220,8 +246,13 @@ def sequence_create(
         start_after=source,
         allowed_tables=_settings(ctx).batch_tables,
     )
+    from numbering.policies import format_warning
+
+    warning = format_warning(info.format, info.period)
+    if warning is not None:
+        _warn(warning)
     preview = info.preview()
-    shown = f"{info.next_value}" + (f" ({preview})" if preview else "")
+    shown = _next(info) + (f" ({preview})" if preview else "")
     click.echo(f"sequence {info.name!r} ready; next value {shown}")
 
 
@@ -236,17 +267,23 @@ def sequence_show(
 ) -> None:
     """Show sequence NAME: its definition, last value, next value and a preview of the
     next formatted number (nothing is reserved)."""
-    allocator = _allocator(ctx)
-    info = allocator.sequence(name, period)
+    from numbering.sequences import current_counter, get_sequence, period_date
+
+    def read(connection: Any) -> tuple[SequenceInfo, Any]:
+        if period is None:  # a periodic sequence: the counter of the date's period
+            return current_counter(connection, name, day)
+        when = period_date(get_sequence(connection, name), period, day)
+        return get_sequence(connection, name, period), when
+
+    info, when = _allocator(ctx).run(read, readonly=True)
     shown = _describe(info)
-    if period is None:
-        shown["next_formatted"] = allocator.preview(name, day)
-    else:
-        shown["next_formatted"] = info.preview(day)
+    shown["next_formatted"] = info.preview(when)
     if as_json:
         click.echo(json.dumps(shown, indent=2))
         return
     for field, value in shown.items():
+        if field == "next_value" and info.exhausted:
+            value = "exhausted (no more values)"
         click.echo(f"{field + ':':<16}{'-' if value is None else value}")
 
 
@@ -258,6 +295,7 @@ def _describe(info: SequenceInfo) -> dict[str, Any]:
         "max_value": info.max_value,
         "last_value": info.last_value,
         "next_value": info.next_value,
+        "exhausted": info.exhausted,
         "cycle": info.cycle,
         "format": info.format,
         "period": info.period,
@@ -267,6 +305,18 @@ def _describe(info: SequenceInfo) -> dict[str, Any]:
         "created_at": info.created_at.isoformat(),
         "updated_at": info.updated_at.isoformat(),
     }
+
+
+@sequence.command("delete")
+@click.argument("name")
+@click.pass_context
+def sequence_delete(ctx: click.Context, name: str) -> None:
+    """Delete sequence NAME if it has never given a number (a typo, a test).
+
+    Refused once its ledger holds any number: those are records and stay; freeze the
+    sequence instead to refuse new ones."""
+    info = _allocator(ctx).delete_sequence(name)
+    click.echo(f"sequence {info.name!r} deleted (it had given no numbers)")
 
 
 @sequence.command("freeze")
@@ -288,8 +338,23 @@ def sequence_freeze(ctx: click.Context, name: str, period: str | None) -> None:
 @click.pass_context
 def sequence_unfreeze(ctx: click.Context, name: str, period: str | None) -> None:
     """Accept requests on NAME (or one of its periods) again."""
-    info = _allocator(ctx).unfreeze(name, period)
-    click.echo(f"sequence {info.name!r} unfrozen; next value {info.next_value}")
+    allocator = _allocator(ctx)
+    info = allocator.unfreeze(name, period)
+    if info.period is not None and period is None:
+        from numbering.sequences import current_counter
+
+        today, _ = allocator.run(lambda c: current_counter(c, name), readonly=True)
+        click.echo(
+            f"sequence {info.name!r} unfrozen; next value {_next(today)} in period "
+            f"{today.period_key} (today)"
+        )
+        return
+    click.echo(f"sequence {info.name!r} unfrozen; next value {_next(info)}")
+
+
+def _next(info: SequenceInfo) -> str:
+    """A counter's next value as shown to a person: "exhausted" when there is none."""
+    return "exhausted" if info.next_value is None else str(info.next_value)
 
 
 @main.command("void")
@@ -330,10 +395,15 @@ def sequence_list(ctx: click.Context) -> None:
         click.echo("no sequences yet (numbering sequence create NAME)")
         return
     width = max(len("NAME"), *(len(i.name) for i in infos))
-    click.echo(f"{'NAME':<{width}}  {'LAST':>12}  {'NEXT':>12}  CYCLE")
+    last_width = max(12, *(len(str(i.last_value)) for i in infos))
+    click.echo(f"{'NAME':<{width}}  {'LAST':>{last_width}}  {'NEXT':>{last_width}}  CYCLE")
     for info in infos:
         last = "-" if info.last_value is None else str(info.last_value)
-        click.echo(f"{info.name:<{width}}  {last:>12}  {info.next_value:>12}  {info.cycle}")
+        # A periodic sequence's own row never gives numbers: its periods' rows do.
+        following = "per period" if info.period is not None else _next(info)
+        click.echo(
+            f"{info.name:<{width}}  {last:>{last_width}}  {following:>{last_width}}  {info.cycle}"
+        )
 
 
 # -- numbers -----------------------------------------------------------------------------------
@@ -381,6 +451,15 @@ def next_(
             note = json.loads(reference)
         except json.JSONDecodeError as exc:
             _fail(f"--reference is not valid JSON: {exc}")
+    known = _known_sequence(ctx, name)  # None: this process cannot tell
+    if known is not None and day is not None:
+        from numbering.policies import date_fields
+
+        if known.period is None and not date_fields(known.format):
+            _warn(
+                f"sequence {name!r} has no periods and its format uses no date: --date "
+                "changes nothing"
+            )
     if direct:
         assignment = _allocator(ctx).next_block(
             name, count=count, key=key, reference=note, date=day
@@ -388,6 +467,7 @@ def next_(
     else:
         from numbering.client import Client
 
+        _show_client_warnings()
         client = Client.from_settings(_settings(ctx))
         ctx.call_on_close(client.close)
         assignment = client.next_block(
@@ -414,6 +494,43 @@ def next_(
         str(assignment.value) if assignment.count == 1 else f"{assignment.value}..{assignment.last}"
     )
     click.echo(shown if assignment.formatted is None else f"{shown} {assignment.formatted}")
+
+
+def _known_sequence(ctx: click.Context, name: str) -> SequenceInfo | None:
+    """Sequence ``name`` as the database has it; raises SequenceNotFoundError when the
+    database says there is none (a request for it through the queue would wait for a
+    worker that never comes); None when this process cannot reach the database or its
+    schema (then the worker's answer is what counts)."""
+    from sqlalchemy.engine import make_url
+
+    from numbering.database import begin
+    from numbering.errors import DatabaseError
+    from numbering.sequences import get_sequence
+
+    url = make_url(_settings(ctx).database_url)
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or not os.path.exists(database)
+    ):
+        return None  # do not create an empty database file by looking
+    try:
+        engine = _allocator(ctx).engine
+        with begin(engine, "READ COMMITTED", readonly=True) as connection:
+            return get_sequence(connection, name)
+    except DatabaseError:
+        return None
+
+
+def _show_client_warnings() -> None:
+    """The client's warnings (the broker cannot be reached, ...) as `warning:` lines on
+    stderr; it says each one once, not at every resend."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    client_log = logging.getLogger("numbering.client")
+    client_log.addHandler(handler)
+    client_log.setLevel(min(client_log.getEffectiveLevel(), logging.WARNING))
+    client_log.propagate = False
 
 
 @main.command("worker")
@@ -678,7 +795,11 @@ def quarantine_replay(ctx: click.Context, name: str) -> None:
     in fact assigned gets its number back by key."""
     from numbering.tasks.quarantine import replay
 
+    _allocator(ctx).sequence(name)  # an unknown sequence is an error, not "0 put back"
     moved = replay(_settings(ctx), name)
+    if not moved:
+        click.echo(f"nothing to replay: no quarantined requests of {name!r}")
+        return
     click.echo(f"{moved} request(s) put back in the queue of {name!r}")
 
 
@@ -727,23 +848,46 @@ def audit(ctx: click.Context, name: str | None) -> None:
     help="Output format.",
 )
 @click.option(
-    "--output", "-o", type=click.File("w"), default="-", help="File to write (default: stdout)."
+    "--period", help="Export one period of a periodic sequence (2025, 2025-03, 2025-03-07)."
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    help="File to write (default: stdout); written only once the sequence is found.",
 )
 @click.pass_context
-def export(ctx: click.Context, name: str, fmt: str, output: Any) -> None:
-    """Write sequence NAME's ledger for auditors, one row per assignment, in value order."""
-    rows = _allocator(ctx).export(name)
+def export(ctx: click.Context, name: str, fmt: str, period: str | None, output: str) -> None:
+    """Write sequence NAME's ledger for auditors, one row per assignment, in value order.
+
+    NAME/PERIOD (invoices/2025) is the same as NAME --period PERIOD."""
+    from numbering.policies import PERIOD_SEPARATOR
+
+    if PERIOD_SEPARATOR in name:
+        name, _, named = name.partition(PERIOD_SEPARATOR)
+        if period is not None and period != named:
+            _fail(f"{name}{PERIOD_SEPARATOR}{named} and --period {period} name two periods")
+        period = named
+    rows = _allocator(ctx).export(name, period)
+    first = next(rows, None)  # an unknown sequence or period fails here, before any output
+    with click.open_file(output, "w") as out:
+        _write_export(out, fmt, first, rows)
+
+
+def _write_export(out: Any, fmt: str, first: dict[str, Any] | None, rest: Any) -> None:
+    rows = [] if first is None else itertools.chain([first], rest)
     if fmt == "csv":
-        writer = csv.DictWriter(output, fieldnames=EXPORT_FIELDS)
+        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
         writer.writeheader()
         for row in rows:
             row["reference"] = None if row["reference"] is None else json.dumps(row["reference"])
             writer.writerow(row)
         return
-    output.write("[")
+    out.write("[")
     for index, row in enumerate(rows):
-        output.write(("," if index else "") + "\n  " + json.dumps(row))
-    output.write("\n]\n")
+        out.write(("," if index else "") + "\n  " + json.dumps(row))
+    out.write("\n]\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

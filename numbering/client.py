@@ -45,7 +45,12 @@ from celery import Celery
 from numbering.allocator import Assignment, Request, new_key
 from numbering.config.celery import celery_config
 from numbering.config.settings import Settings, mask_url
-from numbering.errors import ConfigurationError, NumberingError, RequestTimeout
+from numbering.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    NumberingError,
+    RequestTimeout,
+)
 from numbering.messages import encode_redis_message, error_from_reply
 from numbering.replies import new_reply_list, same_database
 from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
@@ -71,6 +76,53 @@ _KOMBU_ERRORS = (kombu.exceptions.OperationalError,)
 
 Waiter = Callable[[dict[str, Any]], None]
 
+# A resend pushes the request again only if its earlier copy has left the queue (a worker
+# took it and the answer was lost): a key never has more than one copy waiting, however
+# long no worker consumes (200 waiting keys once piled 6,183 copies up in 11 minutes).
+_PUSH_UNLESS_QUEUED = """
+if redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return 1
+"""
+# Is the request still waiting in its queue (no worker has taken it)?
+_STILL_QUEUED = "return redis.call('LPOS', KEYS[1], ARGV[1]) and 1 or 0"
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A broker error that waiting and sending again cannot cure (a wrong password, a
+    database index the server does not have): the caller is told at once."""
+    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthorizationError)):
+        return True
+    if isinstance(exc, (redis.ReadOnlyError, redis.OutOfMemoryError, redis.BusyLoadingError)):
+        return False  # a failover, memory pressure, a restart: these pass
+    if isinstance(exc, redis.ResponseError):
+        text = str(exc)
+        return text.startswith(("DB index", "WRONGPASS", "NOAUTH", "NOPERM", "invalid "))
+    return isinstance(exc, kombu.exceptions.ContentDisallowed)
+
+
+class _Outage:
+    """Says once that the broker cannot be reached, not at every resend (the client once
+    logged about five warning lines a second while it waited), and says when it is back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: str | None = None
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            repeated, self._last = self._last == text, text
+        (log.debug if repeated else log.warning)("%s: %s; trying again", what, text)
+
+    def ok(self, what: str) -> None:
+        if self._last is None:  # unlocked read first: the common path costs nothing
+            return
+        with self._lock:
+            was, self._last = self._last, None
+        if was is not None:
+            log.warning("%s works again", what)
+
 
 @dataclass
 class _ProcessState:
@@ -87,6 +139,10 @@ class _ProcessState:
     listener: threading.Thread | None = None
     #: The waiting thread that reads the reply list now (None: nobody, or the listener).
     reader: _SyncWaiter | None = None
+    sending: _Outage = field(default_factory=_Outage)
+    reading: _Outage = field(default_factory=_Outage)
+    push_unless_queued: Any = None  # redis Script objects, on a Redis broker
+    still_queued: Any = None
 
 
 class _SyncWaiter:
@@ -173,13 +229,17 @@ class Client:
             if same_database(broker, replies):
                 # One client: a request and the wait for its answer share a round trip.
                 broker = replies
-        return _ProcessState(
+        state = _ProcessState(
             pid=os.getpid(),
             app=app,
             replies=replies,
             broker=broker,
             reply_list=new_reply_list(),
         )
+        if broker is not None:
+            state.push_unless_queued = broker.register_script(_PUSH_UNLESS_QUEUED)
+            state.still_queued = broker.register_script(_STILL_QUEUED)
+        return state
 
     def _start_listener(self, state: _ProcessState) -> None:
         """Read replies in a thread of their own from now on (for asyncio callers)."""
@@ -216,9 +276,10 @@ class Client:
                     continue
                 more = state.replies.rpop(state.reply_list, _REPLY_BATCH) or []
             except redis.RedisError as exc:
-                log.warning("reply listener: %s; reconnecting", exc)
+                state.reading.failed("reading replies", exc)
                 state.stop.wait(0.5)
                 continue
+            state.reading.ok("reading replies")
             for raw in [first[1], *more]:
                 self._deliver(state, raw)
 
@@ -236,9 +297,7 @@ class Client:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _publish(
-        self, state: _ProcessState, sequence: str, request: Request, read: float | None = None
-    ) -> None:
+    def _outgoing(self, state: _ProcessState, sequence: str, request: Request) -> _Outgoing:
         kwargs = {
             "sequence": sequence,
             "key": request.key,
@@ -248,29 +307,97 @@ class Client:
         if request.date is not None:
             kwargs["date"] = request.date
         queue = queue_for(sequence, self.shards)
+        # Encoded once: every copy of the request is the same message, so a resend can
+        # tell whether its earlier copy is still waiting in the queue.
+        message = None
         if state.broker is not None:
             message = encode_redis_message(queue, kwargs, state.reply_list)
+        return _Outgoing(sequence, queue, kwargs, message)
+
+    def _publish(
+        self,
+        state: _ProcessState,
+        out: _Outgoing,
+        read: float | None = None,
+        expires: float | None = None,
+    ) -> None:
+        """Send ``out`` (the first copy, or a resend), and on a Redis broker with
+        ``read`` wait that long for the first answer in the same round trip. A resend
+        on RabbitMQ expires after ``expires`` seconds (when its caller stops waiting)."""
+        if state.broker is not None:
+            assert out.message is not None
+            broker = state.broker
             if read is None:
-                state.broker.lpush(queue, message)
+                if out.sent:
+                    state.push_unless_queued(keys=[out.queue], args=[out.message])
+                else:
+                    broker.lpush(out.queue, out.message)
+                out.sent = True
                 return
             # The broker holds the reply list too: send the request and wait up to
             # ``read`` seconds for the first answer in one round trip.
-            pipe = state.broker.pipeline(transaction=False)
-            pipe.lpush(queue, message)
+            pipe = broker.pipeline(transaction=False)
+            if out.sent:
+                state.push_unless_queued(keys=[out.queue], args=[out.message], client=pipe)
+            else:
+                pipe.lpush(out.queue, out.message)
             pipe.brpop([state.reply_list], timeout=read)
             pushed, popped = pipe.execute(raise_on_error=False)
             if isinstance(popped, (list, tuple)):
                 self._deliver(state, popped[1])  # whoever's answer it is
             if isinstance(pushed, Exception):
                 raise pushed
+            out.sent = True
             return
+        # RabbitMQ: nothing can look into the queue, so a resend (never the first copy,
+        # which waits for a worker however long that takes) expires when its caller
+        # gives up; the broker drops expired copies unread.
+        options = {} if not out.sent or expires is None else {"expiration": max(expires, 0.001)}
         state.app.send_task(
             TASK_NAME,
-            kwargs=kwargs,
-            queue=kombu_queue(queue),
+            kwargs=out.kwargs,
+            queue=kombu_queue(out.queue),
             headers={REPLY_HEADER: state.reply_list},
             ignore_result=True,
+            **options,
         )
+        out.sent = True
+
+    def _unanswered(
+        self, state: _ProcessState, out: _Outgoing, request: Request, wait: float,
+        failure: BaseException | None,
+    ) -> RequestTimeout:  # fmt: skip
+        """The error for a request with no answer in time, saying what is known of why."""
+        if not out.sent:
+            return BrokerUnavailable(
+                request.key, out.sequence, wait, mask_url(self.broker_url), failure
+            )
+        detail = None
+        try:
+            if state.broker is not None and state.still_queued is not None:
+                if state.still_queued(keys=[out.queue], args=[out.message]):
+                    detail = _no_worker(out)
+                else:
+                    detail = (
+                        f"a worker took it from queue {out.queue}, but its answer did not "
+                        "come back in time"
+                    )
+            elif state.broker is None and self._consumers(state, out.queue) == 0:
+                detail = _no_worker(out)
+        except Exception as exc:  # only the wording depends on it
+            log.debug("could not look at queue %s: %s", out.queue, exc)
+        return RequestTimeout(request.key, out.sequence, wait, detail=detail)
+
+    @staticmethod
+    def _consumers(state: _ProcessState, queue: str) -> int | None:
+        """How many consumers RabbitMQ has for ``queue`` (a passive declare)."""
+        with state.app.connection_for_write() as connection:
+            channel = connection.channel()
+            try:
+                declared = channel.queue_declare(queue=queue, passive=True)
+            finally:
+                channel.close()
+        return int(declared.consumer_count)
 
     def _prepare(
         self,
@@ -313,6 +440,7 @@ class Client:
         """Request ``count`` consecutive values; block until they are assigned."""
         name, request, wait, resend = self._prepare(sequence, count, key, reference, timeout, date)
         state = self._process_state()
+        out = self._outgoing(state, name, request)
         waiter = _SyncWaiter()
         self._register(state, request.key, waiter)
         try:
@@ -323,13 +451,13 @@ class Client:
                 if state.broker is state.replies and self._take_reading(state, waiter):
                     read = min(resend, deadline - time.monotonic(), _LISTEN_SECONDS)
                     read = read if read >= _MIN_BLOCK_SECONDS else None
-                failure = self._try_publish(state, name, request, read)
+                failure = self._try_publish(state, out, read, deadline - time.monotonic())
                 pause = _PUBLISH_RETRY_SECONDS if failure else resend
                 if self._await(state, waiter, min(time.monotonic() + pause, deadline)):
                     assert waiter.reply is not None
                     return _result(name, request, waiter.reply)
                 if time.monotonic() >= deadline:
-                    raise RequestTimeout(request.key, name, wait) from failure
+                    raise self._unanswered(state, out, request, wait, failure) from failure
                 log.info("no answer yet for key %r on %s; sending it again", request.key, name)
         finally:
             self._unregister(state, request.key, waiter)
@@ -365,9 +493,12 @@ class Client:
             try:
                 item = state.replies.brpop([state.reply_list], timeout=min(left, _LISTEN_SECONDS))
             except redis.RedisError as exc:
-                log.warning("reading replies: %s; trying again", exc)
+                if _permanent(exc):
+                    raise _refused("NUMBERING_RESULT_BACKEND", self.reply_url, exc) from exc
+                state.reading.failed("reading replies", exc)
                 time.sleep(min(0.5, max(until - time.monotonic(), 0)))
                 continue
+            state.reading.ok("reading replies")
             if item is not None:
                 self._deliver(state, item[1])
         return True
@@ -386,17 +517,23 @@ class Client:
                         return
 
     def _try_publish(
-        self, state: _ProcessState, sequence: str, request: Request, read: float | None = None
+        self,
+        state: _ProcessState,
+        out: _Outgoing,
+        read: float | None = None,
+        expires: float | None = None,
     ) -> BaseException | None:
         """Publish (and with ``read``, wait that long for a first answer); on a broker
-        error return it (sending again later is always safe)."""
+        error that may pass, return it (sending again later is always safe); raise one
+        that cannot pass (a wrong password, a missing database index) at once."""
         try:
-            self._publish(state, sequence, request, read)
+            self._publish(state, out, read, expires)
         except (redis.RedisError, OSError, *_KOMBU_ERRORS) as exc:
-            log.warning(
-                "could not send key %r to %s: %s; will send again", request.key, sequence, exc
-            )
+            if _permanent(exc):
+                raise _refused("NUMBERING_BROKER_URL", self.broker_url, exc) from exc
+            state.sending.failed(f"sending requests to {mask_url(self.broker_url)}", exc)
             return exc
+        state.sending.ok(f"sending requests to {mask_url(self.broker_url)}")
         return None
 
     def next_value(
@@ -453,11 +590,14 @@ class Client:
         def wake(reply: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(settle, reply)
 
+        out = self._outgoing(state, name, request)
         self._register(state, request.key, wake)
         try:
             deadline = loop.time() + wait
             while True:
-                failure = await loop.run_in_executor(None, self._try_publish, state, name, request)
+                failure = await loop.run_in_executor(
+                    None, self._try_publish, state, out, None, deadline - loop.time()
+                )
                 left = deadline - loop.time()
                 pause = _PUBLISH_RETRY_SECONDS if failure else resend
                 try:
@@ -467,7 +607,10 @@ class Client:
                     return _result(name, request, reply)
                 except asyncio.TimeoutError:
                     if loop.time() >= deadline:
-                        raise RequestTimeout(request.key, name, wait) from failure
+                        error = await loop.run_in_executor(
+                            None, self._unanswered, state, out, request, wait, failure
+                        )
+                        raise error from failure
         finally:
             self._unregister(state, request.key, wake)
 
@@ -501,6 +644,29 @@ class Client:
             sequence, count=count, key=key, reference=reference, timeout=timeout, date=date
         )
         return block.values
+
+
+@dataclass
+class _Outgoing:
+    """One request on its way: where it goes, and whether a copy has reached the broker."""
+
+    sequence: str
+    queue: str
+    kwargs: dict[str, Any]
+    message: str | None  # the Redis message, the same bytes for every copy
+    sent: bool = False
+
+
+def _no_worker(out: _Outgoing) -> str:
+    return (
+        f"no worker took it from queue {out.queue}: is a worker running for it "
+        f"(numbering worker --sequence {out.sequence}), and does sequence {out.sequence!r} "
+        "exist? The request stays queued for the worker"
+    )
+
+
+def _refused(variable: str, url: str, exc: BaseException) -> ConfigurationError:
+    return ConfigurationError(f"{mask_url(url)} refused numbering: {exc} (check {variable})")
 
 
 def _result(sequence: str, request: Request, reply: dict[str, Any]) -> Assignment:

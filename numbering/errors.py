@@ -9,11 +9,15 @@ One shallow tree rooted at :class:`NumberingError`::
     │   ├── InvalidCountError
     │   ├── InvalidValueError
     │   ├── PayloadTooLargeError
+    │   ├── InvalidPolicyError                  a bad format, period, time zone or date
+    │   ├── VoidError                           the number cannot be voided
     │   ├── SequenceNotFoundError (also LookupError)
     │   ├── SequenceExistsError
-    │   └── KeyReusedError
+    │   ├── SequenceInUseError                  a sequence with numbers cannot be deleted
+    │   └── KeyReusedError                      the key belongs to another request
     ├── ConfigurationError (also ValueError)    a NUMBERING_* setting is wrong
     ├── SequenceExhaustedError                  the next value would pass the maximum
+    ├── SequenceFrozenError                     the sequence or period is frozen
     ├── DatabaseError                           the database failed; driver error in __cause__
     │   └── RetryableError                      safe to run the whole transaction again
     │       ├── ConflictError                   another transaction got in the way
@@ -25,6 +29,7 @@ One shallow tree rooted at :class:`NumberingError`::
     │       └── DatabaseUnavailable             could not connect; nothing was sent
     ├── RetriesExhaustedError                   retried until the bounds ran out
     ├── RequestTimeout (also TimeoutError)      no answer from a worker in time
+    │   └── BrokerUnavailable                   the broker could not be reached: nothing sent
     └── QuarantinedError                        the request stopped the worker every time
 
 An error's docstring is its default message.
@@ -33,6 +38,7 @@ An error's docstring is its default message.
 from __future__ import annotations
 
 __all__ = [
+    "BrokerUnavailable",
     "ConfigurationError",
     "ConflictError",
     "ConnectionLost",
@@ -57,6 +63,7 @@ __all__ = [
     "SequenceExhaustedError",
     "SequenceExistsError",
     "SequenceFrozenError",
+    "SequenceInUseError",
     "SequenceNotFoundError",
     "SerializationConflict",
     "VoidError",
@@ -114,6 +121,19 @@ class SequenceExistsError(InvalidRequestError):
     def __init__(self, name: str, message: str | None = None) -> None:
         self.name = name
         super().__init__(message or f"sequence {name!r} already exists")
+
+
+class SequenceInUseError(InvalidRequestError):
+    """The sequence has numbers in the ledger, so it cannot be deleted."""
+
+    def __init__(self, name: str, assignments: int) -> None:
+        self.name = name
+        self.assignments = assignments
+        super().__init__(
+            f"sequence {name!r} has {assignments} assignment(s) in the ledger: its numbers "
+            f"are records and stay, so it cannot be deleted; freeze it instead to refuse "
+            f"new numbers (numbering sequence freeze {name})"
+        )
 
 
 class KeyReusedError(InvalidRequestError):
@@ -239,16 +259,48 @@ class RetriesExhaustedError(NumberingError):
 class RequestTimeout(NumberingError, TimeoutError):
     """No answer to the number request in time."""
 
-    def __init__(self, key: str, sequence: str, timeout: float) -> None:
+    def __init__(
+        self, key: str, sequence: str, timeout: float, *, detail: str | None = None
+    ) -> None:
         self.key = key
         self.sequence = sequence
         self.timeout = timeout
+        #: What is known of why no answer came (None: nothing more than the timeout).
+        self.detail = detail
+        why = detail or f"is a worker running? numbering worker --sequence {sequence}"
         super().__init__(
             f"no answer for request key {key!r} on sequence {sequence!r} within "
-            f"{timeout:g}s (is a worker running? numbering worker --sequence {sequence}); "
-            f"the request may still be assigned: ask again with key={key!r} to get its "
-            "number, never with a new key"
+            f"{timeout:g}s ({why}); the request may still be assigned: ask again with "
+            f"key={key!r} to get its number, never with a new key"
         )
+
+
+class BrokerUnavailable(RequestTimeout):
+    """The request could not be sent: the broker was unreachable the whole time.
+
+    Nothing was sent, so nothing was assigned; asking again with the same key is safe.
+    A :class:`RequestTimeout`, so code that resends on timeouts handles it as it is.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        sequence: str,
+        timeout: float,
+        broker: str,
+        cause: BaseException | None,
+    ) -> None:
+        NumberingError.__init__(
+            self,
+            f"could not send request key {key!r} on sequence {sequence!r} to the broker at "
+            f"{broker} within {timeout:g}s: {cause or 'no answer'}; nothing was sent, so "
+            "nothing was assigned (is the broker running? check NUMBERING_BROKER_URL)",
+        )
+        self.key = key
+        self.sequence = sequence
+        self.timeout = timeout
+        self.detail = f"the broker at {broker} could not be reached"
+        self.broker = broker
 
 
 class QuarantinedError(NumberingError):

@@ -156,14 +156,26 @@ def _check_cycle_end(report: AuditReport, seq: Any, cycle: int, expected: int) -
         )
 
 
-def export(connection: Connection, name: str) -> Iterator[dict[str, Any]]:
+def export(
+    connection: Connection, name: str, period: str | None = None
+) -> Iterator[dict[str, Any]]:
     """Yield sequence ``name``'s ledger in value order, one dict per assignment.
 
     The keys are :data:`EXPORT_FIELDS`; times are ISO 8601 in UTC. A periodic sequence
-    is exported period by period (``sequence`` names the period's counter).
+    is exported period by period (``sequence`` names the period's counter), or only
+    ``period`` (``2025``, ``2025-03``, ...) when given. An unknown sequence or period
+    raises before the first row.
     """
     try:
-        for seq in _sequence_rows(connection, name):  # a periodic one: each period's counter
+        if period is None:
+            found = _sequence_rows(connection, name)  # a periodic one: each period's counter
+        else:
+            from numbering.sequences import get_sequence
+
+            counter = get_sequence(connection, name, period)  # checks the period
+            query = select(sequences).where(sequences.c.name == counter.name)
+            found = list(connection.execute(query).all())  # none: the period is unused
+        for seq in found:
             yield from _export_one(connection, seq)
     except DBAPIError as exc:
         raise translate_error(exc) from exc

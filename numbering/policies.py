@@ -37,7 +37,9 @@ __all__ = [
     "check_format",
     "check_period",
     "check_timezone",
+    "date_fields",
     "document_date",
+    "format_warning",
     "period_key",
     "period_name",
     "render",
@@ -93,6 +95,30 @@ def check_format(text: str | None) -> str | None:
             f"{MAX_FORMATTED_LENGTH} characters"
         )
     return text
+
+
+def date_fields(text: str | None) -> set[str]:
+    """The date fields (``{year}``, ``{month}``, ...) a valid format uses."""
+    if text is None:
+        return set()
+    used = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+    return used & (FIELDS - {"number"})
+
+
+def format_warning(text: str | None, period: str | None) -> str | None:
+    """What is probably wrong with a sequence that labels its numbers with a date but
+    never restarts them (None when nothing is): ``INV-{year}-{number}`` without a period
+    gives INV-2026-41 then INV-2027-42 after New Year."""
+    used = date_fields(text) - {"period"}
+    if period is not None or not used:
+        return None
+    finest = next(kind for kind in ("day", "month", "year") if kind in used or (
+        kind == "year" and "yy" in used))  # fmt: skip
+    return (
+        f"the format uses {', '.join('{' + f + '}' for f in sorted(used))} but the sequence "
+        f"has no period: the label's date changes while the numbers never start again; "
+        f"give --period {finest} if each {finest} should start at the initial value"
+    )
 
 
 def render(text: str, value: int, day: date, period: str | None) -> str:

@@ -228,6 +228,13 @@ class Allocator:
             describe=f"void on {name!r}",
         )
 
+    def delete_sequence(self, name: str) -> SequenceInfo:
+        """Delete a sequence that has never given a number (one created by mistake);
+        refused with :class:`~numbering.errors.SequenceInUseError` once it has."""
+        return self.run(
+            lambda c: sequences.delete_sequence(c, name), describe=f"delete sequence {name!r}"
+        )
+
     def sequences(self) -> list[SequenceInfo]:
         """Every sequence, by name."""
         return self.run(sequences.list_sequences, readonly=True)
@@ -284,10 +291,18 @@ class Allocator:
         return self.next_block(sequence, key=key, reference=reference, date=date).value
 
     def next_values(
-        self, sequence: str, count: int, *, key: str | None = None, reference: Any = None
+        self,
+        sequence: str,
+        count: int,
+        *,
+        key: str | None = None,
+        reference: Any = None,
+        date: DateLike = None,
     ) -> range:
         """Take ``count`` consecutive values as a range."""
-        return self.next_block(sequence, count=count, key=key, reference=reference).values
+        return self.next_block(
+            sequence, count=count, key=key, reference=reference, date=date
+        ).values
 
     # -- audit -------------------------------------------------------------------------------
 
@@ -301,10 +316,11 @@ class Allocator:
             isolation_level="REPEATABLE READ",
         )
 
-    def export(self, name: str) -> Iterator[dict[str, Any]]:
-        """Stream sequence ``name``'s ledger in value order (one consistent snapshot)."""
+    def export(self, name: str, period: str | None = None) -> Iterator[dict[str, Any]]:
+        """Stream sequence ``name``'s ledger (or one ``period``'s) in value order, from
+        one consistent snapshot."""
         with (
             begin(self.engine, "REPEATABLE READ", readonly=True) as connection,
             connection.begin(),
         ):
-            yield from ledger.export(connection, name)
+            yield from ledger.export(connection, name, period)

@@ -7,7 +7,17 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Integer, MetaData, Table, func, select, text, update
+from sqlalchemy import (
+    CursorResult,
+    Integer,
+    MetaData,
+    Table,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
@@ -20,6 +30,7 @@ from numbering.errors import (
     InvalidRequestError,
     InvalidSequenceNameError,
     SequenceExistsError,
+    SequenceInUseError,
     SequenceNotFoundError,
 )
 from numbering.policies import (
@@ -33,7 +44,12 @@ from numbering.policies import (
     render,
 )
 from numbering.schema import as_utc, ledger, sequences
-from numbering.validation import MAX_NAME_LENGTH, check_sequence_bounds, check_sequence_name
+from numbering.validation import (
+    MAX_INT64,
+    MAX_NAME_LENGTH,
+    check_sequence_bounds,
+    check_sequence_name,
+)
 
 __all__ = [
     "SequenceInfo",
@@ -42,6 +58,9 @@ __all__ = [
     "highest_existing",
     "last_value",
     "list_sequences",
+    "current_counter",
+    "delete_sequence",
+    "period_date",
     "preview",
     "set_frozen",
 ]
@@ -69,20 +88,34 @@ class SequenceInfo:
     def preview(self, day: date | str | None = None) -> str | None:
         """The next value in this sequence's format, for a document dated ``day``
         (default today). Nothing is reserved. For a periodic sequence, call it on the
-        period's counter (:func:`preview`) to account for that period's last value."""
-        if self.format is None:
+        period's counter (:func:`preview`) to account for that period's last value.
+        None without a format, or when the sequence is exhausted."""
+        value = self.next_value
+        if self.format is None or value is None:
             return None
         when = document_date(day, self.timezone)
         key = period_key(self.period, when) if self.period else self.period_key
-        return render(self.format, self.next_value, when, key)
+        return render(self.format, value, when, key)
 
     @property
-    def next_value(self) -> int:
-        """The value the next request would get (a preview: nothing is reserved)."""
+    def exhausted(self) -> bool:
+        """True when the sequence can give no more values (it does not loop and its last
+        value is its maximum)."""
+        if self.reset_value is not None or self.last_value is None:
+            return False
+        return self.last_value >= (MAX_INT64 if self.max_value is None else self.max_value)
+
+    @property
+    def next_value(self) -> int | None:
+        """The value the next request would get (a preview: nothing is reserved); None
+        when the sequence is exhausted. For a periodic sequence, each period's counter
+        has its own (:func:`current_counter`)."""
         if self.last_value is None:
             return self.initial_value
         if self.reset_value is not None and self.last_value + 1 >= self.reset_value:
             return self.initial_value
+        if self.exhausted:
+            return None
         return self.last_value + 1
 
     @classmethod
@@ -251,14 +284,44 @@ def _period_of(info: SequenceInfo, period: str) -> str:
     return check_period_key(info.period, period)
 
 
-def preview(bind: Bind, name: str, day: date | str | None = None) -> str | None:
-    """The formatted number the next request dated ``day`` would get; reserves nothing."""
+def period_date(info: SequenceInfo, period: str, day: date | str | None = None) -> date:
+    """A document date inside ``period`` of the periodic sequence ``info``: ``day`` if
+    given (refused when it falls in another period), else today if today is in the
+    period, else the period's first day. What a preview of that period is dated."""
+    key = _period_of(info, period)
+    if day is not None:
+        when = document_date(day, info.timezone)
+        if period_key(info.period or "", when) != key:
+            raise InvalidPolicyError(
+                f"the date {when.isoformat()} is not in period {key} of sequence "
+                f"{info.name!r}; give one or the other, or a date inside the period"
+            )
+        return when
+    today = document_date(None, info.timezone)
+    if period_key(info.period or "", today) == key:
+        return today
+    padded = {"year": "-01-01", "month": "-01", "day": ""}[info.period or "day"]
+    return date.fromisoformat(key + padded)
+
+
+def current_counter(
+    bind: Bind, name: str, day: date | str | None = None
+) -> tuple[SequenceInfo, date]:
+    """The counter a request on ``name`` dated ``day`` (default today) draws from: the
+    sequence itself, or for a periodic sequence the counter of that date's period (as it
+    would start, if not used yet); and the document date itself."""
     info = _find(bind, check_sequence_name(name))
     if info is None:
         raise SequenceNotFoundError(name)
     when = document_date(day, info.timezone)
     if info.period is not None:
         info = get_sequence(bind, name, period_key(info.period, when))
+    return info, when
+
+
+def preview(bind: Bind, name: str, day: date | str | None = None) -> str | None:
+    """The formatted number the next request dated ``day`` would get; reserves nothing."""
+    info, when = current_counter(bind, name, day)
     return info.preview(when)
 
 
@@ -280,6 +343,35 @@ def set_frozen(bind: Bind, name: str, frozen: bool, period: str | None = None) -
         .values(frozen=frozen, updated_at=datetime.now(UTC))
     )
     return get_sequence(bind, name, period)
+
+
+def delete_sequence(bind: Bind, name: str) -> SequenceInfo:
+    """Delete sequence ``name`` (and its unused period counters) if it has never given a
+    number; raise :class:`SequenceInUseError` once its ledger holds any, since those
+    numbers are records. For a sequence created by mistake (a typo in its name).
+
+    Takes the sequence's lock first, so a request being assigned meanwhile either
+    commits before (and the sequence is then refused as in use) or finds it gone; the
+    ledger's foreign key refuses the delete in any case.
+    """
+    from numbering.allocator import _lock
+
+    seq = _lock(bind, check_sequence_name(name), nowait=False)
+    info = SequenceInfo._from_row(seq)
+    counters = select(sequences.c.id).where(
+        (sequences.c.id == seq.id) | (sequences.c.parent_id == seq.id)
+    )
+    try:
+        used = bind.execute(
+            select(func.count()).where(ledger.c.sequence_id.in_(counters.scalar_subquery()))
+        ).scalar_one()
+        if used:
+            raise SequenceInUseError(name, int(used))
+        bind.execute(delete(sequences).where(sequences.c.parent_id == seq.id))
+        bind.execute(delete(sequences).where(sequences.c.id == seq.id))
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+    return info
 
 
 def highest_existing(bind: Bind, table: str, column: str, allowed: Sequence[str]) -> int | None:

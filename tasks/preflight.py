@@ -31,7 +31,6 @@ from numbering.config.celery import VISIBILITY_TIMEOUT
 from numbering.database import translate_error
 from numbering.errors import ConfigurationError
 from numbering.migrations import current_revision, head_revision
-from numbering.policies import PERIOD_SEPARATOR
 from numbering.routing import Shard
 from numbering.schema import ledger, sequences
 
@@ -104,15 +103,33 @@ def check_ledgers(
 ) -> list[str]:
     """Sequences (``names``, plus every sequence the ``shards`` serve) whose counter disagrees
     with the last block of their ledger. One index lookup per sequence; the full gapless
-    check is ``numbering audit``."""
+    check is ``numbering audit``.
+
+    Only the served sequences are read: a sequence this worker does not serve must never
+    keep it from starting (a sequence at the top of the 64-bit range once did, through an
+    overflowing ``value + count - 1`` computed for every sequence).
+    """
     wanted = set(names)
     served = list(shards)
+    with engine.connect() as conn:
+        every = conn.execute(select(sequences.c.name).where(sequences.c.parent_id.is_(None)))
+        mine = [
+            name
+            for name in every.scalars()
+            if name in wanted or any(shard.serves(name) for shard in served)
+        ]
+    if not mine:
+        return []
+    # value + (count - 1), never value + count - 1: the block that ends at 2**63-1 would
+    # overflow a 64-bit integer on the way.
+    block_end = ledger.c.value + (ledger.c.count - 1)
     last_block = (
-        select(ledger.c.cycle, ledger.c.value + ledger.c.count - 1)
+        select(ledger.c.cycle, block_end)
         .where(ledger.c.sequence_id == sequences.c.id)
         .order_by(desc(ledger.c.cycle), desc(ledger.c.value))
         .limit(1)
     )
+    parents = select(sequences.c.id).where(sequences.c.name.in_(mine)).scalar_subquery()
     # One statement, so counter and ledger are read in one snapshot while another
     # worker (the active one, when this one starts as a standby) keeps assigning.
     query = select(
@@ -120,16 +137,11 @@ def check_ledgers(
         sequences.c.last_value,
         sequences.c.cycle,
         last_block.with_only_columns(ledger.c.cycle).scalar_subquery().label("ledger_cycle"),
-        last_block.with_only_columns(ledger.c.value + ledger.c.count - 1)
-        .scalar_subquery()
-        .label("ledger_end"),
-    )
+        last_block.with_only_columns(block_end).scalar_subquery().label("ledger_end"),
+    ).where(sequences.c.name.in_(mine) | sequences.c.parent_id.in_(parents))
     problems = []
     with engine.connect() as conn:
         for seq in conn.execute(query):
-            base = seq.name.split(PERIOD_SEPARATOR, 1)[0]  # a period's counter: its sequence
-            if base not in wanted and not any(s.serves(base) for s in served):
-                continue
             ledger_end = (seq.ledger_end, seq.ledger_cycle or 0)
             if ledger_end != (seq.last_value, seq.cycle):
                 problems.append(

@@ -18,6 +18,7 @@ from numbering.config.celery import CONTROL_QUEUE
 from numbering.errors import (
     InvalidPolicyError,
     InvalidRequestError,
+    KeyReusedError,
     SequenceFrozenError,
     VoidError,
 )
@@ -39,9 +40,13 @@ def test_formats_render_as_documented(numbers: Allocator, engine: Engine) -> Non
     assert numbers.next_block("inv", key="b", date=date(2027, 1, 2)).formatted == "INV-2027-000002"
     assert numbers.next_block("all", key="c", date="2026-03-07").formatted == "260307/999/{x}"
     assert numbers.next_block("all", key="d", date="2026-03-07").formatted == "260307/1,000/{x}"
-    # A resend returns the same formatted number, whatever date it carries.
-    again = numbers.next_block("inv", key="a", date="2030-01-01")
+    # A resend returns the same formatted number when it carries the same date or none;
+    # one dated otherwise asked for something else, and is refused.
+    again = numbers.next_block("inv", key="a", date="2026-03-07")
     assert (again.resent, again.formatted) == (True, "INV-2026-000001")
+    assert numbers.next_block("inv", key="a").formatted == "INV-2026-000001"
+    with pytest.raises(KeyReusedError, match=r"would not get \(INV-2030-000001\)"):
+        numbers.next_block("inv", key="a", date="2030-01-01")
     with engine.connect() as conn:
         stored = conn.execute(
             sa.text("SELECT request_key, formatted FROM numbering_ledger ORDER BY request_key")

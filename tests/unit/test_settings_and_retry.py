@@ -52,7 +52,7 @@ def test_every_setting_is_read_from_its_variable() -> None:
         {
             "NUMBERING_DATABASE_URL": "postgres://app:pw@db:5432/numbers",
             "NUMBERING_BROKER_URL": "amqp://guest:guest@rabbit//",
-            "NUMBERING_RESULT_BACKEND": "rpc://",
+            "NUMBERING_RESULT_BACKEND": "redis://:pw@replies:6379/4",
             "NUMBERING_ISOLATION_LEVEL": "repeatable_read",
             "NUMBERING_RETRY_ATTEMPTS": "5",
             "NUMBERING_RETRY_TIMEOUT": "2.5",
@@ -78,6 +78,9 @@ def test_every_setting_is_read_from_its_variable() -> None:
         ("NUMBERING_DATABASE_URL", "not a url", "not a database URL"),
         ("NUMBERING_BROKER_URL", "kafka://x", "must be a URL starting with"),
         ("NUMBERING_RESULT_BACKEND", "nonsense", "must be a URL starting with"),
+        ("NUMBERING_RESULT_BACKEND", "rpc://", "numbering answers its callers on Redis lists"),
+        ("NUMBERING_DATABASE_URL", "", "NUMBERING_DATABASE_URL is set but empty"),
+        ("NUMBERING_BROKER_URL", "  ", "NUMBERING_BROKER_URL is set but empty"),
         ("NUMBERING_ISOLATION_LEVEL", "READ UNCOMMITTED", "refused"),
         ("NUMBERING_ISOLATION_LEVEL", "chaos", "unknown isolation level"),
         ("NUMBERING_RETRY_ATTEMPTS", "many", "whole number"),
