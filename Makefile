@@ -5,15 +5,24 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test unit lint typecheck services slow bench bench-cpu bench-overhead clean
 
-$(BIN)/numbering: pyproject.toml
+# numbering alone (what the quick start runs), and numbering with every extra the checks use.
+BASE := $(VENV)/.installed-base
+DEV := $(VENV)/.installed-dev
+
+$(BASE): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(DEV): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,bench,examples]'
-	touch $@
+	touch $@ $(BASE)
 
-install: $(BIN)/numbering ## Create .venv and install numbering with its test tools.
+install: $(DEV) ## Create .venv and install numbering with its test, bench and example tools.
 
-demo: install ## The quick start: `numbering demo` (no server needed; see README).
+demo: $(BASE) ## The quick start: install numbering alone, run `numbering demo` (no server needed).
 	$(BIN)/numbering demo
 
 services: ## Start PostgreSQL and Redis on this machine if they are down.

@@ -139,8 +139,9 @@ class _ProcessState:
     listener: threading.Thread | None = None
     #: The waiting thread that reads the reply list now (None: nobody, or the listener).
     reader: _SyncWaiter | None = None
-    sending: _Outage = field(default_factory=_Outage)
-    reading: _Outage = field(default_factory=_Outage)
+    #: Broker and reply-list failures, said once (one tracker: when the reply lists are
+    #: on the broker's Redis, sending and reading fail with the same error).
+    outage: _Outage = field(default_factory=_Outage)
     push_unless_queued: Any = None  # redis Script objects, on a Redis broker
     still_queued: Any = None
 
@@ -276,10 +277,10 @@ class Client:
                     continue
                 more = state.replies.rpop(state.reply_list, _REPLY_BATCH) or []
             except redis.RedisError as exc:
-                state.reading.failed("reading replies", exc)
+                state.outage.failed("reading replies", exc)
                 state.stop.wait(0.5)
                 continue
-            state.reading.ok("reading replies")
+            state.outage.ok("reading replies")
             for raw in [first[1], *more]:
                 self._deliver(state, raw)
 
@@ -495,10 +496,10 @@ class Client:
             except redis.RedisError as exc:
                 if _permanent(exc):
                     raise _refused("NUMBERING_RESULT_BACKEND", self.reply_url, exc) from exc
-                state.reading.failed("reading replies", exc)
+                state.outage.failed("reading replies", exc)
                 time.sleep(min(0.5, max(until - time.monotonic(), 0)))
                 continue
-            state.reading.ok("reading replies")
+            state.outage.ok("reading replies")
             if item is not None:
                 self._deliver(state, item[1])
         return True
@@ -531,9 +532,9 @@ class Client:
         except (redis.RedisError, OSError, *_KOMBU_ERRORS) as exc:
             if _permanent(exc):
                 raise _refused("NUMBERING_BROKER_URL", self.broker_url, exc) from exc
-            state.sending.failed(f"sending requests to {mask_url(self.broker_url)}", exc)
+            state.outage.failed(f"sending requests to {mask_url(self.broker_url)}", exc)
             return exc
-        state.sending.ok(f"sending requests to {mask_url(self.broker_url)}")
+        state.outage.ok(f"sending requests to {mask_url(self.broker_url)}")
         return None
 
     def next_value(

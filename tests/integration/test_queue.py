@@ -521,7 +521,7 @@ def test_sync_and_asyncio_callers_in_one_process(client_stack: Stack) -> None:
 
 
 def test_cli_next_goes_through_the_queue(stack: Stack) -> None:
-    setup_sequences(stack, "invoices")
+    setup_sequences(stack, "invoices", "other")
     stack.worker("--sequence", "invoices")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -544,6 +544,7 @@ def test_cli_next_goes_through_the_queue(stack: Stack) -> None:
     no_worker = cli("next", "other", "--key", "cli:9", "--timeout", "1")
     assert no_worker.returncode == 1
     assert "ask again with key='cli:9'" in no_worker.stderr
+    assert "no worker took it from queue numbering.other" in no_worker.stderr
     for args, message in [
         (("worker",), "give at least one --sequence NAME or a --shard I/K"),
         (("worker", "--shard", "9/4"), "shard index must be 0..3"),
