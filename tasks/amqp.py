@@ -121,6 +121,7 @@ class AmqpDrain:
         # Per consumer (a_global=False): each queue may have batch_size unacknowledged.
         channel.basic_qos(prefetch_size=0, prefetch_count=self.batch_size, a_global=False)
         delivered: list[tuple[str, Message]] = []
+        active: set[str] = set()  # the queues that have delivered on this connection
 
         def receiver(queue: str) -> Callable[[Message], None]:
             return lambda message: delivered.append((queue, message))
@@ -151,6 +152,12 @@ class AmqpDrain:
                     except TimeoutError:
                         break
                 batch, delivered[:] = list(delivered), []
+                for queue in dict.fromkeys(q for q, _ in batch):
+                    if queue not in active:
+                        # RabbitMQ delivers only to a queue's active consumer: the first
+                        # delivery is how a standby learns that it took the queue over.
+                        active.add(queue)
+                        log.info("active consumer of %s (RabbitMQ delivers to this worker)", queue)
                 fresh = [(q, m) for q, m in batch if not m.delivery_info.get("redelivered")]
                 again = [(q, m) for q, m in batch if m.delivery_info.get("redelivered")]
                 # Redelivered messages may be what killed the last consumer: one at a time.

@@ -108,6 +108,8 @@ class BatchProcessor:
         self.replies = replies
         self.app = app
         self.metrics = metrics
+        #: Transactions committed so far (for logs, the demo and tests).
+        self.transactions = 0
 
     def process(
         self, items: Sequence[Job | BadMessage], shards: Sequence[Shard | None] | None = None
@@ -156,6 +158,7 @@ class BatchProcessor:
                 )
             )
             seconds = time.monotonic() - started
+            self.transactions += 1
             log.debug("assigned %d request(s) in %.1f ms", len(items), 1e3 * seconds)
         failpoint("after_commit", keys)
         if self.metrics is not None:

@@ -77,6 +77,7 @@ class NumberingWorker:
         # One consumer for all the queues, which refuses on each shard queue the sequences
         # of other shards: each turn takes what waits on any of them into one transaction.
         processor = BatchProcessor(self.allocator, self.replies, app, self.metrics)
+        self.processor = processor
         self.drains: list[RedisDrain | AmqpDrain]
         if settings.broker_url.startswith(("redis://", "rediss://")):
             broker = redis.Redis.from_url(settings.broker_url)

@@ -56,8 +56,8 @@ def cli(request: pytest.FixtureRequest, tmp_path: Path) -> CLI:
 
 
 def test_quick_start_path(cli: CLI) -> None:
-    assert "schema upgraded from empty to revision 0002" in cli("init-db").stdout
-    assert "schema already at revision 0002" in cli("init-db").stdout
+    assert "schema upgraded from empty to revision 0003" in cli("init-db").stdout
+    assert "schema already at revision 0003" in cli("init-db").stdout
     assert "next value 1" in cli("sequence", "create", "invoices").stdout
     assert cli("next", "--direct", "invoices", "--key", "invoice:1").stdout == "1\n"
     assert cli("next", "--direct", "invoices", "--key", "invoice:1").stdout == "1\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,5 +56,8 @@ def test_demo_on_postgresql_and_redis(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ledger: postgresql" in done.stdout
     assert "queue: redis broker, a numbering worker here" in done.stdout
+    shown = re.search(r"the single consumer assigned them in (\d+) transaction\(s\)", done.stdout)
+    assert shown is not None, done.stdout
+    assert 1 <= int(shown.group(1)) <= 2001  # batches: fewer than the 2001 requests
     assert "audit demo-invoices: ok: 7000 value(s)" in done.stdout
     assert not (tmp_path / "numbering.db").exists()

@@ -39,9 +39,14 @@ def test_standby_consumer_takes_over_when_the_active_one_is_killed(amqp_stack: S
     second = amqp_stack.worker("--sequence", seq)
     client = amqp_stack.client()
     assert [client.next_value(seq, key=f"before:{i}") for i in range(20)] == list(range(1, 21))
-    first.kill()
+    [active, standby] = [w for w in (first, second) if "active consumer of" in w.output()] + [
+        w for w in (first, second) if "active consumer of" not in w.output()
+    ]
+    assert f"active consumer of numbering.{seq}" in active.output()
+    active.kill()
     assert [client.next_value(seq, key=f"after:{i}") for i in range(20)] == list(range(21, 41))
-    second.terminate()
+    standby.wait_for(f"active consumer of numbering.{seq}")  # the takeover is logged
+    standby.terminate()
     check_gapless(create_engine(amqp_stack.settings.database_url), seq)
 
 

@@ -76,3 +76,39 @@ def test_concurrent_init_db_from_threads(pg_empty_url: str) -> None:
         thread.join(60)
     assert errors == []
     assert current_revision(create_engine(pg_empty_url)) == head_revision()
+
+
+def _check_names(engine: sa.Engine) -> set[str]:
+    inspector = sa.inspect(engine)
+    return {
+        check["name"]
+        for table in ("numbering_sequence", "numbering_ledger")
+        for check in inspector.get_check_constraints(table)
+    }
+
+
+def test_check_constraints_are_named_once(db_url: str) -> None:
+    names = _check_names(create_engine(db_url))
+    assert "ck_numbering_ledger_count_positive" in names
+    assert "ck_numbering_sequence_reset_after_initial" in names
+    assert not [name for name in names if name.count("ck_") > 1]
+
+
+def test_upgrade_renames_the_doubled_names_of_older_databases(pg_empty_url: str) -> None:
+    engine = create_engine(pg_empty_url)
+    init_db(engine, "0002")
+    names = _check_names(engine)
+    with engine.begin() as conn:  # what revision 0001 made before its names were fixed
+        for table in ("numbering_sequence", "numbering_ledger"):
+            for name in names:
+                if name.startswith(f"ck_{table}_") and name != "ck_numbering_sequence_period_known":
+                    conn.execute(
+                        sa.text(
+                            f'ALTER TABLE {table} RENAME CONSTRAINT "{name}" TO "ck_{table}_{name}"'
+                        )
+                    )
+    assert "ck_numbering_ledger_ck_numbering_ledger_count_positive" in _check_names(engine)
+    assert init_db(engine).after == head_revision()
+    names = _check_names(engine)
+    assert "ck_numbering_ledger_count_positive" in names
+    assert not [name for name in names if name.count("ck_") > 1]

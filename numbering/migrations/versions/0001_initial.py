@@ -35,17 +35,17 @@ def upgrade() -> None:
         sa.UniqueConstraint("name", name="uq_numbering_sequence_name"),
         sa.CheckConstraint(
             "reset_value IS NULL OR reset_value > initial_value",
-            name="ck_numbering_sequence_reset_after_initial",
+            name=op.f("ck_numbering_sequence_reset_after_initial"),
         ),
         sa.CheckConstraint(
             "max_value IS NULL OR max_value >= initial_value",
-            name="ck_numbering_sequence_max_after_initial",
+            name=op.f("ck_numbering_sequence_max_after_initial"),
         ),
         sa.CheckConstraint(
             "last_value IS NULL OR last_value >= initial_value",
-            name="ck_numbering_sequence_last_after_initial",
+            name=op.f("ck_numbering_sequence_last_after_initial"),
         ),
-        sa.CheckConstraint("cycle >= 0", name="ck_numbering_sequence_cycle_not_negative"),
+        sa.CheckConstraint("cycle >= 0", name=op.f("ck_numbering_sequence_cycle_not_negative")),
     )
     op.create_table(
         "numbering_ledger",
@@ -69,9 +69,9 @@ def upgrade() -> None:
         ),
         sa.UniqueConstraint("request_key", name="uq_numbering_ledger_request_key"),
         sa.UniqueConstraint("sequence_id", "cycle", "value", name="uq_numbering_ledger_value"),
-        sa.CheckConstraint("count >= 1", name="ck_numbering_ledger_count_positive"),
+        sa.CheckConstraint("count >= 1", name=op.f("ck_numbering_ledger_count_positive")),
         sa.CheckConstraint(
-            "status IN ('assigned', 'voided')", name="ck_numbering_ledger_status_known"
+            "status IN ('assigned', 'voided')", name=op.f("ck_numbering_ledger_status_known")
         ),
     )
 
