@@ -555,6 +555,13 @@ def _show_client_warnings() -> None:
     help=f"Most requests per transaction (default: ${ENV['batch_size']}, else 500).",
 )
 @click.option("--loglevel", default="INFO", show_default=True, help="Celery worker log level.")
+@click.option(
+    "--events",
+    "-E",
+    "task_events",
+    is_flag=True,
+    help="Send Celery task events for the requests it answers (Flower, celery events).",
+)
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -562,6 +569,7 @@ def worker(
     shards: tuple[str, ...],
     batch_size: int | None,
     loglevel: str,
+    task_events: bool,
 ) -> None:
     """Run the single consumer for the given sequence queues.
 
@@ -596,7 +604,7 @@ def worker(
     parsed = [Shard.parse(shard) for shard in shards]
     if not sequences and not parsed:
         _fail("give at least one --sequence NAME or a --shard I/K")
-    build_worker(settings, sequences, parsed, loglevel=loglevel).start()
+    build_worker(settings, sequences, parsed, loglevel=loglevel, task_events=task_events).start()
 
 
 @main.command("batch")

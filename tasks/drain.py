@@ -42,6 +42,7 @@ from numbering.messages import BadMessage, Job, decode_redis_message, parse_task
 from numbering.replies import push_replies
 from numbering.routing import Shard
 from numbering.runner import Allocator
+from numbering.tasks.events import TaskEvents
 from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.metrics import WorkerMetrics
 
@@ -110,6 +111,8 @@ class BatchProcessor:
         self.metrics = metrics
         #: Transactions committed so far (for logs, the demo and tests).
         self.transactions = 0
+        #: Celery task events of answered requests (set by the worker; None: never).
+        self.events: TaskEvents | None = None
 
     def process(
         self, items: Sequence[Job | BadMessage], shards: Sequence[Shard | None] | None = None
@@ -119,6 +122,7 @@ class BatchProcessor:
         ``shards``: the shard whose queue each item came from (None: a sequence's own
         queue), so that a request sent to the wrong shard queue fails alone.
         """
+        received = time.time()
         outcomes: dict[int, Outcome] = {}
         groups: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
@@ -171,6 +175,8 @@ class BatchProcessor:
             )
         self._answer(items, outcomes)
         failpoint("after_reply", keys)
+        if self.events is not None:
+            self.events.batch(items, outcomes, received, seconds)
 
     def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Outcome]) -> None:
         lean: list[tuple[str, dict[str, Any]]] = []

@@ -26,6 +26,7 @@ from numbering.runner import Allocator
 from numbering.tasks.amqp import AmqpDrain
 from numbering.tasks.app import create_app
 from numbering.tasks.drain import BatchProcessor, RedisDrain
+from numbering.tasks.events import TaskEvents, show_queues, task_events_switch
 from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.metrics import WorkerMetrics
 from numbering.tasks.preflight import run_preflight
@@ -132,8 +133,12 @@ def build_worker(
     shards: Sequence[Shard] | Shard | None = None,
     *,
     loglevel: str = "INFO",
+    task_events: bool = False,
 ) -> Any:
-    """A Celery worker (``WorkController``) with numbering's bulk consumers attached."""
+    """A Celery worker (``WorkController``) with numbering's bulk consumers attached.
+
+    ``task_events`` (``-E``): send Celery task events for the requests it answers, for
+    Flower and ``celery events`` (see :mod:`numbering.tasks.events`)."""
     if isinstance(shards, Shard):
         shards = [shards]
     shards = list(shards or ())
@@ -154,10 +159,15 @@ def build_worker(
             for warning in warnings:
                 log.warning("%s", warning)
             log.info("numbering worker consuming %s", ", ".join(queues))
+            numbering.processor.events = TaskEvents(
+                app, worker.hostname, task_events_switch(worker)
+            )
             numbering.start()
 
         def stop(self, worker: Any) -> None:
             numbering.shutdown()
+            if numbering.processor.events is not None:
+                numbering.processor.events.close()
 
     warnings = run_preflight(
         app.conf,
@@ -168,7 +178,9 @@ def build_worker(
         shards=shards,
     )
     app.steps["worker"].add(BulkConsumers)
+    show_queues(queues)  # `celery inspect active_queues` lists them beside the control queue
     return app.Worker(
+        task_events=task_events,
         queues=[CONTROL_QUEUE],
         concurrency=CONCURRENCY,
         pool="solo",
