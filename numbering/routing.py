@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-
-from kombu.entity import Exchange, Queue
+from typing import TYPE_CHECKING
 
 from numbering.errors import InvalidValueError
 from numbering.validation import check_sequence_name
+
+if TYPE_CHECKING:
+    from kombu.entity import Queue
 
 __all__ = [
     "BATCH_TASK_NAME",
@@ -114,6 +116,10 @@ def kombu_queue(name: str) -> Queue:
     (``send_task(..., queue=kombu_queue(queue_for("invoices")))``). Redis ignores the
     arguments.
     """
+    # Imported here: `import numbering` (allocate in one's own transaction) loads no
+    # kombu or Celery.
+    from kombu.entity import Exchange, Queue
+
     return Queue(
         name,
         Exchange(name, type="direct", durable=True),

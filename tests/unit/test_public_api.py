@@ -4,6 +4,8 @@ usual wrong first argument of ``allocate``."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,21 @@ def test_allocate_says_what_to_pass_instead_of_an_engine(tmp_path: Path) -> None
             assign_many(engine, {})  # type: ignore[arg-type]
     finally:
         allocator.close()
+
+
+def test_import_numbering_loads_no_celery_or_kombu() -> None:
+    """Allocating in one's own transaction needs no task queue: ``import numbering``
+    must not pay for Celery or kombu (the client loads them when it is used)."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, numbering; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu'}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert loaded.strip() == "[]"
