@@ -369,7 +369,7 @@ class Client:
         failure: BaseException | None,
     ) -> RequestTimeout:  # fmt: skip
         """The error for a request with no answer in time, saying what is known of why."""
-        if not out.sent:
+        if not out.sent and not out.maybe_sent:
             return BrokerUnavailable(
                 request.key, out.sequence, wait, mask_url(self.broker_url), failure
             )
@@ -532,6 +532,8 @@ class Client:
         except (redis.RedisError, OSError, *_KOMBU_ERRORS) as exc:
             if _permanent(exc):
                 raise _refused("NUMBERING_BROKER_URL", self.broker_url, exc) from exc
+            if not _before_connecting(exc):
+                out.maybe_sent = True  # the connection broke mid-way: it may have arrived
             state.outage.failed(f"sending requests to {mask_url(self.broker_url)}", exc)
             return exc
         state.outage.ok(f"sending requests to {mask_url(self.broker_url)}")
@@ -656,6 +658,19 @@ class _Outgoing:
     kwargs: dict[str, Any]
     message: str | None  # the Redis message, the same bytes for every copy
     sent: bool = False
+    #: A send failed after the connection was up: the copy may have reached the broker.
+    maybe_sent: bool = False
+
+
+def _before_connecting(exc: BaseException) -> bool:
+    """True when ``exc`` says the connection to the broker could not even be opened
+    (refused, unreachable, timed out while connecting): then nothing was sent."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    text = str(exc)
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return "connecting to" in text  # redis-py's words for a failed connect
+    return isinstance(exc, kombu.exceptions.OperationalError) and "Connection refused" in text
 
 
 def _no_worker(out: _Outgoing) -> str:
