@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from numbering.brokers import is_redis, scheme_of
 from numbering.errors import ConfigurationError, NumberingError
 from numbering.retry import (
     DEFAULT_ATTEMPTS,
@@ -144,7 +145,7 @@ class Settings:
         object.__setattr__(self, "database_url", _check_database_url(self.database_url))
         _check_url("broker_url", self.broker_url, _BROKER_SCHEMES)
         if not self.result_backend:
-            on_redis = self.broker_url.startswith(("redis://", "rediss://"))
+            on_redis = is_redis(self.broker_url)
             default = self.broker_url if on_redis else DEFAULT_RESULT_BACKEND
             object.__setattr__(self, "result_backend", default)
         _check_url("result_backend", self.result_backend, _BACKEND_SCHEMES)
@@ -278,7 +279,7 @@ def _check_database_url(url: str, source: str = ENV["database_url"]) -> str:
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     variable = ENV[name]
-    scheme = url.partition("://")[0] if "://" in url else ""
+    scheme = scheme_of(url)
     if scheme not in schemes:
         why = ""
         if name == "result_backend":

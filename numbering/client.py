@@ -43,6 +43,7 @@ import redis
 from celery import Celery
 
 from numbering.allocator import Assignment, Request, new_key
+from numbering.brokers import is_redis
 from numbering.config.celery import celery_config
 from numbering.config.settings import Settings, mask_url
 from numbering.errors import (
@@ -172,7 +173,7 @@ class Client:
         timeout: float = 10.0,
         resend_after: float | None = None,
     ) -> None:
-        if not reply_url.startswith(("redis://", "rediss://")):
+        if not is_redis(reply_url):
             raise ConfigurationError(
                 f"numbering replies travel over Redis; {mask_url(reply_url)!r} is not a "
                 "redis:// URL (set NUMBERING_RESULT_BACKEND)"
@@ -225,7 +226,7 @@ class Client:
         app.conf.result_backend = None  # answers come on the reply list, not the backend
         replies = redis.Redis.from_url(self.reply_url)
         broker = None
-        if self.broker_url.startswith(("redis://", "rediss://")):
+        if is_redis(self.broker_url):
             broker = redis.Redis.from_url(self.broker_url)
             if same_database(broker, replies):
                 # One client: a request and the wait for its answer share a round trip.

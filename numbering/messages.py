@@ -22,6 +22,7 @@ from typing import Any
 
 from numbering import errors
 from numbering.allocator import Assignment, Request
+from numbering.brokers import REPLY_LIST_PREFIX
 from numbering.errors import InvalidRequestError, NumberingError
 from numbering.routing import REPLY_HEADER, TASK_NAME
 from numbering.validation import MAX_REFERENCE_BYTES, check_sequence_name
@@ -40,7 +41,7 @@ __all__ = [
 # A request message is small; anything bigger is refused before JSON parsing.
 MAX_MESSAGE_BYTES = 16 * 1024 + 2 * MAX_REFERENCE_BYTES
 # Reply lists are Redis keys of this shape.
-_REPLY_PREFIX = "numbering.reply."
+_REPLY_PREFIX = REPLY_LIST_PREFIX
 # Unix time the client sent the request at (a hint for operators; never trusted).
 SENT_AT_HEADER = "numbering_sent_at"
 _KWARGS = {"sequence", "key", "count", "reference", "date"}

@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 
+from numbering.brokers import REPLY_LIST_PREFIX
+
 __all__ = ["REPLY_TTL", "new_reply_list", "push_replies", "same_database"]
 
 # Seconds a reply list outlives its last reply; an abandoned client's list then vanishes.
@@ -23,7 +25,7 @@ REPLY_TTL = 300
 
 def new_reply_list() -> str:
     """A fresh reply list name for one client process."""
-    return f"numbering.reply.{uuid.uuid4().hex}"
+    return f"{REPLY_LIST_PREFIX}{uuid.uuid4().hex}"
 
 
 def push_replies(client: redis.Redis, replies: Iterable[tuple[str, dict[str, Any]]]) -> None:

@@ -25,6 +25,7 @@ from kombu.connection import Connection
 from kombu.message import Message
 from kombu.messaging import Consumer
 
+from numbering.brokers import attempts_hash
 from numbering.errors import InvalidRequestError, NumberingError, QuarantinedError
 from numbering.messages import MAX_MESSAGE_BYTES, BadMessage, Job, parse_task
 from numbering.routing import Shard, kombu_queue
@@ -180,7 +181,7 @@ class AmqpDrain:
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
         tag = item.task_id or hashlib.sha256(body).hexdigest()
         replies = self.processor.replies
-        attempts, dead = f"_numbering.attempts.{queue}", dead_letter_list(queue)
+        attempts, dead = attempts_hash(queue), dead_letter_list(queue)
         tries = int(replies.hincrby(attempts, tag, 1))
         replies.expire(attempts, ATTEMPTS_TTL)
         if tries > MAX_DELIVERIES:

@@ -31,6 +31,7 @@ from celery import Celery, states
 from sqlalchemy import Connection
 
 from numbering.allocator import Outcome, assign_many
+from numbering.brokers import attempts_hash, dead_letter_list, inflight_list
 from numbering.errors import (
     InvalidRequestError,
     NumberingError,
@@ -83,16 +84,6 @@ for i = cleared + 1, #KEYS, 2 do
 end
 return out
 """
-
-
-def inflight_list(queue: str) -> str:
-    """The Redis list holding the batch the active consumer of ``queue`` is working on."""
-    return f"_numbering.inflight.{queue}"
-
-
-def dead_letter_list(queue: str) -> str:
-    """The Redis list where quarantined requests of ``queue`` are kept for an operator."""
-    return f"_numbering.dead.{queue}"
 
 
 class BatchProcessor:
@@ -235,7 +226,7 @@ class _Queue:
     def __init__(self, name: str, lock: ConsumerLock, shard: Shard | None) -> None:
         self.name = name
         self.inflight = inflight_list(name)
-        self.attempts = f"_numbering.attempts.{name}"
+        self.attempts = attempts_hash(name)
         self.dead = dead_letter_list(name)
         self.lock = lock
         self.shard = shard

@@ -27,6 +27,7 @@ from sqlalchemy import desc, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+from numbering.brokers import is_redis
 from numbering.config.celery import VISIBILITY_TIMEOUT
 from numbering.database import translate_error
 from numbering.errors import ConfigurationError
@@ -194,6 +195,6 @@ def run_preflight(
     if problems:
         listed = problems[0] if len(problems) == 1 else "\n  - " + "\n  - ".join(problems)
         raise ConfigurationError(f"the worker refuses to start: {listed}")
-    if broker_url.startswith(("redis://", "rediss://")):
+    if is_redis(broker_url):
         return check_redis(broker_url)
     return []

@@ -16,11 +16,11 @@ from typing import Any
 
 import redis
 
+from numbering.brokers import attempts_hash, dead_letter_list, is_redis
 from numbering.config.settings import Settings
 from numbering.errors import ConfigurationError, NumberingError
 from numbering.messages import SENT_AT_HEADER, Job, decode_redis_message, parse_task
 from numbering.routing import QUEUE_PREFIX, queue_for
-from numbering.tasks.drain import dead_letter_list
 
 __all__ = ["Quarantined", "list_quarantined", "replay"]
 
@@ -38,7 +38,7 @@ class Quarantined:
 
 
 def _client(settings: Settings) -> redis.Redis:
-    on_redis = settings.broker_url.startswith(("redis://", "rediss://"))
+    on_redis = is_redis(settings.broker_url)
     return redis.Redis.from_url(settings.broker_url if on_redis else settings.result_backend)
 
 
@@ -88,13 +88,13 @@ def _describe(queue: str, raw: bytes | str) -> Quarantined:
 def replay(settings: Settings, sequence: str) -> int:
     """Move ``sequence``'s quarantined requests back to its queue (Redis broker only), with
     their attempt counts reset. Returns how many were moved."""
-    if not settings.broker_url.startswith(("redis://", "rediss://")):
+    if not is_redis(settings.broker_url):
         raise ConfigurationError(
             "replaying quarantined requests works on a Redis broker only; on RabbitMQ, "
             "resend them from the client with the same keys"
         )
     queue = queue_for(sequence, settings.shards)
-    dead, attempts = dead_letter_list(queue), f"_numbering.attempts.{queue}"
+    dead, attempts = dead_letter_list(queue), attempts_hash(queue)
     client = _client(settings)
     moved = 0
     try:

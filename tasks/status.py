@@ -16,12 +16,12 @@ from typing import Any
 import redis
 from sqlalchemy import select
 
+from numbering.brokers import dead_letter_list, inflight_list, is_redis
 from numbering.config.settings import Settings
 from numbering.messages import SENT_AT_HEADER
 from numbering.routing import kombu_queue, queue_for
 from numbering.runner import Allocator
 from numbering.schema import sequences
-from numbering.tasks.drain import dead_letter_list, inflight_list
 from numbering.tasks.guard import consumer_alive
 
 __all__ = ["SequenceStatus", "collect"]
@@ -115,7 +115,7 @@ class _Broker:
         self.redis: redis.Redis | None = None
         self.amqp: Any = None
         self.replies = redis.Redis.from_url(settings.result_backend, socket_timeout=5)
-        if settings.broker_url.startswith(("redis://", "rediss://")):
+        if is_redis(settings.broker_url):
             self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
         else:
             from kombu.connection import Connection

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import redis
 from celery import Celery, bootsteps
 
+from numbering.brokers import broker_kind, is_redis
 from numbering.config.celery import CONTROL_QUEUE
 from numbering.config.settings import Settings
 from numbering.errors import ConfigurationError
@@ -61,7 +62,7 @@ class NumberingWorker:
         shards: Sequence[Shard] | Shard | None,
         app: Celery,
     ) -> None:
-        if not settings.result_backend.startswith(("redis://", "rediss://")):
+        if not is_redis(settings.result_backend):
             raise ConfigurationError("numbering replies need a Redis NUMBERING_RESULT_BACKEND")
         self.settings = settings
         # Each queue's consumer keeps a connection for its lock (PostgreSQL advisory lock)
@@ -80,7 +81,7 @@ class NumberingWorker:
         processor = BatchProcessor(self.allocator, self.replies, app, self.metrics)
         self.processor = processor
         self.drains: list[RedisDrain | AmqpDrain]
-        if settings.broker_url.startswith(("redis://", "rediss://")):
+        if broker_kind(settings.broker_url) == "redis":
             broker = redis.Redis.from_url(settings.broker_url)
             self.drains = [
                 RedisDrain(
@@ -92,7 +93,7 @@ class NumberingWorker:
                     shards=owner,
                 )
             ]
-        elif settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        elif broker_kind(settings.broker_url) == "amqp":
             self.drains = [
                 AmqpDrain(
                     settings.broker_url,

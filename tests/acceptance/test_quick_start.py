@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,9 +11,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _planned(target: str, venv: Path) -> list[str]:
     """The commands ``make TARGET`` would run on a fresh machine (``make -n``)."""
+    # Run under `make test` too: the outer make's variables would change what is printed.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     done = subprocess.run(
-        ["make", "-n", target, f"VENV={venv}"],
+        ["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
