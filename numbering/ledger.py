@@ -240,8 +240,8 @@ def void(
     given). The row stays in the ledger with the reason and time; the number is never
     given again, and the audit lists it. A value inside a block of several is voided by
     voiding the block's key."""
-    from numbering.allocator import _lock
     from numbering.sequences import get_sequence
+    from numbering.store import store_for
 
     name = check_sequence_name(sequence)
     if not isinstance(reason, str) or not reason.strip():
@@ -251,7 +251,7 @@ def void(
     if (key is None) == (value is None):
         raise VoidError("name the number to void by its key or by its value (one of them)")
     try:
-        seq = _lock(connection, name, nowait=False)
+        seq = store_for(connection).lock_sequence(name, nowait=False)
         if period is not None:
             counter = get_sequence(connection, name, period)
             query = select(sequences.c.id, sequences.c.cycle).where(

@@ -329,14 +329,14 @@ def set_frozen(bind: Bind, name: str, frozen: bool, period: str | None = None) -
     """Freeze (or unfreeze) sequence ``name``, or one of its periods: while frozen, new
     requests are refused with :class:`SequenceFrozenError` and nothing is assigned. A
     period can be frozen before its first number (a closed or not yet opened period)."""
-    from numbering.allocator import _lock, _period_counter
     from numbering.store import store_for
 
-    seq = _lock(bind, check_sequence_name(name), nowait=False)
+    store = store_for(bind)
+    seq = store.lock_sequence(check_sequence_name(name), nowait=False)
     target = seq
     if period is not None:
         key = _period_of(get_sequence(bind, name), period)
-        target = _period_counter(store_for(bind), seq, key, nowait=False, frozen=frozen)
+        target = store.lock_period(seq, key, nowait=False, frozen=frozen)
     bind.execute(
         update(sequences)
         .where(sequences.c.id == target.id)
@@ -354,9 +354,9 @@ def delete_sequence(bind: Bind, name: str) -> SequenceInfo:
     commits before (and the sequence is then refused as in use) or finds it gone; the
     ledger's foreign key refuses the delete in any case.
     """
-    from numbering.allocator import _lock
+    from numbering.store import store_for
 
-    seq = _lock(bind, check_sequence_name(name), nowait=False)
+    seq = store_for(bind).lock_sequence(check_sequence_name(name), nowait=False)
     info = SequenceInfo._from_row(seq)
     counters = select(sequences.c.id).where(
         (sequences.c.id == seq.id) | (sequences.c.parent_id == seq.id)

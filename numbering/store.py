@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from datetime import datetime, timezone
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, event, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from numbering.errors import DatabaseError
+from numbering.errors import DatabaseError, SequenceNotFoundError
+from numbering.plan import CounterUpdate, Prior
+from numbering.policies import period_name
 from numbering.schema import ledger, sequences
 
 T = TypeVar("T")
@@ -56,26 +58,6 @@ __all__ = [
 PIPELINE_OPTION = "numbering_pipeline"
 
 
-class Prior(NamedTuple):
-    """What the ledger already holds for a request key."""
-
-    sequence_id: int
-    cycle: int
-    value: int
-    size: int
-    parent_id: int | None = None
-    formatted: str | None = None
-    period: str | None = None
-
-
-class CounterUpdate(NamedTuple):
-    """A counter's new state, written at the end of an assignment."""
-
-    counter_id: int
-    last_value: int | None
-    cycle: int
-
-
 class CoreStore:
     """SQLAlchemy Core statements: any database and driver numbering supports."""
 
@@ -93,6 +75,40 @@ class CoreStore:
         return self.bind.execute(
             select(sequences).where(sequences.c.name == name).with_for_update(nowait=nowait)
         ).one_or_none()
+
+    def lock_sequence(self, name: str, nowait: bool) -> Any:
+        """:meth:`lock`, raising :class:`SequenceNotFoundError` when there is no such row."""
+        row = self.lock(name, nowait)
+        if row is None:
+            raise SequenceNotFoundError(name)
+        return row
+
+    def lock_period(self, parent: Any, key: str, nowait: bool, *, frozen: bool = False) -> Any:
+        """Lock the counter of ``parent``'s period ``key``; create it on first use.
+
+        Race-free: the parent row is locked first by everyone who assigns from it, and the
+        insert does nothing if the row exists (a direct writer may have made it meanwhile).
+        """
+        name = period_name(parent.name, key)
+        row = self.lock(name, nowait)
+        if row is not None:
+            return row
+        now = datetime.now(timezone.utc)
+        self.create_counter(
+            {
+                "name": name,
+                "initial_value": parent.initial_value,
+                "reset_value": parent.reset_value,
+                "max_value": parent.max_value,
+                "cycle": 0,
+                "created_at": now,
+                "updated_at": now,
+                "frozen": frozen,
+                "parent_id": parent.id,
+                "period_key": key,
+            }
+        )
+        return self.lock_sequence(name, nowait)
 
     def lock_and_look_up_many(
         self, names: Sequence[str], keys: Iterable[str], nowait: bool
