@@ -61,6 +61,7 @@ from numbering.errors import (
 )
 from numbering.ledger import AuditReport, audit, export
 from numbering.migrations import upgrade as init_db
+from numbering.policies import DateLike
 from numbering.retry import RetryPolicy
 from numbering.routing import queue_for
 from numbering.runner import Allocator
@@ -103,6 +104,7 @@ __all__ = [
     "Request",
     "Assignment",
     "Outcome",
+    "DateLike",
     # numbering's own retried transactions
     "Allocator",
     "RetryPolicy",

@@ -17,8 +17,8 @@ The order of the three steps is what makes resent requests safe:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import date, datetime, timezone
 from datetime import date as _date
+from datetime import datetime, timezone
 from typing import Any, overload
 
 from sqlalchemy import Connection, Engine
@@ -29,6 +29,7 @@ from numbering import plan
 from numbering.database import translate_error
 from numbering.errors import NumberingError, SequenceNotFoundError
 from numbering.plan import Assignment, CounterUpdate, Outcome, Request, new_key
+from numbering.policies import DateLike
 from numbering.store import store_for
 from numbering.validation import check_sequence_name
 
@@ -176,7 +177,7 @@ def allocate(
     count: None = ...,
     reference: Any = ...,
     nowait: bool = ...,
-    date: date | str | None = ...,
+    date: DateLike = ...,
 ) -> int: ...
 @overload
 def allocate(
@@ -187,7 +188,7 @@ def allocate(
     count: int,
     reference: Any = ...,
     nowait: bool = ...,
-    date: date | str | None = ...,
+    date: DateLike = ...,
 ) -> int | range: ...
 def allocate(
     bind: Bind,
@@ -197,7 +198,7 @@ def allocate(
     count: int | None = None,
     reference: Any = None,
     nowait: bool = False,
-    date: date | str | None = None,
+    date: DateLike = None,
 ) -> int | range:
     """Take the next value of ``sequence`` in the caller's transaction; never commits.
 

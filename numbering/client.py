@@ -53,12 +53,10 @@ from numbering.errors import (
     RequestTimeout,
 )
 from numbering.messages import encode_redis_message, error_from_reply
+from numbering.policies import DateLike
 from numbering.replies import new_reply_list, same_database
 from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
 from numbering.validation import check_count, check_seconds, check_sequence_name
-
-#: A document date: a date, an ISO string (YYYY-MM-DD), or None for today.
-DateLike = datetime.date | str | None
 
 __all__ = ["Client"]
 

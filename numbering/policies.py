@@ -32,6 +32,7 @@ from numbering.errors import InvalidPolicyError
 
 __all__ = [
     "FIELDS",
+    "DateLike",
     "MAX_FORMAT_LENGTH",
     "PERIODS",
     "check_format",
@@ -44,6 +45,10 @@ __all__ = [
     "period_name",
     "render",
 ]
+
+#: A document date as every entry point takes it: a date, an ISO string (``YYYY-MM-DD``),
+#: or None for today in the sequence's time zone.
+DateLike = date | str | None
 
 PERIODS = ("year", "month", "day")
 FIELDS = frozenset({"number", "year", "yy", "month", "day", "period"})
@@ -151,9 +156,7 @@ def check_timezone(name: str | None) -> str | None:
     return name
 
 
-def document_date(
-    value: date | str | None, timezone: str | None, *, now: datetime | None = None
-) -> date:
+def document_date(value: DateLike, timezone: str | None, *, now: datetime | None = None) -> date:
     """The request's document date; today in ``timezone`` (default UTC) when absent
     (``now``, an aware datetime, stands in for the clock)."""
     if value is None:

@@ -24,6 +24,7 @@ from numbering.config.settings import DEFAULT_ISOLATION_LEVEL, Settings, mask_ur
 from numbering.database import begin, create_engine, translate_error
 from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
+from numbering.policies import DateLike
 from numbering.retry import RetryPolicy, RetryStats
 from numbering.sequences import SequenceInfo
 from numbering.store import enable_pipelining, run_pipelined
@@ -31,8 +32,6 @@ from numbering.validation import check_count, check_isolation_level
 
 __all__ = ["Allocator"]
 
-#: A document date: a date, an ISO string (YYYY-MM-DD), or None for today.
-DateLike = datetime.date | str | None
 
 T = TypeVar("T")
 

@@ -34,6 +34,7 @@ from numbering.errors import (
     SequenceNotFoundError,
 )
 from numbering.policies import (
+    DateLike,
     check_format,
     check_period,
     check_period_key,
@@ -85,7 +86,7 @@ class SequenceInfo:
     #: For a period's counter: its period (``2026``, ...); None for a sequence itself.
     period_key: str | None = None
 
-    def preview(self, day: date | str | None = None) -> str | None:
+    def preview(self, day: DateLike = None) -> str | None:
         """The next value in this sequence's format, for a document dated ``day``
         (default today). Nothing is reserved. For a periodic sequence, call it on the
         period's counter (:func:`preview`) to account for that period's last value.
@@ -284,7 +285,7 @@ def _period_of(info: SequenceInfo, period: str) -> str:
     return check_period_key(info.period, period)
 
 
-def period_date(info: SequenceInfo, period: str, day: date | str | None = None) -> date:
+def period_date(info: SequenceInfo, period: str, day: DateLike = None) -> date:
     """A document date inside ``period`` of the periodic sequence ``info``: ``day`` if
     given (refused when it falls in another period), else today if today is in the
     period, else the period's first day. What a preview of that period is dated."""
@@ -304,9 +305,7 @@ def period_date(info: SequenceInfo, period: str, day: date | str | None = None) 
     return date.fromisoformat(key + padded)
 
 
-def current_counter(
-    bind: Bind, name: str, day: date | str | None = None
-) -> tuple[SequenceInfo, date]:
+def current_counter(bind: Bind, name: str, day: DateLike = None) -> tuple[SequenceInfo, date]:
     """The counter a request on ``name`` dated ``day`` (default today) draws from: the
     sequence itself, or for a periodic sequence the counter of that date's period (as it
     would start, if not used yet); and the document date itself."""
@@ -319,7 +318,7 @@ def current_counter(
     return info, when
 
 
-def preview(bind: Bind, name: str, day: date | str | None = None) -> str | None:
+def preview(bind: Bind, name: str, day: DateLike = None) -> str | None:
     """The formatted number the next request dated ``day`` would get; reserves nothing."""
     info, when = current_counter(bind, name, day)
     return info.preview(when)
