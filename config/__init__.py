@@ -7,6 +7,6 @@ maps it to ``numbering.config`` so that installing numbering never adds a top-le
 
 from __future__ import annotations
 
-from numbering.config.settings import ENV, Settings, mask_url
+from numbering.settings import ENV, Settings, mask_url
 
 __all__ = ["ENV", "Settings", "mask_url"]

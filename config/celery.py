@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from numbering.config.settings import Settings
 from numbering.routing import QUEUE_PREFIX
+from numbering.settings import Settings
 
 __all__ = ["CONTROL_QUEUE", "TASK_TIME_LIMIT", "VISIBILITY_TIMEOUT", "celery_config"]
 

@@ -26,7 +26,6 @@ from numbering.allocator import (
     assign_many,
     new_key,
 )
-from numbering.config.settings import Settings
 from numbering.database import create_engine
 from numbering.errors import (
     BrokerUnavailable,
@@ -72,6 +71,7 @@ from numbering.sequences import (
     last_value,
     list_sequences,
 )
+from numbering.settings import Settings
 
 if TYPE_CHECKING:
     from numbering.client import Client

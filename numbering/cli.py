@@ -21,11 +21,11 @@ import click
 
 from numbering import migrations
 from numbering.batch import DEFAULT_CHUNK_SIZE, BatchJob, BatchProgress, number_rows
-from numbering.config.settings import ENV, Settings, check_database_url, mask_url
 from numbering.errors import NumberingError
 from numbering.ledger import EXPORT_FIELDS
 from numbering.runner import Allocator
 from numbering.sequences import SequenceInfo
+from numbering.settings import ENV, Settings, check_database_url, mask_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 

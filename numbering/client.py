@@ -45,7 +45,6 @@ from celery import Celery
 from numbering.allocator import Assignment, Request, new_key
 from numbering.brokers import is_redis
 from numbering.config.celery import celery_config
-from numbering.config.settings import Settings, mask_url
 from numbering.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -56,6 +55,7 @@ from numbering.messages import encode_redis_message, error_from_reply
 from numbering.policies import DateLike
 from numbering.replies import new_reply_list, same_database
 from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
+from numbering.settings import Settings, mask_url
 from numbering.validation import check_count, check_seconds, check_sequence_name
 
 __all__ = ["Client"]

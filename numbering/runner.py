@@ -20,13 +20,13 @@ from sqlalchemy.exc import DBAPIError
 
 from numbering import allocator, ledger, sequences
 from numbering.allocator import Assignment, Outcome, Request, new_key
-from numbering.config.settings import DEFAULT_ISOLATION_LEVEL, Settings, mask_url
 from numbering.database import begin, create_engine, translate_error
 from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
 from numbering.policies import DateLike
 from numbering.retry import RetryPolicy, RetryStats
 from numbering.sequences import SequenceInfo
+from numbering.settings import DEFAULT_ISOLATION_LEVEL, Settings, mask_url
 from numbering.store import enable_pipelining, run_pipelined
 from numbering.validation import check_count, check_isolation_level
 

@@ -14,11 +14,11 @@ from celery import Celery
 
 from numbering.batch import BatchJob, number_rows
 from numbering.config.celery import celery_config
-from numbering.config.settings import Settings
 from numbering.errors import InvalidRequestError, NumberingError
 from numbering.messages import reply_for
 from numbering.routing import BATCH_TASK_NAME, FREEZE_TASK_NAME, TASK_NAME, VOID_TASK_NAME
 from numbering.runner import Allocator
+from numbering.settings import Settings
 
 __all__ = ["create_app"]  # and `app`, created on first access (see __getattr__)
 

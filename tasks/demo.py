@@ -26,12 +26,12 @@ import sqlalchemy as sa
 
 from numbering.allocator import Request
 from numbering.batch import BatchJob, number_rows
-from numbering.config.settings import ENV, Settings
 from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
 from numbering.messages import BadMessage, Job, error_from_reply, reply_for
 from numbering.migrations import upgrade
 from numbering.runner import Allocator
+from numbering.settings import ENV, Settings
 from numbering.tasks.drain import BatchProcessor
 
 __all__ = ["run_demo"]

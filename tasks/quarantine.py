@@ -17,10 +17,10 @@ from typing import Any
 import redis
 
 from numbering.brokers import attempts_hash, dead_letter_list, is_redis
-from numbering.config.settings import Settings
 from numbering.errors import ConfigurationError, NumberingError
 from numbering.messages import SENT_AT_HEADER, Job, decode_redis_message, parse_task
 from numbering.routing import QUEUE_PREFIX, queue_for
+from numbering.settings import Settings
 
 __all__ = ["Quarantined", "list_quarantined", "replay"]
 

@@ -17,11 +17,11 @@ import redis
 from sqlalchemy import select
 
 from numbering.brokers import dead_letter_list, inflight_list, is_redis
-from numbering.config.settings import Settings
 from numbering.messages import SENT_AT_HEADER
 from numbering.routing import kombu_queue, queue_for
 from numbering.runner import Allocator
 from numbering.schema import sequences
+from numbering.settings import Settings
 from numbering.tasks.guard import consumer_alive
 
 __all__ = ["SequenceStatus", "collect"]

@@ -20,10 +20,10 @@ from celery import Celery, bootsteps
 
 from numbering.brokers import broker_kind, is_redis
 from numbering.config.celery import CONTROL_QUEUE
-from numbering.config.settings import Settings
 from numbering.errors import ConfigurationError
 from numbering.routing import Shard, sequence_queue
 from numbering.runner import Allocator
+from numbering.settings import Settings
 from numbering.tasks.amqp import AmqpDrain
 from numbering.tasks.app import create_app
 from numbering.tasks.drain import BatchProcessor, RedisDrain

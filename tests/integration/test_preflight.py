@@ -13,8 +13,8 @@ from test_queue import setup_sequences
 
 from numbering import create_engine
 from numbering.config.celery import celery_config
-from numbering.config.settings import Settings
 from numbering.routing import Shard
+from numbering.settings import Settings
 from numbering.tasks.preflight import check_celery_config, check_database, check_ledgers
 
 
