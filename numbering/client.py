@@ -51,9 +51,9 @@ from numbering.errors import (
     NumberingError,
     RequestTimeout,
 )
-from numbering.messages import encode_redis_message, error_from_reply
+from numbering.messages import encode_redis_message
 from numbering.policies import DateLike
-from numbering.replies import new_reply_list, same_database
+from numbering.replies import error_from_reply, new_reply_list, same_database
 from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
 from numbering.settings import Settings, mask_url
 from numbering.validation import check_count, check_seconds, check_sequence_name

@@ -1,4 +1,4 @@
-"""Number requests as Celery task messages, and the replies to them.
+"""Number requests as Celery task messages (the replies are in :mod:`numbering.replies`).
 
 A request is a Celery (protocol 2) task message for :data:`~numbering.routing.TASK_NAME`
 with keyword arguments ``sequence``, ``key``, ``count`` (default 1) and ``reference``
@@ -20,10 +20,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from numbering import errors
-from numbering.allocator import Assignment, Request
+from numbering.allocator import Request
 from numbering.brokers import REPLY_LIST_PREFIX
 from numbering.errors import InvalidRequestError, NumberingError
+from numbering.replies import error_from_reply, reply_for
 from numbering.routing import REPLY_HEADER, TASK_NAME
 from numbering.validation import MAX_REFERENCE_BYTES, check_sequence_name
 
@@ -214,30 +214,3 @@ def parse_task(headers: dict[str, Any], body: Any) -> Job | BadMessage:
     except NumberingError as error:
         return BadMessage(task_id, key, reply_to, error)
     return Job(task_id, sequence, request, reply_to)
-
-
-def reply_for(key: str | None, outcome: Assignment | NumberingError) -> dict[str, Any]:
-    """The JSON reply to a request: its assignment, or its error."""
-    if isinstance(outcome, NumberingError):
-        return {"key": key, "error": {"type": type(outcome).__name__, "message": str(outcome)}}
-    return {
-        "key": outcome.key,
-        "sequence": outcome.sequence,
-        "value": outcome.value,
-        "count": outcome.count,
-        "cycle": outcome.cycle,
-        "resent": outcome.resent,
-        "formatted": outcome.formatted,
-        "period": outcome.period,
-    }
-
-
-def error_from_reply(error: dict[str, Any]) -> NumberingError:
-    """Rebuild the error a worker replied with (an unknown type becomes NumberingError)."""
-    cls = getattr(errors, str(error.get("type")), None)
-    message = str(error.get("message", "request failed"))
-    if isinstance(cls, type) and issubclass(cls, NumberingError):
-        instance = NumberingError.__new__(cls)
-        NumberingError.__init__(instance, message)
-        return instance
-    return NumberingError(message)

@@ -1,4 +1,4 @@
-"""The lean reply path: one Redis list per client process.
+"""The reply wire format and its path: one Redis list per client process.
 
 A client names its list in each request's ``numbering_reply`` header; the worker pushes
 one JSON reply per request onto it, in one pipeline per batch, and the client's listener
@@ -15,9 +15,19 @@ from typing import Any
 
 import redis
 
+from numbering import errors
 from numbering.brokers import REPLY_LIST_PREFIX
+from numbering.errors import NumberingError
+from numbering.plan import Assignment
 
-__all__ = ["REPLY_TTL", "new_reply_list", "push_replies", "same_database"]
+__all__ = [
+    "REPLY_TTL",
+    "error_from_reply",
+    "new_reply_list",
+    "push_replies",
+    "reply_for",
+    "same_database",
+]
 
 # Seconds a reply list outlives its last reply; an abandoned client's list then vanishes.
 REPLY_TTL = 300
@@ -55,3 +65,30 @@ def same_database(a: redis.Redis, b: redis.Redis) -> bool:
     if one.connection_class is not other.connection_class:
         return False
     return all(one.connection_kwargs.get(key) == other.connection_kwargs.get(key) for key in _WHERE)
+
+
+def reply_for(key: str | None, outcome: Assignment | NumberingError) -> dict[str, Any]:
+    """The JSON reply to a request: its assignment, or its error."""
+    if isinstance(outcome, NumberingError):
+        return {"key": key, "error": {"type": type(outcome).__name__, "message": str(outcome)}}
+    return {
+        "key": outcome.key,
+        "sequence": outcome.sequence,
+        "value": outcome.value,
+        "count": outcome.count,
+        "cycle": outcome.cycle,
+        "resent": outcome.resent,
+        "formatted": outcome.formatted,
+        "period": outcome.period,
+    }
+
+
+def error_from_reply(error: dict[str, Any]) -> NumberingError:
+    """Rebuild the error a worker replied with (an unknown type becomes NumberingError)."""
+    cls = getattr(errors, str(error.get("type")), None)
+    message = str(error.get("message", "request failed"))
+    if isinstance(cls, type) and issubclass(cls, NumberingError):
+        instance = NumberingError.__new__(cls)
+        NumberingError.__init__(instance, message)
+        return instance
+    return NumberingError(message)

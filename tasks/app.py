@@ -15,7 +15,7 @@ from celery import Celery
 from numbering.batch import BatchJob, number_rows
 from numbering.config.celery import celery_config
 from numbering.errors import InvalidRequestError, NumberingError
-from numbering.messages import reply_for
+from numbering.replies import reply_for
 from numbering.routing import BATCH_TASK_NAME, FREEZE_TASK_NAME, TASK_NAME, VOID_TASK_NAME
 from numbering.runner import Allocator
 from numbering.settings import Settings

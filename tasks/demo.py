@@ -28,8 +28,9 @@ from numbering.allocator import Request
 from numbering.batch import BatchJob, number_rows
 from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
-from numbering.messages import BadMessage, Job, error_from_reply, reply_for
+from numbering.messages import BadMessage, Job
 from numbering.migrations import upgrade
+from numbering.replies import error_from_reply, reply_for
 from numbering.runner import Allocator
 from numbering.settings import ENV, Settings
 from numbering.tasks.drain import BatchProcessor

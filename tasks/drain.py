@@ -39,8 +39,8 @@ from numbering.errors import (
     RetriesExhaustedError,
 )
 from numbering.failpoints import failpoint
-from numbering.messages import BadMessage, Job, decode_redis_message, parse_task, reply_for
-from numbering.replies import push_replies
+from numbering.messages import BadMessage, Job, decode_redis_message, parse_task
+from numbering.replies import push_replies, reply_for
 from numbering.routing import Shard
 from numbering.runner import Allocator
 from numbering.tasks.events import TaskEvents

@@ -29,7 +29,8 @@ from celery.worker import control
 
 from numbering.allocator import Outcome
 from numbering.errors import NumberingError
-from numbering.messages import BadMessage, Job, reply_for
+from numbering.messages import BadMessage, Job
+from numbering.replies import reply_for
 from numbering.routing import TASK_NAME, kombu_queue
 
 __all__ = ["TaskEvents", "show_queues"]
