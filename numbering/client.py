@@ -114,6 +114,11 @@ class _Outage:
             repeated, self._last = self._last == text, text
         (log.debug if repeated else log.warning)("%s: %s; trying again", what, text)
 
+    @property
+    def down(self) -> bool:
+        """Whether the last attempt failed (an unlocked read: a hint, checked again)."""
+        return self._last is not None
+
     def ok(self, what: str) -> None:
         if self._last is None:  # unlocked read first: the common path costs nothing
             return
@@ -535,7 +540,8 @@ class Client:
                 out.maybe_sent = True  # the connection broke mid-way: it may have arrived
             state.outage.failed(f"sending requests to {mask_url(self.broker_url)}", exc)
             return exc
-        state.outage.ok(f"sending requests to {mask_url(self.broker_url)}")
+        if state.outage.down:  # the common path builds no message
+            state.outage.ok(f"sending requests to {mask_url(self.broker_url)}")
         return None
 
     def next_value(
