@@ -25,24 +25,19 @@ from kombu.connection import Connection
 from kombu.message import Message
 from kombu.messaging import Consumer
 
-from numbering.brokers import attempts_hash
-from numbering.errors import InvalidRequestError, NumberingError, QuarantinedError
+from numbering.errors import InvalidRequestError, NumberingError
 from numbering.messages import MAX_MESSAGE_BYTES, BadMessage, Job, parse_task
 from numbering.routing import Shard, kombu_queue
 from numbering.tasks.drain import (
-    MAX_DELIVERIES,
     OUTAGE_BACKOFF_SECONDS,
     POLL_SECONDS,
     BatchProcessor,
-    dead_letter_list,
 )
+from numbering.tasks.redelivery import Redelivery
 
 __all__ = ["AmqpDrain"]
 
 log = logging.getLogger("numbering.worker")
-
-# Seconds the attempt counts of redelivered messages are kept (in the reply Redis).
-ATTEMPTS_TTL = 24 * 3600
 
 
 def parse_amqp(message: Message) -> Job | BadMessage:
@@ -93,6 +88,9 @@ class AmqpDrain:
         #: The consumer's name in logs and thread names: its queues.
         self.name = ",".join(self.queues)
         self.processor = processor
+        # Attempt counts and dead letters live in the reply Redis (RabbitMQ has no place
+        # for them that a replay could use).
+        self.redelivery = Redelivery(processor.replies, processor.metrics)
         self.batch_size = batch_size
         self.stop = stop
         self.shards = dict(shards or {})
@@ -180,32 +178,14 @@ class AmqpDrain:
         item = parse_amqp(message)
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
         tag = item.task_id or hashlib.sha256(body).hexdigest()
-        replies = self.processor.replies
-        attempts, dead = attempts_hash(queue), dead_letter_list(queue)
-        tries = int(replies.hincrby(attempts, tag, 1))
-        replies.expire(attempts, ATTEMPTS_TTL)
-        if tries > MAX_DELIVERIES:
-            log.error(
-                "%s: quarantined request %s after it stopped the worker %d times; kept in %s",
-                queue,
-                item.task_id,
-                tries - 1,
-                dead,
+        tries = self.redelivery.count(queue, tag)
+        if self.redelivery.exhausted(tries):
+            stored = json.dumps(
+                {"headers": message.headers, "body": body.decode("utf-8", "replace")}
             )
-            replies.lpush(
-                dead,
-                json.dumps({"headers": message.headers, "body": body.decode("utf-8", "replace")}),
-            )
-            if self.processor.metrics is not None:
-                self.processor.metrics.quarantined.inc()
-            error = QuarantinedError(
-                f"request quarantined in {dead} after it stopped the worker "
-                f"{tries - 1} times; nothing was assigned to it"
-            )
-            key = item.request.key if isinstance(item, Job) else item.key
-            item = BadMessage(item.task_id, key, item.reply_to, error)
+            item = self.redelivery.quarantine(queue, item, stored, tries)
         shard = self.shards.get(queue)
         if not self.processor.process_until_done([item], self.stop, queue, [shard]):
             return False
-        replies.hdel(attempts, tag)
+        self.redelivery.forget(queue, tag)
         return True

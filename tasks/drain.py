@@ -31,11 +31,10 @@ from celery import Celery, states
 from sqlalchemy import Connection
 
 from numbering.allocator import Outcome, assign_many
-from numbering.brokers import attempts_hash, dead_letter_list, inflight_list
+from numbering.brokers import dead_letter_list, inflight_list
 from numbering.errors import (
     InvalidRequestError,
     NumberingError,
-    QuarantinedError,
     RetriesExhaustedError,
 )
 from numbering.failpoints import failpoint
@@ -46,6 +45,7 @@ from numbering.runner import Allocator
 from numbering.tasks.events import TaskEvents
 from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.metrics import WorkerMetrics
+from numbering.tasks.redelivery import MAX_DELIVERIES, Redelivery
 
 __all__ = ["MAX_DELIVERIES", "BatchProcessor", "RedisDrain", "dead_letter_list", "inflight_list"]
 
@@ -57,8 +57,6 @@ POLL_SECONDS = 1
 LOCK_CHECK_SECONDS = 5.0
 # Seconds a standby waits between attempts to become the active consumer.
 STANDBY_SECONDS = 1.0
-# A request left in flight this many times by a consumer that died is quarantined.
-MAX_DELIVERIES = 3
 # Seconds to wait before retrying a batch the database could not take.
 OUTAGE_BACKOFF_SECONDS = 1.0
 
@@ -226,8 +224,6 @@ class _Queue:
     def __init__(self, name: str, lock: ConsumerLock, shard: Shard | None) -> None:
         self.name = name
         self.inflight = inflight_list(name)
-        self.attempts = attempts_hash(name)
-        self.dead = dead_letter_list(name)
         self.lock = lock
         self.shard = shard
         self.standby_logged = False
@@ -327,6 +323,7 @@ class RedisDrain:
         self.batch_size = batch_size
         self.stop = stop
         self._ack_and_drain = broker.register_script(_ACK_AND_DRAIN)
+        self.redelivery = Redelivery(broker, processor.metrics)
         self._held: list[_Queue] = []  # the queues this consumer is active on, in turn order
         self._doorbell: _Doorbell | None = None
         #: Requests answered since start (for logs and tests).
@@ -470,39 +467,17 @@ class RedisDrain:
         )
         for raw in left:
             tag = hashlib.sha256(raw if isinstance(raw, bytes) else raw.encode()).hexdigest()
-            tries = int(self.broker.hincrby(queue.attempts, tag, 1))
-            if tries > MAX_DELIVERIES:
-                self._quarantine(queue, raw, tries - 1)
+            tries = self.redelivery.count(queue.name, tag)
+            if self.redelivery.exhausted(tries):
+                bad = self.redelivery.quarantine(queue.name, self._parse(raw), raw, tries)
+                self.processor.process([bad])
             elif not self._process([(queue, raw)]):
                 return False
             pipe = self.broker.pipeline()
             pipe.lrem(queue.inflight, 1, raw)  # type: ignore[arg-type]  # bytes are fine
-            pipe.hdel(queue.attempts, tag)
+            self.redelivery.forget(queue.name, tag, pipe)
             pipe.execute()
         return True
-
-    def _quarantine(self, queue: _Queue, raw: bytes | str, tries: int) -> None:
-        item = self._parse(raw)
-        key = item.request.key if isinstance(item, Job) else item.key
-        log.error(
-            "%s: quarantined request %s (key %r) after it stopped the worker %d times; "
-            "it is kept in %s",
-            queue.name,
-            item.task_id,
-            key,
-            tries,
-            queue.dead,
-            extra={"key": key, "task_id": item.task_id, "queue": queue.name},
-        )
-        self.broker.lpush(queue.dead, raw)
-        if self.processor.metrics is not None:
-            self.processor.metrics.quarantined.inc()
-        error = QuarantinedError(
-            f"request quarantined in {queue.dead} after it stopped the worker {tries} times; "
-            "nothing was assigned to it"
-        )
-        bad = BadMessage(item.task_id, key, item.reply_to, error)
-        self.processor.process([bad])
 
     @staticmethod
     def _parse(raw: bytes | str) -> Job | BadMessage:
