@@ -11,7 +11,9 @@ The order of the three steps is what makes resent requests safe:
 2. **Look the request keys up** in the ledger. A key that already has a block gets that
    same block back. Because the look-up runs *after* the lock is granted, a copy of the
    same request that committed while we waited is seen, even when both arrived at once.
-3. **Assign** the next values, update the counter and append to the ledger.
+3. **Assign** the next values, update the counter and append to the ledger. What each
+   request gets is decided by :mod:`numbering.plan` (pure functions over the locked
+   rows); the store (:mod:`numbering.store`) runs the statements.
 """
 
 from __future__ import annotations
