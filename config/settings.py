@@ -7,24 +7,7 @@ and documentation that name ``numbering.config.settings``.
 
 from __future__ import annotations
 
-from numbering.settings import (
-    DEFAULT_BROKER_URL,
-    DEFAULT_DATABASE_FILE,
-    DEFAULT_ISOLATION_LEVEL,
-    DEFAULT_RESULT_BACKEND,
-    ENV,
-    Settings,
-    check_database_url,
-    mask_url,
-)
+from numbering import settings as _core
+from numbering.settings import *  # noqa: F403  (the same names, from the core)
 
-__all__ = [
-    "DEFAULT_BROKER_URL",
-    "DEFAULT_DATABASE_FILE",
-    "DEFAULT_ISOLATION_LEVEL",
-    "DEFAULT_RESULT_BACKEND",
-    "ENV",
-    "Settings",
-    "check_database_url",
-    "mask_url",
-]
+__all__ = list(_core.__all__)
