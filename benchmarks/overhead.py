@@ -4,7 +4,7 @@ One number at a time, in process, against the local PostgreSQL, measured in turn
 
 - ``numbering``: ``Allocator.next_value`` (retrying runner, SQLAlchemy connection, the
   pipelined psycopg2 store).
-- ``raw psycopg2``: the same SQL text (``numbering.store``), the same two round trips,
+- ``raw psycopg2``: the same SQL text (``numbering.backends.psycopg2``), the same two round trips,
   straight on a psycopg2 cursor: what the database and the driver cost alone.
 - ``raw, prepared``: the same with server-side prepared statements (PREPARE/EXECUTE):
   what planning each statement costs.
@@ -34,7 +34,7 @@ import psycopg2
 from benchmarks.cpu import print_audit
 from benchmarks.run import prepare_database
 from numbering import Allocator, create_engine
-from numbering.store import _INSERT_LEDGER, _LOCK_AND_LOOK_UP, _UPDATE_COUNTER
+from numbering.backends.psycopg2 import _INSERT_LEDGER, _LOCK_AND_LOOK_UP, _UPDATE_COUNTER
 
 _PREPARE = [
     "PREPARE numbering_lock(text[], text[]) AS "

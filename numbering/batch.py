@@ -24,9 +24,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Table
-from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from numbering.allocator import Request, assign
+from numbering.backends import backend_for
 from numbering.errors import InvalidKeyError, InvalidRequestError, NumberingError
 from numbering.runner import Allocator
 from numbering.validation import MAX_COUNT, check_count, check_key, check_sequence_name
@@ -108,9 +108,8 @@ def _reflect(connection: Connection, job: BatchJob, allowed: Sequence[str]) -> T
 @dataclass(frozen=True)
 class _Chunk:
     """The rows locked for one chunk: how many, the first and last id in numbering order,
-    and the ids themselves (on PostgreSQL as the server's own array text, sent back
-    as it came: a 10,000-element ``ARRAY[...]`` built by the driver cost the server
-    about 50 ms a chunk to parse, more than the update itself)."""
+    and the ids themselves (a list, or the engine's own array text: see
+    :meth:`numbering.backends.base.Backend.lock_chunk`)."""
 
     count: int
     first_id: Any
@@ -120,52 +119,24 @@ class _Chunk:
 
 def _chunk(connection: Connection, table: Table, job: BatchJob) -> _Chunk | None:
     ident = table.c[job.id_column]
-    order = [*(table.c[column] for column in job.order_by), ident]
     locked = (
-        sa.select(ident, *order[:-1])
+        sa.select(ident, *(table.c[column] for column in job.order_by))
         .where(table.c[job.number_column].is_(None))
         .where(*(table.c[column] == value for column, value in job.where.items()))
-        .order_by(*order)
+        .order_by(*(table.c[column] for column in job.order_by), ident)
         .limit(job.chunk_size)
         .with_for_update()
     )
-    if connection.dialect.name == "postgresql":
-        rows = locked.subquery("chunk")
-        in_order = [rows.c[column.name] for column in order]
-        ids = sa.func.array_agg(aggregate_order_by(rows.c[ident.name], *in_order))
-        count, first, last, literal = connection.execute(
-            sa.select(
-                sa.func.count(), ids[1], ids[sa.func.count()], sa.cast(ids, sa.Text)
-            ).select_from(rows)
-        ).one()
-        return _Chunk(count, first, last, literal) if count else None
-    found = list(connection.execute(locked).scalars())
-    return _Chunk(len(found), found[0], found[-1], found) if found else None
+    found = backend_for(connection).lock_chunk(connection, locked, ident.name, job.order_by)
+    return None if found is None else _Chunk(*found)
 
 
 def _write_numbers(
     connection: Connection, table: Table, job: BatchJob, chunk: _Chunk, first: int
 ) -> int:
-    ident, number = table.c[job.id_column], table.c[job.number_column]
-    if isinstance(chunk.ids, str):
-        # One statement; PostgreSQL computes each number from the id's position.
-        ordered = (
-            sa.func.unnest(sa.cast(sa.bindparam("ids", type_=sa.Text), sa.ARRAY(ident.type)))
-            .table_valued("id", with_ordinality="ordinality")
-            .render_derived(name="chunk")
-        )
-        result = connection.execute(
-            sa.update(table)
-            .values({number: first - 1 + ordered.c.ordinality})
-            .where(ident == ordered.c.id),
-            {"ids": chunk.ids},
-        )
-        return int(result.rowcount)
-    result = connection.execute(
-        sa.update(table).where(ident == sa.bindparam("_id")).values({number: sa.bindparam("_n")}),
-        [{"_id": row_id, "_n": first + i} for i, row_id in enumerate(chunk.ids)],
+    return backend_for(connection).write_chunk(
+        connection, table, table.c[job.id_column], table.c[job.number_column], chunk.ids, first
     )
-    return int(result.rowcount)
 
 
 def number_rows(

@@ -503,15 +503,13 @@ def _known_sequence(ctx: click.Context, name: str) -> SequenceInfo | None:
     schema (then the worker's answer is what counts)."""
     from sqlalchemy.engine import make_url
 
+    from numbering.backends import backend_for
     from numbering.database import begin
     from numbering.errors import DatabaseError
     from numbering.sequences import get_sequence
 
     url = make_url(_settings(ctx).database_url)
-    database = url.database or ""
-    if url.get_backend_name() == "sqlite" and (
-        database in ("", ":memory:") or not os.path.exists(database)
-    ):
+    if backend_for(url).database_absent(url):
         return None  # do not create an empty database file by looking
     try:
         engine = _allocator(ctx).engine

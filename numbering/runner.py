@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from numbering import allocator, ledger, sequences
 from numbering.allocator import Assignment, Outcome, Request, new_key
+from numbering.backends import backend_for
 from numbering.database import begin, create_engine, translate_error
 from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
@@ -27,7 +28,6 @@ from numbering.policies import DateLike
 from numbering.retry import RetryPolicy, RetryStats
 from numbering.sequences import SequenceInfo
 from numbering.settings import DEFAULT_ISOLATION_LEVEL, Settings, mask_url
-from numbering.store import enable_pipelining, run_pipelined
 from numbering.validation import check_count, check_isolation_level
 
 __all__ = ["Allocator"]
@@ -59,7 +59,7 @@ class Allocator:
         self.retry = retry or RetryPolicy()
         #: Retries so far, by error class (``stats.total`` for all of them).
         self.stats = RetryStats()
-        self._pipelining = enable_pipelining(self.engine)
+        self._pipelined = backend_for(self.engine).pipelined(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings, **engine_options: Any) -> Allocator:
@@ -130,14 +130,15 @@ class Allocator:
 
         On PostgreSQL through psycopg2 the transaction is pipelined: ``BEGIN`` goes with
         the lock and the ledger writes go with ``COMMIT``, two round trips for a batch on
-        one sequence instead of four (:func:`numbering.store.run_pipelined`).
+        one sequence instead of four (:func:`numbering.backends.psycopg2.run_pipelined`).
         """
-        if not self._pipelining:
+        pipelined = self._pipelined
+        if pipelined is None:
             return self.run(work, describe=describe)
 
         def attempt() -> T:
             try:
-                return run_pipelined(self.engine, self.isolation_level, work)
+                return pipelined(self.isolation_level, work)
             except DBAPIError as exc:
                 raise translate_error(exc) from exc
 

@@ -15,16 +15,14 @@ from sqlalchemy import (
     delete,
     func,
     select,
-    text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from sqlalchemy.orm import Session
 
 from numbering.allocator import Bind
-from numbering.database import is_sqlite, translate_error
+from numbering.backends import backend_for
+from numbering.database import translate_error
 from numbering.errors import (
     InvalidPolicyError,
     InvalidRequestError,
@@ -210,12 +208,9 @@ def create_sequence(
     # skips, so a race ends with "exists" (or its definition under exist_ok), not an
     # aborted transaction. Under REPEATABLE READ PostgreSQL raises 40001 instead, which
     # the runner retries.
-    dialect_insert = sqlite_insert if is_sqlite(bind) else postgresql_insert
     try:
         result = bind.execute(
-            dialect_insert(sequences)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["name"])
+            backend_for(bind).insert_if_absent(sequences, values, unique=["name"])
         )
         inserted = cast(CursorResult[Any], result).rowcount
     except DBAPIError as exc:
@@ -392,9 +387,7 @@ def highest_existing(bind: Bind, table: str, column: str, allowed: Sequence[str]
         raise InvalidRequestError(
             f"column {table}.{column} is {reflected.c[column].type}, not an integer column"
         )
-    if not is_sqlite(bind):  # SQLite: the write lock taken by BEGIN IMMEDIATE covers it
-        quoted = connection.dialect.identifier_preparer.format_table(reflected)
-        bind.execute(text(f"LOCK TABLE {quoted} IN SHARE MODE"))
+    backend_for(bind).lock_table_shared(bind, reflected)
     highest = bind.execute(select(func.max(reflected.c[column]))).scalar_one()
     return None if highest is None else int(highest)
 

@@ -259,8 +259,9 @@ def check_database_url(url: str, source: str = ENV["database_url"]) -> str:
 def _check_database_url(url: str, source: str = ENV["database_url"]) -> str:
     if not url.strip():
         raise ConfigurationError(f"{source} is empty; give a database URL")
-    if url.startswith("postgres://"):  # the spelling Heroku and others hand out
-        url = "postgresql://" + url.removeprefix("postgres://")
+    from numbering.backends import UnsupportedDatabase, backend_for, normalize_url
+
+    url = normalize_url(url)  # postgres://, the spelling Heroku and others hand out
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -268,12 +269,10 @@ def _check_database_url(url: str, source: str = ENV["database_url"]) -> str:
             f"{source} is not a database URL: {mask_url(url)!r}; "
             "expected e.g. postgresql://user:password@host/dbname or sqlite:///numbering.db"
         ) from None
-    backend = parsed.get_backend_name()
-    if backend not in ("postgresql", "sqlite"):
-        raise ConfigurationError(
-            f"{source} names an unsupported database {backend!r}; "
-            "numbering supports postgresql and sqlite"
-        )
+    try:
+        backend_for(parsed)
+    except UnsupportedDatabase as exc:
+        raise ConfigurationError(f"{source} names an {exc}") from None
     return url
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from numbering.allocator import Request
+from numbering.backends import backend_for
 from numbering.batch import BatchJob, number_rows
 from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
@@ -165,11 +166,7 @@ def _where(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    return (
-        parsed.database or ""
-        if parsed.drivername.startswith("sqlite")
-        else (f"{parsed.host}/{parsed.database}")
-    )
+    return backend_for(parsed).location(parsed)
 
 
 def _burst(broker: _LocalBroker | _RealBroker, run: str, say: Say) -> None:

@@ -23,10 +23,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis
-from sqlalchemy import desc, select, text
+from sqlalchemy import desc, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+from numbering.backends import backend_for
 from numbering.brokers import is_redis
 from numbering.config.celery import VISIBILITY_TIMEOUT
 from numbering.database import translate_error
@@ -81,21 +82,7 @@ def check_database(engine: Engine) -> list[str]:
             f"{head}: run `numbering init-db` (as the schema owner)"
         )
     with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            for setting, unsafe in (("synchronous_commit", "off"), ("fsync", "off")):
-                value = conn.execute(text(f"SHOW {setting}")).scalar_one()
-                if value == unsafe:
-                    problems.append(
-                        f"PostgreSQL runs with {setting}={value}: a crash can forget numbers "
-                        f"already handed out; set {setting}=on for this database or role"
-                    )
-        elif engine.dialect.name == "sqlite":
-            level = conn.execute(text("PRAGMA synchronous")).scalar_one()
-            if level < 2:  # 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
-                problems.append(
-                    f"SQLite runs with synchronous={level}: a crash can forget numbers already "
-                    "handed out; use FULL (2) or EXTRA (3)"
-                )
+        problems += backend_for(engine).durability_problems(conn)
     return problems
 
 

@@ -28,7 +28,7 @@ from numbering.tasks.amqp import AmqpDrain
 from numbering.tasks.app import create_app
 from numbering.tasks.drain import BatchProcessor, RedisDrain
 from numbering.tasks.events import TaskEvents, show_queues, task_events_switch
-from numbering.tasks.guard import ConsumerLock
+from numbering.tasks.guard import consumer_lock
 from numbering.tasks.metrics import WorkerMetrics
 from numbering.tasks.preflight import run_preflight
 
@@ -86,7 +86,7 @@ class NumberingWorker:
             self.drains = [
                 RedisDrain(
                     broker,
-                    {queue: ConsumerLock(self.allocator.engine, queue) for queue in queues},
+                    {queue: consumer_lock(self.allocator.engine, queue) for queue in queues},
                     processor,
                     batch_size=settings.batch_size,
                     stop=self.stop,

@@ -10,9 +10,10 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from numbering.backends import backend_for
 from numbering.database import translate_error
 
 if TYPE_CHECKING:
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["VERSION_TABLE", "SchemaUpgrade", "current_revision", "head_revision", "upgrade"]
 
 VERSION_TABLE = "numbering_alembic_version"
-
-# Any constant shared by every numbering process; it serialises concurrent migrations.
-MIGRATION_LOCK_KEY = 7_360_401_111
 
 # Alembic's `context` is one global per process: two threads must not migrate at once.
 # Across processes the advisory lock taken in upgrade() does the same job.
@@ -77,9 +75,10 @@ class SchemaUpgrade:
 def upgrade(engine: Engine, revision: str = "head") -> SchemaUpgrade:
     """Create numbering's tables, or upgrade them to ``revision``.
 
-    Safe to run from several processes at once: on PostgreSQL the migration holds an
-    advisory lock, so a second process waits and then finds nothing left to do (and
-    says so: the revision before is read under the lock).
+    Safe to run from several processes at once: the migration holds the engine's
+    migration lock (:meth:`~numbering.backends.base.Backend.migration_lock`), so a second
+    process waits and then finds nothing left to do (and says so: the revision before is
+    read under the lock).
     """
     from alembic import command
     from alembic.runtime.migration import MigrationContext
@@ -87,10 +86,7 @@ def upgrade(engine: Engine, revision: str = "head") -> SchemaUpgrade:
     config = _config()
     try:
         with _UPGRADE_LOCK, engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
-                )
+            backend_for(connection).migration_lock(connection)
             context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
             before = context.get_current_revision()
             config.attributes["connection"] = connection

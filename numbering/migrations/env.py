@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from numbering.backends import backend_for
 from numbering.migrations import VERSION_TABLE
 from numbering.schema import metadata
 
@@ -13,7 +14,7 @@ context.configure(
     connection=connection,
     target_metadata=metadata,
     version_table=VERSION_TABLE,
-    render_as_batch=connection.dialect.name == "sqlite",
+    render_as_batch=backend_for(connection).alembic_batch_mode,
     compare_type=True,
 )
 with context.begin_transaction():

@@ -332,8 +332,9 @@ def test_batch_rows_are_stored_exactly_by_either_store(numbers: Allocator, engin
     """PostgreSQL through psycopg2 takes the plain-SQL store (two statements a round
     trip); SQLite the Core one. Both must write the same ledger rows: references of every
     JSON kind, formatted numbers, counters, and resends answered from the ledger."""
+    from numbering.backends.psycopg2 import Psycopg2Store
     from numbering.schema import ledger
-    from numbering.store import CoreStore, Psycopg2Store, store_for
+    from numbering.store import CoreStore, store_for
 
     with engine.connect() as conn:
         store = store_for(conn)
@@ -371,7 +372,9 @@ def test_several_counter_updates_for_one_counter_leave_the_last(pg_url: str) -> 
     from datetime import datetime, timezone
 
     from numbering import create_engine
-    from numbering.store import CounterUpdate, Psycopg2Store
+    from numbering.backends import backend_named
+    from numbering.backends.psycopg2 import Psycopg2Store
+    from numbering.store import CounterUpdate
 
     engine = create_engine(pg_url)
     numbers = Allocator(engine)
@@ -390,6 +393,8 @@ def test_several_counter_updates_for_one_counter_leave_the_last(pg_url: str) -> 
         conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
         updates = [CounterUpdate(ids[0], 7, 0), CounterUpdate(ids[1], 3, 0)]
         updates += [CounterUpdate(ids[0], 5, 0)]
-        Psycopg2Store(conn).write(updates, [], datetime.now(timezone.utc))
+        Psycopg2Store(conn, backend_named("postgresql")).write(
+            updates, [], datetime.now(timezone.utc)
+        )
     assert [numbers.last_value(name) for name in ("one", "two")] == [5, 3]
     engine.dispose()

@@ -148,7 +148,7 @@ class LostCommitReply:
     ``after=True``: the server commits, then the client sees the connection drop.
     ``after=False``: the connection drops before the COMMIT is sent (nothing commits).
     numbering's assignments send COMMIT as SQL, at the end of the round trip that also
-    carries the transaction's writes (numbering.store.run_pipelined).
+    carries the transaction's writes (numbering.backends.psycopg2.run_pipelined).
     """
 
     def __init__(self, engine: Engine, *, after: bool) -> None:

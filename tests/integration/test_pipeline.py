@@ -1,7 +1,7 @@
 """Pipelined assignment transactions on PostgreSQL through psycopg2.
 
 numbering's own transactions send BEGIN along with the lock and hold the ledger writes
-back to go along with COMMIT (numbering.store.run_pipelined). These tests pin down what
+back to go along with COMMIT (numbering.backends.psycopg2.run_pipelined). These tests pin down what
 that must never change: the order of statements, what a failure leaves behind, and the
 connection handed back to the pool.
 """
@@ -19,8 +19,8 @@ from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine
 
 from numbering import Allocator, KeyReusedError, Request, assign, create_engine
+from numbering.backends.psycopg2 import PIPELINE_OPTION, Pipeline
 from numbering.errors import DatabaseError
-from numbering.store import PIPELINE_OPTION, Pipeline
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from numbering.errors import (
 from numbering.messages import encode_redis_message
 from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, queue_for, sequence_queue
 from numbering.tasks.drain import BatchProcessor, RedisDrain, inflight_list
-from numbering.tasks.guard import ConsumerLock
+from numbering.tasks.guard import consumer_lock
 
 
 def setup_sequences(stack: Stack, *names: str) -> Allocator:
@@ -153,7 +153,7 @@ def in_thread_consumer(
     stop = threading.Event()
     drain = RedisDrain(
         broker,
-        {queue: ConsumerLock(engine, queue) for queue in queues},
+        {queue: consumer_lock(engine, queue) for queue in queues},
         Recording(Allocator(engine), replies),
         batch_size=500,
         stop=stop,
@@ -201,7 +201,7 @@ def test_an_idle_consumer_does_not_spin_on_a_queue_it_stands_by_for(stack: Stack
     setup_sequences(stack, *names)
     engine = create_engine(stack.settings.database_url)
     queues = [sequence_queue(name) for name in names]
-    other = ConsumerLock(engine, queues[2])
+    other = consumer_lock(engine, queues[2])
     assert other.try_acquire()
     drain, stop, batches, broker = in_thread_consumer(stack, queues, engine)
     broker.lpush(queues[2], request_message(queues[2], "three", "three:0"))
@@ -742,7 +742,7 @@ def test_a_stop_during_the_ack_and_drain_still_finishes_the_batch_drained(
     stop = threading.Event()
     drain = RedisDrain(
         broker,
-        {queue: ConsumerLock(engine, queue)},
+        {queue: consumer_lock(engine, queue)},
         BatchProcessor(allocator, replies),
         batch_size=500,
         stop=stop,

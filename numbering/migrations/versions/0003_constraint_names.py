@@ -14,8 +14,9 @@ Create Date: 2026-12-06
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import op
+
+from numbering.backends import backend_for
 
 revision = "0003"
 down_revision = "0002"
@@ -35,15 +36,11 @@ _CHECKS = {
 
 def _rename(doubled_to_single: bool) -> None:
     bind = op.get_bind()
-    if bind.dialect.name != "postgresql":
+    backend = backend_for(bind)
+    if not backend.alters_constraints:
         return
     for table, names in _CHECKS.items():
-        present = set(
-            bind.execute(
-                sa.text("SELECT conname FROM pg_constraint WHERE conrelid = CAST(:t AS regclass)"),
-                {"t": table},
-            ).scalars()
-        )
+        present = backend.constraint_names(bind, table)
         for name in names:
             single = f"ck_{table}_{name}"
             doubled = f"ck_{table}_{single}"

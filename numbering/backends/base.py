@@ -1,0 +1,213 @@
+"""What a database engine must provide, and the defaults that SQLAlchemy Core gives.
+
+A :class:`Backend` says *which SQL with what semantics* an engine needs: how to connect and
+start a transaction, how to lock a counter, insert a row unless it exists, tell a
+serialization failure from a lost connection, hold the one-consumer lock, serialise
+migrations, keep the ledger append-only, check that a COMMIT is durable, and number a
+chunk of rows in place. It runs nothing on its own initiative: whoever owns the
+transaction (an *executor*) runs what it hands out. Today the executors are a SQLAlchemy
+``Connection`` or ``Session`` (:class:`numbering.store.CoreStore`) and, on PostgreSQL
+through psycopg2, the pipelined executor of :mod:`numbering.backends.psycopg2`; a Django
+connection can be a third one without any change here.
+
+The defaults below are the portable SQLAlchemy Core forms; an engine overrides what it
+does differently. A new engine is one module with a subclass, listed in
+:mod:`numbering.backends`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
+
+from numbering.errors import NumberingError
+from numbering.schema import sequences
+
+if TYPE_CHECKING:
+    from numbering.store import CoreStore
+
+T = TypeVar("T")
+
+__all__ = ["Backend", "ChunkIds", "ConsumerLock", "Pipelined"]
+
+
+class Pipelined(Protocol):
+    """Runs ``work(connection)`` as one pipelined transaction at ``isolation_level``."""
+
+    def __call__(self, isolation_level: str, work: Callable[[Connection], T]) -> T: ...
+
+
+class ConsumerLock(Protocol):
+    """The lock that makes its holder the active consumer of a queue; the operating
+    system or the database releases it the moment the holder's process dies."""
+
+    queue: str
+
+    @property
+    def held(self) -> bool: ...
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; True when this process now holds it."""
+
+    def still_held(self) -> bool:
+        """False once the lock was lost (its database session died)."""
+
+    def release(self) -> None: ...
+
+
+#: The rows locked for one chunk of a batch job: how many, the first and last id in
+#: numbering order, and the ids (a list, or an engine's own array text).
+ChunkIds = tuple[int, Any, Any, "list[Any] | str"]
+
+
+class Backend:
+    """One database engine; see the module doc. Instances hold no state."""
+
+    #: SQLAlchemy's backend name (``URL.get_backend_name()``).
+    name: ClassVar[str]
+    #: How people write it.
+    label: ClassVar[str]
+    #: An example URL, for error messages.
+    url_example: ClassVar[str]
+    #: Other spellings of the URL's scheme, rewritten before parsing.
+    url_aliases: ClassVar[Mapping[str, str]] = {}
+    #: Alembic's batch mode (copy-and-move tables) for ALTERs the engine cannot do.
+    alembic_batch_mode: ClassVar[bool] = False
+    #: Whether constraints can be added and renamed in place (revisions 0002, 0003).
+    alters_constraints: ClassVar[bool] = True
+
+    # -- connections and transactions -----------------------------------------------------
+
+    def normalize_url(self, url: URL) -> URL:
+        """``url`` with the driver numbering uses when it names none."""
+        return url
+
+    def create_engine(
+        self, url: URL, *, idle_transaction_timeout: float | None, **kwargs: Any
+    ) -> Engine:
+        """An engine set up the way numbering needs it (see :func:`numbering.create_engine`)."""
+        return sa.create_engine(url, **kwargs)
+
+    def transaction_options(self, isolation_level: str, readonly: bool) -> dict[str, Any]:
+        """Execution options that start a connection's transactions as asked."""
+        return {"isolation_level": isolation_level}
+
+    def database_absent(self, url: URL) -> bool:
+        """True when connecting would create an empty database (a missing file)."""
+        return False
+
+    def location(self, url: URL) -> str:
+        """Where the database is, for people: host and database name."""
+        return f"{url.host}/{url.database}"
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def classify(self, exc: sa.exc.DBAPIError, detail: str) -> NumberingError | None:
+        """numbering's error for a driver error this engine raised, or None when the error
+        is not this engine's (:func:`numbering.database.translate_error` asks each)."""
+        return None
+
+    # -- the allocator's statements ---------------------------------------------------------
+
+    def lock_counter(self, name: str, nowait: bool) -> list[Executable]:
+        """Statements that lock counter row ``name`` until the transaction ends; the last
+        one returns the row (none: no such counter)."""
+        return [sa.select(sequences).where(sequences.c.name == name).with_for_update(nowait=nowait)]
+
+    def insert_if_absent(
+        self, table: Table, values: Mapping[str, Any], unique: Sequence[str] | None = None
+    ) -> Executable:
+        """An INSERT of ``values`` that does nothing when a row with the same ``unique``
+        columns exists (any unique key when None), waiting for a concurrent inserter."""
+        raise NotImplementedError(f"{self.label}: insert_if_absent")
+
+    def store(self, bind: Session | Connection) -> CoreStore:
+        """The fastest store (executor) that works on ``bind``'s driver."""
+        from numbering.store import CoreStore
+
+        return CoreStore(bind, self)
+
+    def pipelined(self, engine: Engine) -> Pipelined | None:
+        """A runner of pipelined transactions on ``engine``, where its driver has one."""
+        return None
+
+    def lock_table_shared(self, bind: Session | Connection, table: Table) -> None:
+        """Keep other transactions from writing ``table`` until this one ends (the import
+        of numbers already in a table reads its maximum under this lock)."""
+
+    # -- one consumer per queue ----------------------------------------------------------------
+
+    def consumer_lock(self, engine: Engine, queue: str) -> ConsumerLock:
+        raise NotImplementedError(f"{self.label}: consumer_lock")
+
+    def consumer_alive(self, engine: Engine, queue: str) -> bool:
+        """True when some process holds ``queue``'s consumer lock."""
+        probe = self.consumer_lock(engine, queue)
+        if probe.try_acquire():  # free: nobody consumes
+            probe.release()
+            return False
+        return True
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def migration_lock(self, connection: Connection) -> None:
+        """Serialise concurrent ``init-db`` runs for the rest of ``connection``'s
+        transaction (nothing to do where the first DDL already does)."""
+
+    def ledger_triggers(self) -> list[str]:
+        """DDL that makes the ledger append-only, as revision 0002 creates it. Changing it
+        takes a new revision: a revision's DDL never changes once released."""
+        raise NotImplementedError(f"{self.label}: ledger_triggers")
+
+    def drop_ledger_triggers(self) -> list[str]:
+        """DDL that undoes :meth:`ledger_triggers` (revision 0002's downgrade)."""
+        raise NotImplementedError(f"{self.label}: drop_ledger_triggers")
+
+    def constraint_names(self, connection: Connection, table: str) -> set[str]:
+        """The names of ``table``'s constraints."""
+        return {
+            check["name"]
+            for check in sa.inspect(connection).get_check_constraints(table)
+            if check["name"]
+        }
+
+    # -- the worker's start-up checks --------------------------------------------------------
+
+    def durability_problems(self, connection: Connection) -> list[str]:
+        """Settings under which the database may forget a COMMIT it acknowledged."""
+        return []
+
+    # -- batch jobs -------------------------------------------------------------------------
+
+    def lock_chunk(
+        self, connection: Connection, locked: sa.Select[Any], ident: str, order: Sequence[str]
+    ) -> ChunkIds | None:
+        """Run ``locked`` (a SELECT ... FOR UPDATE of ids, then the ``order`` columns) and
+        return the chunk it locked, None when it locked nothing."""
+        found = list(connection.execute(locked).scalars())
+        return (len(found), found[0], found[-1], found) if found else None
+
+    def write_chunk(
+        self,
+        connection: Connection,
+        table: Table,
+        ident: sa.Column[Any],
+        number: sa.Column[Any],
+        ids: list[Any] | str,
+        first: int,
+    ) -> int:
+        """Give the rows ``ids`` (as :meth:`lock_chunk` returned them) the numbers
+        ``first``, ``first + 1``, ... in order; return how many rows were written."""
+        result = connection.execute(
+            sa.update(table)
+            .where(ident == sa.bindparam("_id"))
+            .values({number: sa.bindparam("_n")}),
+            [{"_id": row_id, "_n": first + i} for i, row_id in enumerate(ids)],
+        )
+        return int(result.rowcount)

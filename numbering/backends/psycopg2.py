@@ -1,0 +1,282 @@
+"""The psycopg2 executor: PostgreSQL's statements as plain SQL, two to a round trip.
+
+An optimisation for PostgreSQL through psycopg2 (numbering's own driver), not a second
+engine: the statements mean what :class:`numbering.store.CoreStore` runs on PostgreSQL.
+
+- :class:`Psycopg2Store` sends lock and look-up together (``SELECT ... FOR UPDATE;
+  SELECT ...``: the look-up is its own statement, so under READ COMMITTED it takes its
+  snapshot *after* the lock is granted, exactly as when sent alone), and so the counter
+  updates and the ledger insert. A batch on one sequence costs BEGIN, two round trips and
+  COMMIT instead of six round trips, and skips building and compiling Core statements,
+  which cost the worker about 4 ms of CPU a batch on a 2-core machine
+  (docs/benchmarks.md).
+- numbering's own transactions (the worker's batches, :meth:`Allocator.assign
+  <numbering.runner.Allocator.assign>`) go further with a :class:`Pipeline`: ``BEGIN``
+  travels with the first statement and the writes with ``COMMIT``, so a batch on one
+  sequence is two round trips to PostgreSQL in all (see :func:`run_pipelined`).
+
+Both go through SQLAlchemy's connection (``exec_driver_sql`` for the plain SQL), so
+driver errors, lost connections and pool invalidation are handled the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.orm import Session
+
+from numbering.errors import DatabaseError
+from numbering.plan import CounterUpdate, Prior
+from numbering.store import CoreStore
+
+if TYPE_CHECKING:
+    from numbering.backends.base import Backend, Pipelined
+
+T = TypeVar("T")
+
+__all__ = ["PIPELINE_OPTION", "Pipeline", "Psycopg2Store", "pipelined", "run_pipelined"]
+
+#: Execution option that holds a connection's :class:`Pipeline`.
+PIPELINE_OPTION = "numbering_pipeline"
+
+
+# Lock (in name order, bytewise as Python sorts), then look up in a second statement of
+# the same round trip (see the module doc). The look-up's result rides on the first row.
+_LOCK_AND_LOOK_UP = """\
+SELECT 1 FROM numbering_sequence WHERE name = ANY(%(names)s)
+ ORDER BY name COLLATE "C" FOR UPDATE{nowait};
+SELECT s.*, CASE WHEN row_number() OVER () = 1 THEN (
+    SELECT json_agg(json_build_array(
+        l.request_key, l.sequence_id, l.cycle, l.value, l.count, o.parent_id, l.formatted,
+        o.period_key))
+      FROM numbering_ledger l JOIN numbering_sequence o ON o.id = l.sequence_id
+     WHERE l.request_key = ANY(%(keys)s)
+) END AS numbering_priors
+  FROM numbering_sequence s WHERE s.name = ANY(%(names)s)"""
+
+_UPDATE_COUNTER = (
+    "UPDATE numbering_sequence SET last_value = %(counter_last)s, "
+    "cycle = %(counter_cycle)s, updated_at = %(now)s WHERE id = %(counter_id)s;"
+)
+
+# The counters of several sequences in one statement: a transaction over 12 sequences
+# spent about 0.3 ms more of the server's time on 12 single-row UPDATEs, each parsed and
+# planned on its own (pgbench; docs/benchmarks.md). One counter keeps the plain UPDATE,
+# which is cheaper to plan than the join.
+_UPDATE_COUNTERS = """\
+UPDATE numbering_sequence s
+   SET last_value = c.last_value, cycle = c.cycle, updated_at = %(now)s
+  FROM unnest(%(counter_ids)s::bigint[], %(counter_lasts)s::bigint[],
+              %(counter_cycles)s::bigint[])
+       AS c(id, last_value, cycle)
+ WHERE s.id = c.id;"""
+
+# One INSERT for any number of ledger rows: one array per column.
+_INSERT_LEDGER = """\
+INSERT INTO numbering_ledger
+       (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
+        formatted)
+SELECT sequence_id, cycle, value, count, request_key, reference, status, %(now)s, formatted
+  FROM unnest(%(sequence_id)s::bigint[], %(cycle)s::bigint[], %(value)s::bigint[],
+              %(count)s::bigint[], %(request_key)s::text[], %(reference)s::jsonb[],
+              %(status)s::text[], %(formatted)s::text[])
+       AS r(sequence_id, cycle, value, count, request_key, reference, status, formatted)"""
+
+_LEDGER_ARRAYS = ("sequence_id", "cycle", "value", "count", "request_key", "status", "formatted")
+
+
+class Psycopg2Store(CoreStore):
+    """PostgreSQL through psycopg2: two statements to a round trip (see the module doc)."""
+
+    def __init__(self, bind: Session | Connection, backend: Backend) -> None:
+        super().__init__(bind, backend)
+
+    def lock_and_look_up_many(
+        self, names: Sequence[str], keys: Iterable[str], nowait: bool
+    ) -> tuple[dict[str, Any], dict[str, Prior]]:
+        sql = _LOCK_AND_LOOK_UP.format(nowait=" NOWAIT" if nowait else "")
+        found = self._execute(sql, {"names": list(names), "keys": list(keys)}).all()
+        rows = {row.name: row for row in found}
+        held = found[0].numbering_priors if found else None
+        priors = {item[0]: Prior(*item[1:]) for item in held or ()}
+        return rows, priors
+
+    def write(
+        self, updates: Sequence[CounterUpdate], rows: Sequence[dict[str, Any]], now: datetime
+    ) -> None:
+        statements: list[str] = []
+        params: dict[str, Any] = {"now": now}
+        # One row per counter, its last state winning, as when each was its own UPDATE
+        # (a joined UPDATE would apply an arbitrary one of two rows for the same counter).
+        counters = list({update.counter_id: update for update in updates}.values())
+        if len(counters) == 1:
+            [(counter_id, last, cycle)] = counters
+            statements.append(_UPDATE_COUNTER)
+            params.update(counter_id=counter_id, counter_last=last, counter_cycle=cycle)
+        elif counters:
+            statements.append(_UPDATE_COUNTERS)
+            params["counter_ids"] = [counter_id for counter_id, _, _ in counters]
+            params["counter_lasts"] = [last for _, last, _ in counters]
+            params["counter_cycles"] = [cycle for _, _, cycle in counters]
+        if rows:
+            statements.append(_INSERT_LEDGER)
+            for column in _LEDGER_ARRAYS:
+                params[column] = [row[column] for row in rows]
+            params["reference"] = [
+                None if row["reference"] is None else json.dumps(row["reference"]) for row in rows
+            ]
+        if not statements:
+            return
+        sql = "\n".join(statements)
+        pipeline = _pipeline_of(self.bind)
+        if pipeline is None:
+            self._execute(sql, params)
+        else:  # held back, to go with the next statement or with COMMIT
+            assert isinstance(self.bind, Connection)
+            pipeline.hold(_mogrify(self.bind, sql, params))
+
+    def _execute(self, sql: str, params: dict[str, Any]) -> Any:
+        if isinstance(self.bind, Session):
+            return self.bind.connection().exec_driver_sql(sql, params)
+        return self.bind.exec_driver_sql(sql, params)
+
+
+class Pipeline:
+    """SQL held back to travel in front of a connection's next statement.
+
+    One round trip carries several statements (psycopg2 sends a query string as it is;
+    PostgreSQL runs its statements in order and stops at the first error, which is
+    raised as the error of the statement that carried them). What is held back is
+    already bound to its parameters, so nothing can be sent out of order: every
+    statement on the connection, numbering's or SQLAlchemy's, takes it along.
+    """
+
+    def __init__(self, first: str) -> None:
+        self._held: list[str] = [first]
+
+    def hold(self, sql: str) -> None:
+        """Send ``sql`` (complete, parameters bound) with the next statement."""
+        self._held.append(sql)
+
+    def take(self) -> str:
+        """What is held back, as a prefix for the next statement; empties the pipeline."""
+        text = "".join(f"{sql};\n" for sql in self._held)
+        self._held.clear()
+        return text
+
+    def clear(self) -> None:
+        """Forget what is held back (the transaction failed; it will not be sent)."""
+        self._held.clear()
+
+
+def _pipeline_of(bind: Session | Connection) -> Pipeline | None:
+    if isinstance(bind, Session):
+        return None
+    pipeline = bind.get_execution_options().get(PIPELINE_OPTION)
+    return pipeline if isinstance(pipeline, Pipeline) else None
+
+
+def _mogrify(connection: Connection, sql: str, params: Any) -> str:
+    """``sql`` with ``params`` bound exactly as psycopg2 would send it."""
+    dbapi = connection.connection.dbapi_connection
+    assert dbapi is not None
+    cursor = dbapi.cursor()
+    try:
+        return cursor.mogrify(sql, params).decode(_python_encoding(dbapi))  # type: ignore[no-any-return]
+    finally:
+        cursor.close()
+
+
+def _python_encoding(dbapi: Any) -> str:
+    from psycopg2.extensions import encodings
+
+    return str(encodings.get(dbapi.encoding, "utf-8"))
+
+
+def _send_held_first(
+    connection: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> tuple[str, Any]:
+    """``before_cursor_execute``: put what the connection's pipeline holds in front."""
+    pipeline = connection.get_execution_options().get(PIPELINE_OPTION)
+    if not isinstance(pipeline, Pipeline):
+        return statement, parameters
+    prefix = pipeline.take()
+    if not prefix:
+        return statement, parameters
+    if executemany:  # cannot share a round trip with executemany: send it first, alone
+        cursor.execute(prefix)
+        return statement, parameters
+    # Bind this statement's parameters as psycopg2 would (no parameters at all for raw SQL
+    # sent without them, so its % signs stay as they are), then send the lot unbound.
+    own = parameters if parameters or not context.no_parameters else None
+    text = cursor.mogrify(statement, own).decode(_python_encoding(cursor.connection))
+    return prefix + text, None
+
+
+def pipelined(engine: Engine) -> Pipelined:
+    """Let ``engine`` (PostgreSQL through psycopg2) run pipelined transactions; return
+    the runner: ``run(isolation_level, work)`` is :func:`run_pipelined` on ``engine``."""
+    if not event.contains(engine, "before_cursor_execute", _send_held_first):
+        event.listen(engine, "before_cursor_execute", _send_held_first, retval=True)
+
+    def run(isolation_level: str, work: Callable[[Connection], T]) -> T:
+        return run_pipelined(engine, isolation_level, work)
+
+    return run
+
+
+def run_pipelined(engine: Engine, isolation_level: str, work: Callable[[Connection], T]) -> T:
+    """Run ``work(connection)`` in one transaction on ``engine`` (see
+    :func:`enable_pipelining`), with ``BEGIN`` sent along with its first statement and
+    whatever the store held back sent along with ``COMMIT``.
+
+    The connection is in driver autocommit mode and the transaction is numbering's own
+    SQL: ``work`` must not begin, commit or roll back itself. On any failure the
+    transaction is rolled back; a connection whose state is then in doubt is invalidated
+    (closed), never handed to the next user of the pool inside a transaction.
+    """
+    from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+    pipeline = Pipeline(f"BEGIN ISOLATION LEVEL {isolation_level}")
+    with engine.connect() as connection:
+        connection.execution_options(**{PIPELINE_OPTION: pipeline})
+        dbapi = connection.connection.dbapi_connection
+        assert dbapi is not None
+        # Set on the driver directly: through SQLAlchemy's isolation_level option, handing
+        # the connection back to the pool would cost a round trip (SET
+        # default_transaction_isolation).
+        dbapi.autocommit = True
+        try:
+            result = work(connection)
+            done = connection.exec_driver_sql("COMMIT", execution_options={"no_parameters": True})
+            status = done.context.cursor.statusmessage
+            if status != "COMMIT":
+                # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, no error.
+                raise DatabaseError(f"the transaction ended with {status}, not COMMIT")
+            return result
+        except BaseException:
+            pipeline.clear()
+            if not connection.invalidated:
+                try:
+                    if dbapi.info.transaction_status != TRANSACTION_STATUS_IDLE:
+                        connection.exec_driver_sql(
+                            "ROLLBACK", execution_options={"no_parameters": True}
+                        )
+                except Exception:
+                    connection.invalidate()
+            raise
+        finally:
+            if not connection.invalidated:
+                try:
+                    dbapi.autocommit = False
+                except Exception:
+                    connection.invalidate()
