@@ -32,6 +32,7 @@ __all__ = [
     "Job",
     "decode_redis_message",
     "encode_redis_message",
+    "envelope",
     "SENT_AT_HEADER",
     "error_from_reply",
     "parse_task",
@@ -133,14 +134,29 @@ def encode_redis_message(queue: str, kwargs: dict[str, Any], reply_to: str | Non
     if reply_to is not None:
         headers[REPLY_HEADER] = reply_to
     body = json.dumps([[], kwargs, _EMBED], separators=(",", ":")).encode()
+    return envelope(queue, headers, body, content_type="application/json", correlation_id=task_id)
+
+
+def envelope(
+    queue: str,
+    headers: dict[str, Any],
+    body: bytes,
+    *,
+    content_type: str | None,
+    content_encoding: str | None = "utf-8",
+    correlation_id: str | None = None,
+) -> str:
+    """A message that came another way (RabbitMQ) in kombu's Redis envelope: the one
+    format of dead letters, which ``numbering quarantine list`` reads and a Redis queue
+    takes back as it is."""
     return json.dumps(
         {
             "body": base64.b64encode(body).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
+            "content-encoding": content_encoding,
+            "content-type": content_type,
             "headers": headers,
             "properties": {
-                "correlation_id": task_id,
+                "correlation_id": correlation_id,
                 "reply_to": "",
                 "delivery_mode": 2,
                 "delivery_info": {"exchange": queue, "routing_key": queue},

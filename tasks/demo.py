@@ -5,22 +5,21 @@ assigns each batch in one database transaction with numbering's own batch proces
 answers every request, and the ledger is audited at the end. Then a table of documents
 is numbered in bulk.
 
-Without ``NUMBERING_BROKER_URL`` in the environment the queue is in-process (a
-``queue.Queue`` between the client threads and the consumer thread; messages are passed
-as objects, not encoded) and the ledger is the SQLite file of ``NUMBERING_DATABASE_URL``
-(default ``./numbering.db``). With ``NUMBERING_BROKER_URL`` set, the same demo runs a real
-numbering worker in this process and the real client over that broker.
+Without ``NUMBERING_BROKER_URL`` in the environment the queue is in-process (the
+in-memory transport of :mod:`numbering.tasks.memory` between the client threads and the
+worker's own consumer loop; messages are passed as objects, not encoded) and the ledger
+is the SQLite file of ``NUMBERING_DATABASE_URL`` (default ``./numbering.db``). With
+``NUMBERING_BROKER_URL`` set, the same demo runs a real numbering worker in this process
+and the real client over that broker.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import sqlalchemy as sa
 
@@ -29,12 +28,14 @@ from numbering.backends import backend_for
 from numbering.batch import BatchJob, number_rows
 from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
-from numbering.messages import BadMessage, Job
+from numbering.messages import Job
 from numbering.migrations import upgrade
-from numbering.replies import error_from_reply, reply_for
+from numbering.replies import error_from_reply, new_reply_list
+from numbering.routing import sequence_queue
 from numbering.runner import Allocator
 from numbering.settings import ENV, Settings
-from numbering.tasks.drain import BatchProcessor
+from numbering.tasks.consumer import BatchProcessor, Consumer
+from numbering.tasks.memory import MemoryBroker, MemoryReplies, MemoryTransport
 
 __all__ = ["run_demo"]
 
@@ -45,58 +46,37 @@ CLIENTS, PER_CLIENT, DOCUMENT_ROWS = 8, 250, 5000
 Say = Callable[[str], None]
 
 
-class _LocalProcessor(BatchProcessor):
-    """The worker's batch processor, answering waiting threads instead of Redis lists."""
-
-    def __init__(self, allocator: Allocator) -> None:
-        super().__init__(allocator, replies=None)  # type: ignore[arg-type]
-        self.waiting: dict[str, tuple[threading.Event, list[dict[str, Any]]]] = {}
-        self.lock = threading.Lock()
-
-    def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Any]) -> None:
-        for index, item in enumerate(items):
-            key = item.request.key if isinstance(item, Job) else item.key
-            with self.lock:
-                waiter = self.waiting.pop(key or "", None)
-            if waiter is not None:
-                waiter[1].append(reply_for(key, outcomes[index]))
-                waiter[0].set()
-
-
 class _LocalBroker:
-    """An in-process queue with one consumer thread draining it in batches."""
+    """The in-memory transport with one consumer thread: the worker's loop and batch
+    processor, in-process queues instead of a broker."""
 
     def __init__(self, allocator: Allocator, batch_size: int) -> None:
-        self.processor = _LocalProcessor(allocator)
-        self.queue: queue.Queue[Job] = queue.Queue()
-        self.batch_size = batch_size
+        self.broker = MemoryBroker()
+        self.replies = MemoryReplies()
+        self.processor = BatchProcessor(allocator, self.replies)
         self.stop = threading.Event()
-        self.batches = 0
-        self.thread = threading.Thread(target=self._consume, name="numbering:demo", daemon=True)
+        self.consumer = Consumer(
+            MemoryTransport(self.broker, [sequence_queue(SEQUENCE)]),
+            self.processor,
+            batch_size=batch_size,
+            stop=self.stop,
+        )
+        self.thread = threading.Thread(target=self.consumer.run, name="numbering:demo", daemon=True)
         self.thread.start()
 
-    def _consume(self) -> None:
-        while not self.stop.is_set():
-            try:
-                batch = [self.queue.get(timeout=0.1)]
-            except queue.Empty:
-                continue
-            while len(batch) < self.batch_size:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            self.processor.process_until_done(batch, self.stop, "demo")
-            self.batches += 1
+    @property
+    def batches(self) -> int:
+        """Transactions the consumer committed."""
+        return self.processor.transactions
 
     def next_value(self, sequence: str, key: str) -> int:
-        answered, box = threading.Event(), list[dict[str, Any]]()
-        with self.processor.lock:
-            self.processor.waiting[key] = (answered, box)
-        self.queue.put(Job(uuid.uuid4().hex, sequence, Request(key), None))
-        if not answered.wait(60):
+        reply_to = new_reply_list()
+        self.broker.publish(
+            sequence_queue(sequence), Job(uuid.uuid4().hex, sequence, Request(key), reply_to)
+        )
+        reply = self.replies.wait(reply_to, 60)
+        if reply is None:
             raise NumberingError(f"no answer for {key!r} in 60 s")
-        reply = box[0]
         if "error" in reply:
             raise error_from_reply(reply["error"])
         return int(reply["value"])
@@ -111,7 +91,6 @@ class _RealBroker:
 
     def __init__(self, settings: Settings) -> None:
         from numbering.client import Client
-        from numbering.routing import sequence_queue
         from numbering.tasks.app import create_app
         from numbering.tasks.worker import NumberingWorker
 

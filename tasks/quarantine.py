@@ -2,7 +2,8 @@
 
 A request that stopped the worker ``MAX_DELIVERIES`` times is kept in the Redis list
 ``_numbering.dead.<queue>`` (on the broker's Redis, or on the reply Redis when the broker
-is RabbitMQ) and answered with ``QuarantinedError``. After the cause is fixed, ``replay``
+is RabbitMQ), as a kombu Redis envelope whatever the broker, and answered with
+``QuarantinedError``. After the cause is fixed, ``replay``
 moves such requests back to their queue with a fresh count of attempts. Replaying is
 safe for the ledger: a request that was in fact assigned gets its number back by key.
 """
@@ -65,7 +66,8 @@ def list_quarantined(settings: Settings, sequence: str | None = None) -> list[Qu
 def _describe(queue: str, raw: bytes | str) -> Quarantined:
     try:
         stored = json.loads(raw)
-        if "body" in stored and "properties" not in stored:  # RabbitMQ: kept as headers+body
+        # Kept before dead letters had one format: a RabbitMQ request as headers + body.
+        if "body" in stored and "properties" not in stored:
             headers, body = stored["headers"], json.loads(stored["body"])
         else:
             headers, body = decode_redis_message(raw)

@@ -2,19 +2,19 @@
 
 A request that was handed to a consumer which then died (left in a Redis in-flight list,
 or redelivered unacknowledged by RabbitMQ) may be what killed it. So such a request is
-tried alone, and counted before each try in a Redis hash (``_numbering.attempts.<queue>``,
-keyed by the message's id or digest). One that has now stopped the worker
-:data:`MAX_DELIVERIES` times is quarantined instead of tried again: kept in the Redis
-list ``_numbering.dead.<queue>`` for an operator (``numbering quarantine list`` /
-``replay``) and answered with :class:`~numbering.errors.QuarantinedError`, so the queue
-keeps flowing. The consumers of both brokers ask this module; only what they store in
-the dead-letter list differs (the Redis envelope as it was, which ``replay`` puts back;
-RabbitMQ's headers and body).
+tried alone, and counted before each try (:class:`RedisAttempts`: a Redis hash
+``_numbering.attempts.<queue>``, keyed by the message's id or digest). One that has now
+stopped the worker :data:`MAX_DELIVERIES` times is quarantined instead of tried again:
+kept in the dead-letter list ``_numbering.dead.<queue>`` for an operator (``numbering
+quarantine list`` / ``replay``), in one format whatever the broker (a kombu Redis
+envelope), and answered with :class:`~numbering.errors.QuarantinedError`, so the queue
+keeps flowing. The consumer loop (:mod:`numbering.tasks.consumer`) is the one caller.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 
@@ -22,8 +22,9 @@ from numbering.brokers import attempts_hash, dead_letter_list
 from numbering.errors import QuarantinedError
 from numbering.messages import BadMessage, Job
 from numbering.tasks.metrics import WorkerMetrics
+from numbering.tasks.transport import AttemptStore
 
-__all__ = ["ATTEMPTS_TTL", "MAX_DELIVERIES", "Redelivery"]
+__all__ = ["ATTEMPTS_TTL", "MAX_DELIVERIES", "RedisAttempts", "Redelivery"]
 
 log = logging.getLogger("numbering.worker")
 
@@ -34,25 +35,41 @@ MAX_DELIVERIES = 3
 ATTEMPTS_TTL = 24 * 3600
 
 
-class Redelivery:
-    """The policy, over the Redis server that keeps the counts and dead letters."""
+class RedisAttempts:
+    """Attempt counts and dead letters on a Redis server (the broker's, or on RabbitMQ
+    the reply Redis: RabbitMQ has no place for them that a replay could use)."""
 
-    def __init__(self, store: redis.Redis, metrics: WorkerMetrics | None = None) -> None:
-        self.store = store
-        self.metrics = metrics
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
 
     def count(self, queue: str, tag: str) -> int:
-        """Count one more try of the request ``tag`` on ``queue``; how many so far."""
-        pipe = self.store.pipeline()
+        pipe = self.client.pipeline()
         pipe.hincrby(attempts_hash(queue), tag, 1)
         pipe.expire(attempts_hash(queue), ATTEMPTS_TTL)
         tries, _ = pipe.execute()
         return int(tries)
 
-    def forget(self, queue: str, tag: str, client: redis.Redis | None = None) -> None:
-        """The request was answered: drop its count (on ``client``, a pipeline that
-        acknowledges the request in the same transaction, if given)."""
-        (client or self.store).hdel(attempts_hash(queue), tag)
+    def forget(self, queue: str, tag: str, pipe: Any = None) -> None:
+        """Drop the count (on ``pipe``, a pipeline that acknowledges the request in the
+        same transaction, if given)."""
+        (pipe or self.client).hdel(attempts_hash(queue), tag)
+
+    def keep(self, queue: str, stored: bytes | str) -> str:
+        dead = dead_letter_list(queue)
+        self.client.lpush(dead, stored)
+        return dead
+
+
+class Redelivery:
+    """The policy, over the store that keeps the counts and dead letters."""
+
+    def __init__(self, store: AttemptStore, metrics: WorkerMetrics | None = None) -> None:
+        self.store = store
+        self.metrics = metrics
+
+    def count(self, queue: str, tag: str) -> int:
+        """Count one more try of the request ``tag`` on ``queue``; how many so far."""
+        return self.store.count(queue, tag)
 
     def exhausted(self, tries: int) -> bool:
         """Whether a request on its ``tries``-th try has stopped the worker too often."""
@@ -63,9 +80,9 @@ class Redelivery:
     ) -> BadMessage:
         """Keep ``stored`` in ``queue``'s dead-letter list and return what to answer the
         request with (its :class:`QuarantinedError`)."""
-        dead = dead_letter_list(queue)
         key = item.request.key if isinstance(item, Job) else item.key
         stopped = tries - 1
+        dead = self.store.keep(queue, stored)
         log.error(
             "%s: quarantined request %s (key %r) after it stopped the worker %d times; "
             "it is kept in %s",
@@ -76,7 +93,6 @@ class Redelivery:
             dead,
             extra={"key": key, "task_id": item.task_id, "queue": queue},
         )
-        self.store.lpush(dead, stored)
         if self.metrics is not None:
             self.metrics.quarantined.inc()
         error = QuarantinedError(

@@ -24,13 +24,13 @@ from numbering.errors import ConfigurationError
 from numbering.routing import Shard, sequence_queue
 from numbering.runner import Allocator
 from numbering.settings import Settings
-from numbering.tasks.amqp import AmqpDrain
 from numbering.tasks.app import create_app
-from numbering.tasks.drain import BatchProcessor, RedisDrain
+from numbering.tasks.consumer import BatchProcessor, Consumer
 from numbering.tasks.events import TaskEvents, show_queues, task_events_switch
 from numbering.tasks.guard import consumer_lock
 from numbering.tasks.metrics import WorkerMetrics
 from numbering.tasks.preflight import run_preflight
+from numbering.tasks.transport import Transport
 
 __all__ = ["NumberingWorker", "build_worker", "queues_for"]
 
@@ -80,43 +80,41 @@ class NumberingWorker:
         # of other shards: each turn takes what waits on any of them into one transaction.
         processor = BatchProcessor(self.allocator, self.replies, app, self.metrics)
         self.processor = processor
-        self.drains: list[RedisDrain | AmqpDrain]
+        transport: Transport
         if broker_kind(settings.broker_url) == "redis":
-            broker = redis.Redis.from_url(settings.broker_url)
-            self.drains = [
-                RedisDrain(
-                    broker,
-                    {queue: consumer_lock(self.allocator.engine, queue) for queue in queues},
-                    processor,
-                    batch_size=settings.batch_size,
-                    stop=self.stop,
-                    shards=owner,
-                )
-            ]
+            from numbering.tasks.redis_transport import RedisTransport
+
+            transport = RedisTransport(
+                redis.Redis.from_url(settings.broker_url),
+                {queue: consumer_lock(self.allocator.engine, queue) for queue in queues},
+                stop=self.stop,
+            )
         elif broker_kind(settings.broker_url) == "amqp":
-            self.drains = [
-                AmqpDrain(
-                    settings.broker_url,
-                    queues,
-                    processor,
-                    batch_size=settings.batch_size,
-                    stop=self.stop,
-                    shards=owner,
-                )
-            ]
+            from numbering.tasks.amqp_transport import AmqpTransport
+
+            transport = AmqpTransport(
+                settings.broker_url, queues, replies=self.replies, batch_size=settings.batch_size
+            )
         else:
             raise ConfigurationError(
                 "numbering workers need a Redis or RabbitMQ broker; NUMBERING_BROKER_URL is "
                 f"{settings.broker_url.split('://')[0]}://"
             )
+        self.consumers = [
+            Consumer(
+                transport, processor, batch_size=settings.batch_size, stop=self.stop, shards=owner
+            )
+        ]
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
         if self.settings.metrics_port is not None:
             self.metrics.serve(self.settings.metrics_port)
             log.info("metrics on port %d (/metrics)", self.settings.metrics_port)
-        for drain in self.drains:
-            thread = threading.Thread(target=drain.run, name=f"numbering:{drain.name}", daemon=True)
+        for consumer in self.consumers:
+            thread = threading.Thread(
+                target=consumer.run, name=f"numbering:{consumer.name}", daemon=True
+            )
             thread.start()
             self.threads.append(thread)
 

@@ -30,10 +30,12 @@ from sqlalchemy.engine import make_url
 from test_queue import assert_increasing, setup_sequences
 
 from numbering import Allocator, create_engine
+from numbering.brokers import dead_letter_list, inflight_list
 from numbering.errors import QuarantinedError
 from numbering.failpoints import ENV_VAR, POINTS
 from numbering.routing import sequence_queue
-from numbering.tasks.drain import MAX_DELIVERIES, dead_letter_list, inflight_list
+from numbering.tasks.quarantine import list_quarantined
+from numbering.tasks.redelivery import MAX_DELIVERIES
 
 CLIENTS, PER_CLIENT = 3, 60
 
@@ -115,6 +117,9 @@ def test_a_message_that_kills_every_worker_is_quarantined(
         stack.settings.broker_url if broker == "redis" else stack.settings.result_backend
     )
     assert dead.llen(dead_letter_list(sequence_queue(seq))) == 1
+    # One dead-letter format whatever the broker: `numbering quarantine list` reads it.
+    [kept] = list_quarantined(stack.settings, seq)
+    assert (kept.sequence, kept.key, kept.problem) == (seq, "poison", None)
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(2) for i in range(40)]
     stack.check(seq, keys)

@@ -19,6 +19,7 @@ from integration.stack import Stack
 from ledger_check import check_gapless
 
 from numbering import Allocator, Client, RequestTimeout, create_engine
+from numbering.brokers import inflight_list
 from numbering.errors import (
     InvalidCountError,
     InvalidKeyError,
@@ -27,8 +28,9 @@ from numbering.errors import (
 )
 from numbering.messages import encode_redis_message
 from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, queue_for, sequence_queue
-from numbering.tasks.drain import BatchProcessor, RedisDrain, inflight_list
+from numbering.tasks.consumer import BatchProcessor, Consumer
 from numbering.tasks.guard import consumer_lock
+from numbering.tasks.redis_transport import RedisTransport
 
 
 def setup_sequences(stack: Stack, *names: str) -> Allocator:
@@ -139,7 +141,7 @@ def request_message(queue: str, sequence: str, key: str) -> bytes:
 
 def in_thread_consumer(
     stack: Stack, queues: list[str], engine: Any
-) -> tuple[RedisDrain, threading.Event, list[list[str]], redis.Redis]:
+) -> tuple[Consumer, threading.Event, list[list[str]], redis.Redis]:
     """A consumer of ``queues`` in this process, recording the keys of each batch."""
     broker = redis.Redis.from_url(stack.settings.broker_url)
     replies = redis.Redis.from_url(stack.settings.result_backend)
@@ -151,9 +153,10 @@ def in_thread_consumer(
             super().process(items, shards)
 
     stop = threading.Event()
-    drain = RedisDrain(
-        broker,
-        {queue: consumer_lock(engine, queue) for queue in queues},
+    drain = Consumer(
+        RedisTransport(
+            broker, {queue: consumer_lock(engine, queue) for queue in queues}, stop=stop
+        ),
         Recording(Allocator(engine), replies),
         batch_size=500,
         stop=stop,
@@ -206,14 +209,14 @@ def test_an_idle_consumer_does_not_spin_on_a_queue_it_stands_by_for(stack: Stack
     drain, stop, batches, broker = in_thread_consumer(stack, queues, engine)
     broker.lpush(queues[2], request_message(queues[2], "three", "three:0"))
     calls = 0
-    real = drain._ack_and_drain
+    real = drain.transport._ack_and_drain  # type: ignore[attr-defined]
 
     def counted(**kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         return real(**kwargs)
 
-    drain._ack_and_drain = counted  # type: ignore[method-assign]
+    drain.transport._ack_and_drain = counted  # type: ignore[attr-defined]
     consumer = threading.Thread(target=drain.run)
     consumer.start()
     try:
@@ -740,21 +743,20 @@ def test_a_stop_during_the_ack_and_drain_still_finishes_the_batch_drained(
     allocator.create_sequence("invoices")
     queue = sequence_queue("invoices")
     stop = threading.Event()
-    drain = RedisDrain(
-        broker,
-        {queue: consumer_lock(engine, queue)},
+    drain = Consumer(
+        RedisTransport(broker, {queue: consumer_lock(engine, queue)}, stop=stop),
         BatchProcessor(allocator, replies),
         batch_size=500,
         stop=stop,
     )
-    real = drain._ack_and_drain
+    real = drain.transport._ack_and_drain  # type: ignore[attr-defined]
 
     def then_stop(**kwargs: object) -> object:
         drained = real(**kwargs)
         stop.set()  # SIGTERM arrives now: the drained batch is already in flight
         return drained
 
-    drain._ack_and_drain = then_stop  # type: ignore[method-assign]
+    drain.transport._ack_and_drain = then_stop  # type: ignore[attr-defined]
     # The first request is taken alone; the two behind it are the drained batch.
     for key in ("a", "b", "c"):
         broker.lpush(
@@ -767,7 +769,8 @@ def test_a_stop_during_the_ack_and_drain_still_finishes_the_batch_drained(
     consumer.start()
     consumer.join(30)
     assert not consumer.is_alive()
-    assert broker.llen(drain.inflight) == 0, "the drained batch was left in flight"
+    inflight = drain.transport.inflight  # type: ignore[attr-defined]
+    assert broker.llen(inflight) == 0, "the drained batch was left in flight"
     assert broker.llen(queue) == 0
     assert drain.handled == 3
     check_gapless(engine, "invoices", keys=["a", "b", "c"])

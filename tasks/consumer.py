@@ -1,0 +1,273 @@
+"""The consumer loop: one for every broker, over a :class:`~numbering.tasks.transport.Transport`.
+
+Each turn takes a batch from the transport, tries what a stopped consumer left behind
+alone (counted, and quarantined once it has stopped the worker ``MAX_DELIVERIES`` times:
+:mod:`numbering.tasks.redelivery`), assigns the rest in one database transaction
+(:class:`BatchProcessor`), answers every request, and only then acknowledges: a consumer
+killed at any point leaves its batch unacknowledged, and the next active consumer of the
+queue finishes it. Redelivery is harmless: requests are idempotent by key.
+
+While the database is away a batch stays unacknowledged and is retried; clients time out
+and resend with the same keys meanwhile, which is harmless too. A batch in hand is
+finished even when ``stop`` comes meanwhile; only an empty hand stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import redis
+from celery import Celery, states
+from sqlalchemy import Connection
+
+from numbering.allocator import Outcome, assign_many
+from numbering.errors import InvalidRequestError, NumberingError, RetriesExhaustedError
+from numbering.failpoints import failpoint
+from numbering.messages import BadMessage, Job
+from numbering.replies import push_replies, reply_for
+from numbering.routing import Shard
+from numbering.runner import Allocator
+from numbering.tasks.events import TaskEvents
+from numbering.tasks.metrics import WorkerMetrics
+from numbering.tasks.redelivery import Redelivery
+from numbering.tasks.transport import Delivery, Transport
+
+__all__ = ["OUTAGE_BACKOFF_SECONDS", "BatchProcessor", "Consumer", "RedisReplies", "ReplySink"]
+
+log = logging.getLogger("numbering.worker")
+
+# Seconds to wait before retrying a batch the database could not take, or a transport
+# that failed.
+OUTAGE_BACKOFF_SECONDS = 1.0
+
+
+class ReplySink(Protocol):
+    """Where answers to numbering's own callers go, by reply list."""
+
+    def push(self, replies: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Deliver each ``(reply list, reply)``."""
+
+
+class RedisReplies:
+    """Answers pushed on the callers' Redis lists, all in one round trip."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def push(self, replies: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        push_replies(self.client, replies)
+
+
+class BatchProcessor:
+    """Assigns a batch of parsed requests in one transaction and answers each one: the
+    broker-neutral part of a worker's turn (assign, answer, metrics, failpoints, logs)."""
+
+    def __init__(
+        self,
+        allocator: Allocator,
+        replies: redis.Redis | ReplySink,
+        app: Celery | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.allocator = allocator
+        #: Where answers go: the reply Redis, or any :class:`ReplySink`.
+        self.replies = RedisReplies(replies) if isinstance(replies, redis.Redis) else replies
+        self.app = app
+        self.metrics = metrics
+        #: Transactions committed so far (for logs, the demo and tests).
+        self.transactions = 0
+        #: Celery task events of answered requests (set by the worker; None: never).
+        self.events: TaskEvents | None = None
+
+    def process(
+        self, items: Sequence[Job | BadMessage], shards: Sequence[Shard | None] | None = None
+    ) -> None:
+        """Assign and answer; raises only if the database could not take the batch.
+
+        ``shards``: the shard whose queue each item came from (None: a sequence's own
+        queue), so that a request sent to the wrong shard queue fails alone.
+        """
+        received = time.time()
+        outcomes: dict[int, Outcome] = {}
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            shard = None if shards is None else shards[index]
+            if isinstance(item, BadMessage):
+                outcomes[index] = item.error
+            elif shard is not None and not shard.serves(item.sequence):
+                outcomes[index] = InvalidRequestError(
+                    f"sequence {item.sequence!r} does not belong to {shard.queue}"
+                )
+            else:
+                groups[item.sequence].append(index)
+
+        keys = [item.request.key for item in items if isinstance(item, Job)]
+
+        def work(connection: Connection) -> dict[int, Outcome]:
+            failpoint("before_assign", keys)
+            # One transaction for the whole batch: its sequences locked in name order by
+            # one statement (two consumers of overlapping queues cannot deadlock each
+            # other), its keys looked up by one, its rows written by one.
+            batches = {
+                sequence: [items[i].request for i in indexes]  # type: ignore[union-attr]
+                for sequence, indexes in groups.items()
+            }
+            assigned: dict[int, Outcome] = {}
+            for sequence, results in assign_many(connection, batches).items():
+                assigned.update(zip(groups[sequence], results, strict=True))
+            failpoint("before_commit", keys)
+            return assigned
+
+        seconds = None
+        if groups:
+            started = time.monotonic()
+            outcomes.update(
+                self.allocator.run_assignment(
+                    work, describe=f"batch of {sum(map(len, groups.values()))}"
+                )
+            )
+            seconds = time.monotonic() - started
+            self.transactions += 1
+            log.debug("assigned %d request(s) in %.1f ms", len(items), 1e3 * seconds)
+        failpoint("after_commit", keys)
+        if self.metrics is not None:
+            # Counted before the replies go out, so that a scrape made after a client has
+            # its answer already shows it (CI saw the counter lag the reply).
+            self.metrics.batch(
+                [item.sequence if isinstance(item, Job) else None for item in items],
+                [outcomes[index] for index in range(len(items))],
+                seconds,
+            )
+        self._answer(items, outcomes)
+        failpoint("after_reply", keys)
+        if self.events is not None:
+            self.events.batch(items, outcomes, received, seconds)
+
+    def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Outcome]) -> None:
+        lean: list[tuple[str, dict[str, Any]]] = []
+        for index, item in enumerate(items):
+            outcome = outcomes[index]
+            key = item.request.key if isinstance(item, Job) else item.key
+            if isinstance(outcome, NumberingError):
+                log.info(
+                    "request %s (key %r) failed: %s",
+                    item.task_id,
+                    key,
+                    outcome,
+                    extra={
+                        "key": key,
+                        "task_id": item.task_id,
+                        "sequence": item.sequence if isinstance(item, Job) else None,
+                    },
+                )
+            reply = reply_for(key, outcome)
+            if item.reply_to is not None:
+                lean.append((item.reply_to, reply))
+            elif item.task_id is not None and self.app is not None:
+                # A plain Celery caller: answer through the result backend.
+                state = states.FAILURE if isinstance(outcome, NumberingError) else states.SUCCESS
+                if state == states.FAILURE:
+                    self.app.backend.mark_as_failure(item.task_id, outcome)
+                else:
+                    self.app.backend.store_result(item.task_id, reply, state)
+        self.replies.push(lean)
+
+    def process_until_done(
+        self,
+        items: Sequence[Job | BadMessage],
+        stop: threading.Event,
+        queue: str,
+        shards: Sequence[Shard | None] | None = None,
+    ) -> bool:
+        """:meth:`process`, retried through database outages; False if stopped first.
+
+        While the database is away the batch stays unacknowledged; clients time out and
+        resend with the same keys meanwhile, which is harmless.
+        """
+        while True:
+            try:
+                self.process(items, shards)
+                return True
+            except RetriesExhaustedError as exc:
+                log.error("%s: database unavailable (%s); retrying the batch", queue, exc)
+                if stop.wait(OUTAGE_BACKOFF_SECONDS):
+                    return False
+
+
+class Consumer:
+    """The consumer of a worker's queues over one transport (run it in its own thread)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        processor: BatchProcessor,
+        *,
+        batch_size: int,
+        stop: threading.Event,
+        shards: Mapping[str, Shard] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.processor = processor
+        self.batch_size = batch_size
+        self.stop = stop
+        self.shards = dict(shards or {})
+        self.redelivery = Redelivery(transport.attempts, processor.metrics)
+        #: The consumer's name in logs and thread names: its queues.
+        self.name = transport.name
+        #: Requests answered since start (for logs and tests).
+        self.handled = 0
+
+    def run(self) -> None:
+        """Consume until ``stop`` is set; survive broker and database outages."""
+        survivable: tuple[type[BaseException], ...] = (*self.transport.errors, NumberingError)
+        while not self.stop.is_set():
+            try:
+                try:
+                    self.transport.open()
+                    self._consume()
+                    self.transport.flush()
+                finally:
+                    self.transport.close(stopping=self.stop.is_set())
+            except survivable as exc:
+                log.error("consumer of %s: %s; retrying", self.name, exc)
+                self.stop.wait(OUTAGE_BACKOFF_SECONDS)
+            except Exception:
+                # A bug must not silently end the consumer while the worker looks alive;
+                # the batch stays unacknowledged and is tried again, one at a time.
+                log.exception("consumer of %s failed; starting over", self.name)
+                self.stop.wait(OUTAGE_BACKOFF_SECONDS)
+
+    def _consume(self) -> None:
+        while not self.stop.is_set():
+            batch = self.transport.receive(self.batch_size)
+            # Redelivered messages may be what stopped the last consumer: one at a time.
+            for delivery in batch:
+                if delivery.redelivered and not self._alone(delivery):
+                    return  # stopped during an outage: the rest stays unacknowledged
+            fresh = [delivery for delivery in batch if not delivery.redelivered]
+            if fresh:
+                items = [delivery.item for delivery in fresh]
+                shards = [self.shards.get(delivery.queue) for delivery in fresh]
+                if not self.processor.process_until_done(items, self.stop, self.name, shards):
+                    return
+                self.transport.ack(fresh)
+                self.handled += len(fresh)
+
+    def _alone(self, delivery: Delivery) -> bool:
+        """Process a redelivered message alone; quarantine it after too many tries."""
+        tries = self.redelivery.count(delivery.queue, self.transport.tag(delivery))
+        item = delivery.item
+        if self.redelivery.exhausted(tries):
+            stored = self.transport.dead_letter(delivery)
+            item = self.redelivery.quarantine(delivery.queue, item, stored, tries)
+        shard = self.shards.get(delivery.queue)
+        if not self.processor.process_until_done([item], self.stop, delivery.queue, [shard]):
+            return False
+        self.transport.ack([delivery])
+        self.handled += 1
+        return True
