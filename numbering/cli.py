@@ -578,27 +578,13 @@ def worker(
     Stop it with Ctrl-C or SIGTERM: it finishes the batch in hand first.
     """
     from numbering.routing import Shard
+    from numbering.tasks.app import worker_output
     from numbering.tasks.worker import build_worker
 
-    # A service's log must reach its file, journald or `docker logs` line by line, not
-    # in 8 KiB blocks that die with the process.
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(line_buffering=True)
     settings = _settings(ctx)
     if batch_size is not None:
         settings = replace(settings, batch_size=batch_size)
-    if settings.log_format == "json":
-        from celery.signals import after_setup_logger
-
-        from numbering.logs import JsonFormatter
-
-        def json_lines(logger: logging.Logger, **_: object) -> None:
-            for handler in logger.handlers:
-                handler.setFormatter(JsonFormatter())
-
-        json_lines(logging.getLogger())  # the handler set up above ...
-        after_setup_logger.connect(json_lines, weak=False)  # ... and any Celery adds
+    worker_output(settings)  # as any worker of numbering's app gets it (tasks/app.py)
     parsed = [Shard.parse(shard) for shard in shards]
     if not sequences and not parsed:
         _fail("give at least one --sequence NAME or a --shard I/K")

@@ -1,6 +1,6 @@
 """The Celery app and the ``numbering.assign`` task.
 
-A numbering worker drains its queues in bulk (see :mod:`numbering.tasks.drain`). The
+A numbering worker drains its queues in bulk (see :mod:`numbering.tasks.consumer`). The
 task registered here is the same operation for a message that a stock Celery worker
 consumes one at a time (``celery -A numbering.tasks.app worker -Q numbering.invoices``):
 slower, equally correct, because the database does the serialising.
@@ -8,9 +8,12 @@ slower, equally correct, because the database does the serialising.
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger, celeryd_init
 
 from numbering.batch import BatchJob, number_rows
 from numbering.config.celery import celery_config
@@ -20,7 +23,33 @@ from numbering.routing import BATCH_TASK_NAME, FREEZE_TASK_NAME, TASK_NAME, VOID
 from numbering.runner import Allocator
 from numbering.settings import Settings
 
-__all__ = ["create_app"]  # and `app`, created on first access (see __getattr__)
+__all__ = ["create_app", "worker_output"]  # and `app`, created on first access (__getattr__)
+
+_WIRED: list[bool] = []
+
+
+def worker_output(settings: Settings) -> None:
+    """Set up a worker's output: line-buffered streams (a service's log must reach its
+    file, journald or ``docker logs`` line by line, not in 8 KiB blocks that die with the
+    process) and, with ``NUMBERING_LOG_FORMAT=json``, JSON log lines on every handler,
+    Celery's included. ``numbering worker`` calls it; any worker of an app made by
+    :func:`create_app` (``celery -A numbering.tasks.app worker``) gets it on start-up.
+    Once per process."""
+    if _WIRED:
+        return
+    _WIRED.append(True)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    if settings.log_format == "json":
+        from numbering.logs import JsonFormatter
+
+        def json_lines(logger: logging.Logger, **_: object) -> None:
+            for handler in logger.handlers:
+                handler.setFormatter(JsonFormatter())
+
+        json_lines(logging.getLogger())  # the handlers set up so far ...
+        after_setup_logger.connect(json_lines, weak=False)  # ... and any Celery adds
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -28,6 +57,11 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     celery = Celery("numbering", set_as_current=False)
     celery.conf.update(celery_config(settings))
+
+    def on_worker_init(**_: object) -> None:
+        worker_output(settings)
+
+    celeryd_init.connect(on_worker_init, weak=False, dispatch_uid="numbering.worker_output")
     allocators: dict[int, Allocator] = {}
 
     def shared_allocator() -> Allocator:
