@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -13,6 +16,7 @@ import pytest
 from integration.stack import Stack
 from test_queue import setup_sequences
 
+from numbering.routing import TASK_NAME, sequence_queue
 from numbering.tasks.app import create_app
 from numbering.tasks.events import task_events_switch
 
@@ -103,6 +107,58 @@ def test_a_worker_started_with_events_sends_task_events(stack: Stack) -> None:
             receiver_box[0].should_stop = True
         listener.join(10)
         app.close()
+
+
+def test_a_stock_celery_worker_of_the_app_numbers_and_logs_like_numbering_worker(
+    stack: Stack,
+) -> None:
+    """``celery -A numbering.tasks.app worker`` consumes one message at a time (slower,
+    equally correct) and gets numbering's worker output set-up: JSON log lines with
+    NUMBERING_LOG_FORMAT=json, Celery's own lines included."""
+    setup_sequences(stack, "invoices")
+    env = {**stack.env, "NUMBERING_LOG_FORMAT": "json"}
+    log = stack.tmp / "celery.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "celery", "-A", "numbering.tasks.app", "worker"),
+                *("-Q", sequence_queue("invoices"), "-P", "solo", "-l", "INFO"),
+                *("--without-mingle", "--without-gossip", "-n", "stock@%h"),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    app = create_app(stack.settings)
+    try:
+        results = [
+            app.send_task(
+                TASK_NAME,
+                kwargs={"sequence": "invoices", "key": f"stock:{i}"},
+                queue=sequence_queue("invoices"),
+            )
+            for i in range(3)
+        ]
+        values = [result.get(timeout=60)["value"] for result in results]
+        assert values == [1, 2, 3]
+        again = app.send_task(
+            TASK_NAME,
+            kwargs={"sequence": "invoices", "key": "stock:1"},
+            queue=sequence_queue("invoices"),
+        )
+        assert again.get(timeout=60)["value"] == 2  # a resent key gets its number back
+    finally:
+        app.close()
+        worker.terminate()
+        worker.wait(60)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    ready = [r for r in records if r["message"].endswith(" ready.")]
+    assert ready, log.read_text()
+    assert ready[0]["logger"] == "celery.apps.worker"
+    keys = [f"stock:{i}" for i in range(3)]
+    stack.check("invoices", keys, unrecorded=keys)  # sent here, not by client processes
 
 
 def test_task_events_follow_the_worker_switch() -> None:
