@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from numbering.allocator import (
+from numbering.allocator import Allocator
+from numbering.assignment import (
     Assignment,
     Outcome,
     Request,
@@ -63,7 +64,6 @@ from numbering.migrations import upgrade as init_db
 from numbering.policies import DateLike
 from numbering.retry import RetryPolicy
 from numbering.routing import queue_for
-from numbering.runner import Allocator
 from numbering.sequences import (
     SequenceInfo,
     create_sequence,

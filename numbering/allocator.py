@@ -1,226 +1,327 @@
-"""Assigning gapless values inside a transaction: lock, look the keys up, assign.
+"""The :class:`Allocator`: numbering's own short transactions, retried when safe.
 
-Everything here runs in the transaction it is given and never commits: the values become
-real when, and only when, the caller's transaction commits. A rolled-back transaction
-consumes nothing.
-
-The order of the three steps is what makes resent requests safe:
-
-1. **Lock** the sequence row (``SELECT ... FOR UPDATE``; on SQLite, the database write
-   lock). Every transaction that assigns from this sequence now waits for us.
-2. **Look the request keys up** in the ledger. A key that already has a block gets that
-   same block back. Because the look-up runs *after* the lock is granted, a copy of the
-   same request that committed while we waited is seen, even when both arrived at once.
-3. **Assign** the next values, update the counter and append to the ledger. What each
-   request gets is decided by :mod:`numbering.plan` (pure functions over the locked
-   rows); the store (:mod:`numbering.store`) runs the statements.
+:class:`Allocator` opens one short transaction per call at the configured isolation
+level, assigns (:mod:`numbering.assignment`: what runs inside a transaction, the
+caller's or this one's), commits, and runs the whole transaction again on a serialization
+failure, a deadlock, a locked sequence or a lost connection. A request key is fixed
+*before* the first attempt, so every attempt asks for the same key: an attempt whose
+COMMIT reply was lost is resolved by the next attempt, which locks the sequence (waiting
+for the lost transaction to finish either way) and finds the key if it committed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import date as _date
-from datetime import datetime, timezone
-from typing import Any, overload
+import datetime
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
-from numbering import plan
-from numbering.database import translate_error
-from numbering.errors import NumberingError, SequenceNotFoundError
-from numbering.plan import Assignment, CounterUpdate, Outcome, Request, new_key
+from numbering import assignment, ledger, sequences
+from numbering.assignment import Assignment, Outcome, Request, new_key
+from numbering.backends import backend_for
+from numbering.database import begin, create_engine, translate_error
+from numbering.errors import NumberingError
+from numbering.ledger import AuditReport
 from numbering.policies import DateLike
-from numbering.store import store_for
-from numbering.validation import check_sequence_name
+from numbering.retry import RetryPolicy, RetryStats
+from numbering.sequences import SequenceInfo
+from numbering.settings import DEFAULT_ISOLATION_LEVEL, Settings, mask_url
+from numbering.validation import check_count, check_isolation_level
 
-__all__ = [
-    "Assignment",
-    "Bind",
-    "Outcome",
-    "Request",
-    "allocate",
-    "assign",
-    "assign_many",
-    "new_key",
-]
-
-Bind = Session | Connection
+__all__ = ["Allocator"]
 
 
-def assign(
-    bind: Bind, sequence: str, requests: Sequence[Request], *, nowait: bool = False
-) -> list[Outcome]:
-    """Assign blocks to ``requests`` from ``sequence`` in the caller's transaction.
+T = TypeVar("T")
 
-    Returns one outcome per request, in order: an :class:`Assignment`, or the
-    :class:`NumberingError` that request alone failed with (its key belongs to another
-    request, the sequence is exhausted, ...). The other requests are still assigned.
-    Raises for what fails them all: an unknown sequence, a database error.
 
-    With ``nowait=True`` a sequence locked by another transaction raises
-    :class:`~numbering.errors.LockNotAvailable` at once instead of waiting (PostgreSQL).
+class Allocator:
+    """Gapless numbers from a database, each call in its own retried transaction.
+
+    >>> numbers = Allocator("postgresql://localhost/app", isolation_level="REPEATABLE READ")
+    >>> numbers.create_sequence("invoices", exist_ok=True)
+    >>> numbers.next_value("invoices", key="invoice:42")
+    1
+    >>> numbers.next_value("invoices", key="invoice:42")   # same key, same number
+    1
     """
-    check_bind(bind, "assign")
-    name = check_sequence_name(sequence)
-    if not requests:
-        return []
-    outcome = _assign_all(bind, {name: requests}, nowait)[name]
-    if isinstance(outcome, NumberingError):
-        raise outcome
-    return outcome
 
+    def __init__(
+        self,
+        database: Engine | str | URL,
+        *,
+        isolation_level: str = DEFAULT_ISOLATION_LEVEL,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.engine = database if isinstance(database, Engine) else create_engine(database)
+        self.isolation_level = check_isolation_level(isolation_level)
+        self.retry = retry or RetryPolicy()
+        #: Retries so far, by error class (``stats.total`` for all of them).
+        self.stats = RetryStats()
+        self._pipelined = backend_for(self.engine).pipelined(self.engine)
 
-def assign_many(
-    bind: Bind, batches: Mapping[str, Sequence[Request]], *, nowait: bool = False
-) -> dict[str, list[Outcome]]:
-    """:func:`assign` for several sequences at once, in the caller's transaction.
-
-    The sequences are locked in name order by one statement and every request key is
-    looked up by one statement, whatever the number of sequences; the counters and the
-    ledger rows are written together. Returns each sequence's outcomes, in the order of
-    its requests. What would fail a whole sequence in :func:`assign` (an unknown or
-    invalid name) fails that sequence's requests alone here. A key asked for on two
-    sequences goes to the first by name; the other request fails with
-    :class:`~numbering.errors.KeyReusedError`, as if the two had been sent one after
-    the other. Raises only for a database error.
-    """
-    check_bind(bind, "assign_many")
-    results: dict[str, list[Outcome]] = {}
-    valid: dict[str, Sequence[Request]] = {}
-    for sequence, requests in batches.items():
-        try:
-            valid[check_sequence_name(sequence)] = requests
-        except NumberingError as error:
-            results[sequence] = [error] * len(requests)
-    valid = {name: requests for name, requests in valid.items() if requests}
-    for name, outcome in (_assign_all(bind, valid, nowait) if valid else {}).items():
-        if isinstance(outcome, NumberingError):  # fails that sequence's requests alone
-            outcome = [outcome] * len(valid[name])
-        results[name] = outcome
-    return {sequence: results.get(sequence, []) for sequence in batches}
-
-
-def check_bind(bind: object, function: str = "allocate") -> None:
-    """Raise a TypeError that says what to pass when ``bind`` is not a Session or a
-    Connection (an Engine, a URL or an Allocator are the usual mistakes)."""
-    if isinstance(bind, (Session, Connection)):
-        return
-    how = (
-        f"{function}() runs in your transaction: pass the SQLAlchemy Session or Connection "
-        f"that will commit the document, e.g. `with engine.begin() as conn: "
-        f"{function}(conn, ...)` or `with Session(engine) as session, session.begin(): "
-        f"{function}(session, ...)`"
-    )
-    if isinstance(bind, Engine):
-        raise TypeError(f"{how}; an Engine has no transaction of its own")
-    if isinstance(bind, str):
-        raise TypeError(f"{how}, not a URL; numbering.create_engine(url) builds the engine")
-    if type(bind).__name__ == "Allocator":
-        raise TypeError(
-            f"{how}; for numbering's own short transaction call the Allocator's methods "
-            "instead (allocator.next_value(...), allocator.next_values(...))"
+    @classmethod
+    def from_settings(cls, settings: Settings, **engine_options: Any) -> Allocator:
+        """An allocator for ``settings.database_url`` with the settings' level and retries
+        (``engine_options`` go to :func:`numbering.create_engine`, e.g. ``pool_size``)."""
+        return cls(
+            create_engine(
+                settings.database_url,
+                idle_transaction_timeout=settings.idle_transaction_timeout,
+                **engine_options,
+            ),
+            isolation_level=settings.isolation_level,
+            retry=settings.retry_policy(),
         )
-    raise TypeError(f"{how}; got {type(bind).__name__}")
 
+    @classmethod
+    def from_env(cls) -> Allocator:
+        """An allocator configured from ``NUMBERING_*`` environment variables."""
+        return cls.from_settings(Settings.from_env())
 
-def _assign_all(
-    bind: Bind, batches: dict[str, Sequence[Request]], nowait: bool
-) -> dict[str, list[Outcome] | NumberingError]:
-    try:
-        return _assign(bind, batches, nowait)
-    except DBAPIError as exc:
-        raise translate_error(exc) from exc
+    def __repr__(self) -> str:
+        url = mask_url(self.engine.url.render_as_string(hide_password=False))
+        return f"<Allocator {url} {self.isolation_level}>"
 
+    def close(self) -> None:
+        """Close the engine's pooled connections."""
+        self.engine.dispose()
 
-def _assign(
-    bind: Bind, batches: dict[str, Sequence[Request]], nowait: bool
-) -> dict[str, list[Outcome] | NumberingError]:
-    store = store_for(bind)
-    names = sorted(batches)  # one lock order for everyone
-    keys = {request.key for requests in batches.values() for request in requests}
-    found, prior = store.lock_and_look_up_many(names, keys, nowait)
-    now = datetime.now(timezone.utc)
-    rows: list[dict[str, Any]] = []
-    updates: list[CounterUpdate] = []
-    results: dict[str, list[Outcome] | NumberingError] = {}
-    # Keys this pass has just assigned, by sequence: a later sequence asked for one of
-    # them finds it taken, exactly as its look-up would after the earlier one's writes.
-    taken: dict[str, str] = {}
-    for name in names:
-        seq = found.get(name)
-        if seq is None:
-            results[name] = SequenceNotFoundError(name)
-            continue
-        requests = batches[name]
-        done = plan.sort_requests(name, seq, requests, prior, taken)
-        # The periods' counters, locked (or made) in period order: one order for everyone.
-        counters = {key: store.lock_period(seq, key, nowait) for key in done.periods}
-        planned = plan.assign_groups(name, seq, requests, done, counters, now)
-        rows += planned.rows
-        updates += planned.updates
-        results[name] = outcomes = planned.outcomes
-        taken.update(
-            (outcome.key, name)
-            for outcome in outcomes
-            if isinstance(outcome, Assignment) and not outcome.resent
+    def run(
+        self,
+        work: Callable[[Connection], T],
+        *,
+        describe: str = "transaction",
+        readonly: bool = False,
+        isolation_level: str | None = None,
+    ) -> T:
+        """Run ``work(connection)`` in one transaction; commit; retry the whole on conflict.
+
+        ``work`` may run more than once, so it must do nothing outside the transaction
+        (no e-mails, no appends to outside lists) that would be wrong to repeat. Use it
+        to allocate a number and write the document that carries it in one transaction::
+
+            def create(conn):
+                number = allocate(conn, "invoices", key=f"invoice:{invoice_id}")
+                conn.execute(invoices.insert().values(id=invoice_id, number=number))
+                return number
+
+            number = numbers.run(create)
+        """
+
+        level = self.isolation_level if isolation_level is None else isolation_level
+
+        def attempt() -> T:
+            try:
+                with (
+                    begin(self.engine, level, readonly=readonly) as connection,
+                    connection.begin(),
+                ):
+                    return work(connection)
+            except DBAPIError as exc:
+                raise translate_error(exc) from exc
+
+        return self.retry.call(attempt, stats=self.stats, describe=describe)
+
+    def run_assignment(self, work: Callable[[Connection], T], *, describe: str) -> T:
+        """:meth:`run` for numbering's own assignments (``work`` calls
+        :func:`numbering.assignment.assign` and nothing that begins or ends a transaction).
+
+        On PostgreSQL through psycopg2 the transaction is pipelined: ``BEGIN`` goes with
+        the lock and the ledger writes go with ``COMMIT``, two round trips for a batch on
+        one sequence instead of four (:func:`numbering.backends.psycopg2.run_pipelined`).
+        """
+        pipelined = self._pipelined
+        if pipelined is None:
+            return self.run(work, describe=describe)
+
+        def attempt() -> T:
+            try:
+                return pipelined(self.isolation_level, work)
+            except DBAPIError as exc:
+                raise translate_error(exc) from exc
+
+        return self.retry.call(attempt, stats=self.stats, describe=describe)
+
+    # -- sequences ---------------------------------------------------------------------------
+
+    def create_sequence(
+        self,
+        name: str,
+        *,
+        initial_value: int = 1,
+        reset_value: int | None = None,
+        max_value: int | None = None,
+        exist_ok: bool = False,
+        format: str | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        start_after: tuple[str, str] | None = None,
+        allowed_tables: Sequence[str] = (),
+    ) -> SequenceInfo:
+        """Create a sequence (see :func:`numbering.sequences.create_sequence`).
+
+        ``start_after=(table, column)`` imports existing numbering: the sequence starts
+        after the highest number already in that column (the table must be in
+        ``allowed_tables``, normally ``NUMBERING_BATCH_TABLES``), read under a lock in the
+        same transaction that creates the sequence.
+        """
+
+        def create(connection: Connection) -> SequenceInfo:
+            initial = initial_value
+            if start_after is not None:
+                highest = sequences.highest_existing(connection, *start_after, allowed_tables)
+                if highest is not None:
+                    initial = max(initial_value, highest + 1)
+            return sequences.create_sequence(
+                connection,
+                name,
+                initial_value=initial,
+                reset_value=reset_value,
+                max_value=max_value,
+                exist_ok=exist_ok,
+                format=format,
+                period=period,
+                timezone=timezone,
+            )
+
+        return self.run(create, describe=f"create sequence {name!r}")
+
+    def sequence(self, name: str, period: str | None = None) -> SequenceInfo:
+        """The definition and state of sequence ``name`` (or of one of its periods)."""
+        return self.run(lambda c: sequences.get_sequence(c, name, period), readonly=True)
+
+    def preview(self, name: str, date: DateLike = None) -> str | None:
+        """The formatted number the next request dated ``date`` would get (nothing is
+        reserved; None for a sequence without a format)."""
+        return self.run(lambda c: sequences.preview(c, name, date), readonly=True)
+
+    def freeze(self, name: str, period: str | None = None) -> SequenceInfo:
+        """Refuse new requests on ``name`` (or on one period of it) until unfrozen."""
+        return self.run(
+            lambda c: sequences.set_frozen(c, name, True, period), describe=f"freeze {name!r}"
         )
-    store.write(updates, rows, now)
-    return results
 
+    def unfreeze(self, name: str, period: str | None = None) -> SequenceInfo:
+        """Accept requests on ``name`` (or one period of it) again."""
+        return self.run(
+            lambda c: sequences.set_frozen(c, name, False, period),
+            describe=f"unfreeze {name!r}",
+        )
 
-@overload
-def allocate(
-    bind: Bind,
-    sequence: str,
-    *,
-    key: str | None = ...,
-    count: None = ...,
-    reference: Any = ...,
-    nowait: bool = ...,
-    date: DateLike = ...,
-) -> int: ...
-@overload
-def allocate(
-    bind: Bind,
-    sequence: str,
-    *,
-    key: str | None = ...,
-    count: int,
-    reference: Any = ...,
-    nowait: bool = ...,
-    date: DateLike = ...,
-) -> int | range: ...
-def allocate(
-    bind: Bind,
-    sequence: str,
-    *,
-    key: str | None = None,
-    count: int | None = None,
-    reference: Any = None,
-    nowait: bool = False,
-    date: DateLike = None,
-) -> int | range:
-    """Take the next value of ``sequence`` in the caller's transaction; never commits.
+    def void(
+        self,
+        name: str,
+        *,
+        reason: str,
+        key: str | None = None,
+        value: int | None = None,
+        period: str | None = None,
+        cycle: int | None = None,
+    ) -> ledger.Voided:
+        """Void an assignment (see :func:`numbering.ledger.void`)."""
+        return self.run(
+            lambda c: ledger.void(
+                c, name, reason=reason, key=key, value=value, period=period, cycle=cycle
+            ),
+            describe=f"void on {name!r}",
+        )
 
-    Returns an int, or a contiguous ``range`` when ``count`` is more than 1. Pass the
-    document's id as ``key``: calling again with the same key returns the same value
-    instead of taking a new one. ``date`` is the document's date (a date or
-    ``YYYY-MM-DD``; default today in the sequence's time zone): it picks the period of a
-    periodic sequence. **The value is only yours if the transaction that
-    allocated it commits, together with the document that uses it.**
+    def delete_sequence(self, name: str) -> SequenceInfo:
+        """Delete a sequence that has never given a number (one created by mistake);
+        refused with :class:`~numbering.errors.SequenceInUseError` once it has."""
+        return self.run(
+            lambda c: sequences.delete_sequence(c, name), describe=f"delete sequence {name!r}"
+        )
 
-    >>> with Session(engine) as session, session.begin():
-    ...     number = allocate(session, "invoices", key=f"invoice:{invoice.id}")
-    ...     invoice.number = number
-    """
-    check_bind(bind)
-    day = date.isoformat() if isinstance(date, _date) else date
-    request = Request(
-        new_key() if key is None else key, 1 if count is None else count, reference, day
-    )
-    [outcome] = assign(bind, sequence, [request], nowait=nowait)
-    if isinstance(outcome, NumberingError):
-        raise outcome
-    return outcome.value if count is None or count == 1 else outcome.values
+    def sequences(self) -> list[SequenceInfo]:
+        """Every sequence, by name."""
+        return self.run(sequences.list_sequences, readonly=True)
+
+    def last_value(self, name: str) -> int | None:
+        """The last value given by sequence ``name`` (None before the first)."""
+        return self.run(lambda c: sequences.last_value(c, name), readonly=True)
+
+    # -- allocation --------------------------------------------------------------------------
+
+    def assign(self, sequence: str, requests: Sequence[Request]) -> list[Outcome]:
+        """Assign a batch of requests in one transaction; one outcome per request."""
+        return self.run_assignment(
+            lambda c: assignment.assign(c, sequence, requests),
+            describe=f"assignment of {len(requests)} request(s) on {sequence!r}",
+        )
+
+    def assign_many(self, batches: Mapping[str, Sequence[Request]]) -> dict[str, list[Outcome]]:
+        """Assign batches on several sequences in one transaction (see
+        :func:`numbering.assignment.assign_many`); each sequence's outcomes, in order."""
+        return self.run_assignment(
+            lambda c: assignment.assign_many(c, batches),
+            describe=f"assignment of {sum(map(len, batches.values()))} request(s) on "
+            f"{len(batches)} sequence(s)",
+        )
+
+    def next_block(
+        self,
+        sequence: str,
+        *,
+        count: int = 1,
+        key: str | None = None,
+        reference: Any = None,
+        date: DateLike = None,
+    ) -> Assignment:
+        """Take ``count`` consecutive values; the full :class:`Assignment` with its key,
+        formatted number and period. ``date``: the document's date (default today)."""
+        day = date.isoformat() if isinstance(date, datetime.date) else date
+        request = Request(new_key() if key is None else key, check_count(count), reference, day)
+        [outcome] = self.assign(sequence, [request])
+        if isinstance(outcome, NumberingError):
+            raise outcome
+        return outcome
+
+    def next_value(
+        self,
+        sequence: str,
+        *,
+        key: str | None = None,
+        reference: Any = None,
+        date: DateLike = None,
+    ) -> int:
+        """Take the next value of ``sequence``; the same ``key`` always gets the same value."""
+        return self.next_block(sequence, key=key, reference=reference, date=date).value
+
+    def next_values(
+        self,
+        sequence: str,
+        count: int,
+        *,
+        key: str | None = None,
+        reference: Any = None,
+        date: DateLike = None,
+    ) -> range:
+        """Take ``count`` consecutive values as a range."""
+        return self.next_block(
+            sequence, count=count, key=key, reference=reference, date=date
+        ).values
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def audit(self, name: str | None = None) -> list[AuditReport]:
+        """Audit one sequence or all (see :func:`numbering.ledger.audit`)."""
+        # One snapshot for counters and ledger, or a busy sequence would look inconsistent.
+        return self.run(
+            lambda c: ledger.audit(c, name),
+            describe="audit",
+            readonly=True,
+            isolation_level="REPEATABLE READ",
+        )
+
+    def export(self, name: str, period: str | None = None) -> Iterator[dict[str, Any]]:
+        """Stream sequence ``name``'s ledger (or one ``period``'s) in value order, from
+        one consistent snapshot."""
+        with (
+            begin(self.engine, "REPEATABLE READ", readonly=True) as connection,
+            connection.begin(),
+        ):
+            yield from ledger.export(connection, name, period)

@@ -25,10 +25,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection, Table
 
-from numbering.allocator import Request, assign
+from numbering.allocator import Allocator
+from numbering.assignment import Request, assign
 from numbering.backends import backend_for
 from numbering.errors import InvalidKeyError, InvalidRequestError, NumberingError
-from numbering.runner import Allocator
 from numbering.validation import MAX_COUNT, check_count, check_key, check_sequence_name
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "BatchJob", "BatchProgress", "number_rows"]

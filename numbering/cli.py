@@ -20,10 +20,10 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from numbering import migrations
+from numbering.allocator import Allocator
 from numbering.batch import DEFAULT_CHUNK_SIZE, BatchJob, BatchProgress, number_rows
 from numbering.errors import NumberingError
 from numbering.ledger import EXPORT_FIELDS
-from numbering.runner import Allocator
 from numbering.sequences import SequenceInfo
 from numbering.settings import ENV, Settings, check_database_url, mask_url
 

@@ -42,7 +42,7 @@ import kombu.pools
 import redis
 from celery import Celery
 
-from numbering.allocator import Assignment, Request, new_key
+from numbering.assignment import Assignment, Request, new_key
 from numbering.brokers import is_redis
 from numbering.config.celery import celery_config
 from numbering.errors import (

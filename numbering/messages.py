@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from numbering.allocator import Request
+from numbering.assignment import Request
 from numbering.brokers import REPLY_LIST_PREFIX
 from numbering.errors import InvalidRequestError, NumberingError
 from numbering.replies import error_from_reply, reply_for

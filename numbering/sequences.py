@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from sqlalchemy.orm import Session
 
-from numbering.allocator import Bind
+from numbering.assignment import Bind
 from numbering.backends import backend_for
 from numbering.database import translate_error
 from numbering.errors import (

@@ -15,12 +15,12 @@ from typing import Any
 from celery import Celery
 from celery.signals import after_setup_logger, celeryd_init
 
+from numbering.allocator import Allocator
 from numbering.batch import BatchJob, number_rows
 from numbering.config.celery import celery_config
 from numbering.errors import InvalidRequestError, NumberingError
 from numbering.replies import reply_for
 from numbering.routing import BATCH_TASK_NAME, FREEZE_TASK_NAME, TASK_NAME, VOID_TASK_NAME
-from numbering.runner import Allocator
 from numbering.settings import Settings
 
 __all__ = ["create_app", "worker_output"]  # and `app`, created on first access (__getattr__)

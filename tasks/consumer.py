@@ -25,13 +25,13 @@ import redis
 from celery import Celery, states
 from sqlalchemy import Connection
 
-from numbering.allocator import Outcome, assign_many
+from numbering.allocator import Allocator
+from numbering.assignment import Outcome, assign_many
 from numbering.errors import InvalidRequestError, NumberingError, RetriesExhaustedError
 from numbering.failpoints import failpoint
 from numbering.messages import BadMessage, Job
 from numbering.replies import push_replies, reply_for
 from numbering.routing import Shard
-from numbering.runner import Allocator
 from numbering.tasks.events import TaskEvents
 from numbering.tasks.metrics import WorkerMetrics
 from numbering.tasks.redelivery import Redelivery

@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from numbering.allocator import Request
+from numbering.allocator import Allocator
+from numbering.assignment import Request
 from numbering.backends import backend_for
 from numbering.batch import BatchJob, number_rows
 from numbering.errors import NumberingError
@@ -32,7 +33,6 @@ from numbering.messages import Job
 from numbering.migrations import upgrade
 from numbering.replies import error_from_reply, new_reply_list
 from numbering.routing import sequence_queue
-from numbering.runner import Allocator
 from numbering.settings import ENV, Settings
 from numbering.tasks.consumer import BatchProcessor, Consumer
 from numbering.tasks.memory import MemoryBroker, MemoryReplies, MemoryTransport

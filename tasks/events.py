@@ -27,7 +27,7 @@ from typing import Any
 from celery import Celery
 from celery.worker import control
 
-from numbering.allocator import Outcome
+from numbering.assignment import Outcome
 from numbering.errors import NumberingError
 from numbering.messages import BadMessage, Job
 from numbering.replies import reply_for

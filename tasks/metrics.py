@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from numbering.allocator import Assignment, Outcome
+from numbering.assignment import Assignment, Outcome
 from numbering.retry import RetryStats
 
 __all__ = ["WorkerMetrics"]

@@ -16,10 +16,10 @@ from typing import Any
 import redis
 from sqlalchemy import select
 
+from numbering.allocator import Allocator
 from numbering.brokers import dead_letter_list, inflight_list, is_redis
 from numbering.messages import SENT_AT_HEADER
 from numbering.routing import kombu_queue, queue_for
-from numbering.runner import Allocator
 from numbering.schema import sequences
 from numbering.settings import Settings
 from numbering.tasks.guard import consumer_alive

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 import redis
 from celery import Celery, bootsteps
 
+from numbering.allocator import Allocator
 from numbering.brokers import broker_kind, is_redis
 from numbering.config.celery import CONTROL_QUEUE
 from numbering.errors import ConfigurationError
 from numbering.routing import Shard, sequence_queue
-from numbering.runner import Allocator
 from numbering.settings import Settings
 from numbering.tasks.app import create_app
 from numbering.tasks.consumer import BatchProcessor, Consumer

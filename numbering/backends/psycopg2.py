@@ -11,7 +11,7 @@ engine: the statements mean what :class:`numbering.store.CoreStore` runs on Post
   which cost the worker about 4 ms of CPU a batch on a 2-core machine
   (docs/benchmarks.md).
 - numbering's own transactions (the worker's batches, :meth:`Allocator.assign
-  <numbering.runner.Allocator.assign>`) go further with a :class:`Pipeline`: ``BEGIN``
+  <numbering.allocator.Allocator.assign>`) go further with a :class:`Pipeline`: ``BEGIN``
   travels with the first statement and the writes with ``COMMIT``, so a batch on one
   sequence is two round trips to PostgreSQL in all (see :func:`run_pipelined`).
 
