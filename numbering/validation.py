@@ -54,20 +54,24 @@ ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*\Z")
 
 
+def _check_text(value: object, what: str, limit: int, error: type[ValueError]) -> str:
+    """``value`` if it is a non-empty string of at most ``limit`` characters."""
+    if not isinstance(value, str):
+        raise error(f"{what} must be a string, not {type(value).__name__}")
+    if not value:
+        raise error(f"{what} must not be empty")
+    if len(value) > limit:
+        raise error(f"{what} is {len(value)} characters long; the limit is {limit}")
+    return value
+
+
 def check_sequence_name(name: object) -> str:
     """Return ``name`` if it is a valid sequence name, else raise InvalidSequenceNameError.
 
     >>> check_sequence_name("invoices-2026")
     'invoices-2026'
     """
-    if not isinstance(name, str):
-        raise InvalidSequenceNameError(f"sequence name must be a string, not {type(name).__name__}")
-    if not name:
-        raise InvalidSequenceNameError("sequence name must not be empty")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidSequenceNameError(
-            f"sequence name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
-        )
+    name = _check_text(name, "sequence name", MAX_NAME_LENGTH, InvalidSequenceNameError)
     if not _NAME_RE.match(name):
         raise InvalidSequenceNameError(
             f"invalid sequence name {name!r}: use ASCII letters, digits and . _ : - "
@@ -78,14 +82,7 @@ def check_sequence_name(name: object) -> str:
 
 def check_key(key: object) -> str:
     """Return ``key`` if it is a valid request key, else raise InvalidKeyError."""
-    if not isinstance(key, str):
-        raise InvalidKeyError(f"request key must be a string, not {type(key).__name__}")
-    if not key:
-        raise InvalidKeyError("request key must not be empty")
-    if len(key) > MAX_KEY_LENGTH:
-        raise InvalidKeyError(
-            f"request key is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}"
-        )
+    key = _check_text(key, "request key", MAX_KEY_LENGTH, InvalidKeyError)
     if key != key.strip():
         raise InvalidKeyError(f"request key {key!r} has leading or trailing whitespace")
     if not key.isprintable():

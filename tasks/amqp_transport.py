@@ -28,7 +28,7 @@ from numbering.errors import InvalidRequestError, NumberingError
 from numbering.messages import MAX_MESSAGE_BYTES, BadMessage, Job, envelope, parse_task
 from numbering.routing import kombu_queue
 from numbering.tasks.redelivery import RedisAttempts
-from numbering.tasks.transport import Delivery
+from numbering.tasks.transport import Delivery, consumer_name
 
 __all__ = ["AmqpTransport", "parse_amqp"]
 
@@ -74,11 +74,9 @@ class AmqpTransport:
     def __init__(
         self, broker_url: str, queues: Sequence[str], *, replies: redis.Redis, batch_size: int
     ) -> None:
-        if not queues:
-            raise ValueError("a consumer needs at least one queue")
+        self.name = consumer_name(queues)
         self.broker_url = broker_url
         self.queues = list(queues)
-        self.name = ",".join(self.queues)
         self.attempts = RedisAttempts(replies)
         self.batch_size = batch_size
         probe = Connection(broker_url)

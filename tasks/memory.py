@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from numbering.messages import BadMessage, Job, encode_redis_message
-from numbering.tasks.transport import Delivery
+from numbering.tasks.transport import Delivery, consumer_name
 
 __all__ = ["MemoryAttempts", "MemoryBroker", "MemoryReplies", "MemoryTransport"]
 
@@ -96,11 +96,9 @@ class MemoryTransport:
     def __init__(
         self, broker: MemoryBroker, queues: Sequence[str], *, poll_seconds: float = 0.1
     ) -> None:
-        if not queues:
-            raise ValueError("a consumer needs at least one queue")
+        self.name = consumer_name(queues)
         self.broker = broker
         self.queues = list(queues)
-        self.name = ",".join(self.queues)
         self.errors: tuple[type[BaseException], ...] = ()
         self.attempts = MemoryAttempts()
         self.poll_seconds = poll_seconds

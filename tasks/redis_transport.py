@@ -34,7 +34,7 @@ from numbering.messages import BadMessage, Job, decode_redis_message, parse_task
 from numbering.tasks.consumer import OUTAGE_BACKOFF_SECONDS
 from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.redelivery import RedisAttempts
-from numbering.tasks.transport import Delivery
+from numbering.tasks.transport import Delivery, consumer_name
 
 __all__ = ["RedisTransport"]
 
@@ -156,12 +156,10 @@ class RedisTransport:
     def __init__(
         self, broker: redis.Redis, queues: Mapping[str, ConsumerLock], *, stop: threading.Event
     ) -> None:
-        if not queues:
-            raise ValueError("a consumer needs at least one queue")
+        self.name = consumer_name(queues)
         self.broker = broker
         self.queues = [_Queue(name, lock) for name, lock in queues.items()]
         self._by_name = {queue.name: queue for queue in self.queues}
-        self.name = ",".join(queue.name for queue in self.queues)
         self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self.attempts = RedisAttempts(broker)
         self.stop = stop

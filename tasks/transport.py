@@ -18,13 +18,13 @@ A transport that the consumer survives reconnecting to lists its connection erro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from numbering.messages import BadMessage, Job
 
-__all__ = ["AttemptStore", "Delivery", "Transport"]
+__all__ = ["AttemptStore", "Delivery", "Transport", "consumer_name"]
 
 
 @dataclass
@@ -94,3 +94,12 @@ class Transport(Protocol):
         """Disconnect, without sending deferred acknowledgements (after a failure they
         may no longer be right); ``stopping``: the consumer ends (give up consumer locks
         too)."""
+
+
+def consumer_name(queues: Iterable[str]) -> str:
+    """A transport's :attr:`~Transport.name`: its queues, comma-separated (a consumer
+    without a queue is a mistake in the caller)."""
+    name = ",".join(queues)
+    if not name:
+        raise ValueError("a consumer needs at least one queue")
+    return name
