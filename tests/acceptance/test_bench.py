@@ -19,32 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
-    database = f"numbering_bench_smoke_{os.getpid()}"
     output = tmp_path / "benchmarks.md"
-    try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.run",
-                "--smoke",
-                "--admin-url",
-                ADMIN_URL,
-                "--database",
-                database,
-                "--output",
-                str(output),
-            ],
-            cwd=ROOT,
-            env={**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    finally:
-        with _admin().connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_probe(
+        "benchmarks.run",
+        ["--smoke", "--output", str(output)],
+        {**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
+        timeout=600,
+    )
     report = output.read_text()
     for heading in (
         "## Targets",
@@ -70,7 +51,7 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
 
 
 def run_probe(
-    module: str, args: list[str], env: dict[str, str] | None = None
+    module: str, args: list[str], env: dict[str, str] | None = None, *, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m module`` on a scratch database of its own (dropped afterwards);
     asserts that it exited 0."""
@@ -82,7 +63,7 @@ def run_probe(
             env=env,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=timeout,
         )
     finally:
         with _admin().connect() as conn:

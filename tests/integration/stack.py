@@ -16,7 +16,7 @@ from typing import Any
 from history import OK, Op, check_history, load
 from ledger_check import check_gapless
 
-from numbering import Client, Settings, create_engine
+from numbering import Allocator, Client, Settings, create_engine
 from numbering.config import ENV
 from numbering.routing import Shard, sequence_queue
 
@@ -214,6 +214,19 @@ class Stack:
         )
         assert not summary.unresolved
         return by_key
+
+    def wait_for_numbers(self, sequence: str, at_least: int, timeout: float = 60) -> None:
+        """Wait until ``sequence`` has handed out ``at_least`` numbers (or ``timeout``
+        passes: a fault test then injects its fault earlier, which it survives too)."""
+        allocator = Allocator(self.settings.database_url)
+        try:
+            deadline = time.monotonic() + timeout
+            while (allocator.last_value(sequence) or 0) < at_least:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+        finally:
+            allocator.close()
 
     def start_clients(self, jobs: list[tuple[str, str, int]]) -> ClientRun:
         """:meth:`client_processes` in the background, while a test injects faults."""

@@ -11,6 +11,7 @@ from conftest import FAST_RETRY
 from ledger_check import check_gapless
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from together import at_once
 
 from numbering import (
     Allocator,
@@ -91,19 +92,13 @@ def test_resend_racing_an_open_transaction_waits_and_gets_its_value(
 
 def test_concurrent_copies_of_one_request_get_one_value(numbers: Allocator, engine: Engine) -> None:
     numbers.create_sequence("invoices")
-    barrier = threading.Barrier(8)
     results: list[int] = []
 
     def request(i: int) -> None:
-        barrier.wait()
         results.append(numbers.next_value("invoices", key="invoice:dup"))
         results.append(numbers.next_value("invoices", key=f"invoice:{i}"))
 
-    threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    at_once(8, request)
 
     by_key = check_gapless(
         engine, "invoices", keys=["invoice:dup", *(f"invoice:{i}" for i in range(8))]
@@ -299,22 +294,7 @@ def test_create_sequence_rules(numbers: Allocator) -> None:
 
 def test_concurrent_creation_of_one_sequence(engine: Engine) -> None:
     numbers = Allocator(engine, retry=FAST_RETRY)
-    barrier = threading.Barrier(6)
-    errors: list[BaseException] = []
-
-    def create() -> None:
-        barrier.wait()
-        try:
-            numbers.create_sequence("invoices", exist_ok=True)
-        except BaseException as exc:  # collected, asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=create) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert errors == []
+    at_once(6, lambda _: numbers.create_sequence("invoices", exist_ok=True))
     assert [s.name for s in numbers.sequences()] == ["invoices"]
 
 

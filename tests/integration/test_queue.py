@@ -336,11 +336,7 @@ def test_killed_worker_under_load_loses_nothing(stack: Stack) -> None:
     worker = stack.worker("--sequence", "invoices")
     stack.env["NUMBERING_REQUEST_TIMEOUT"] = "120"
     clients = stack.start_clients([("invoices", f"c{c}", 150) for c in range(3)])
-    engine = create_engine(stack.settings.database_url)
-    allocator = Allocator(engine)
-    deadline = time.monotonic() + 60
-    while (allocator.last_value("invoices") or 0) < 100 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    stack.wait_for_numbers("invoices", 100)
     worker.kill()
     time.sleep(1)
     stack.worker("--sequence", "invoices")
@@ -564,11 +560,7 @@ def test_sigterm_finishes_the_batch_in_hand(stack: Stack) -> None:
     setup_sequences(stack, "invoices")
     worker = stack.worker("--sequence", "invoices")
     clients = stack.start_clients([("invoices", f"c{c}", 100) for c in range(2)])
-    engine = create_engine(stack.settings.database_url)
-    allocator = Allocator(engine)
-    deadline = time.monotonic() + 60
-    while (allocator.last_value("invoices") or 0) < 50 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    stack.wait_for_numbers("invoices", 50)
     assert worker.terminate() == 0
     assert (
         redis.Redis.from_url(stack.settings.broker_url).llen(

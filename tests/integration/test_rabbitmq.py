@@ -57,11 +57,7 @@ def test_killed_worker_under_load_loses_nothing(amqp_stack: Stack) -> None:
     setup_sequences(amqp_stack, seq)
     worker = amqp_stack.worker("--sequence", seq)
     clients = amqp_stack.start_clients([(seq, f"c{c}", 150) for c in range(3)])
-    engine = create_engine(amqp_stack.settings.database_url)
-    allocator = Allocator(engine)
-    deadline = time.monotonic() + 60
-    while (allocator.last_value(seq) or 0) < 100 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    amqp_stack.wait_for_numbers(seq, 100)
     worker.kill()
     amqp_stack.worker("--sequence", seq)
     results = clients.wait()
