@@ -18,6 +18,15 @@ from numbering.routing import kombu_queue, sequence_queue
 pytestmark = pytest.mark.integration
 
 
+def waiting(broker_url: str, sequence: str) -> int:
+    """How many requests wait in ``sequence``'s queue on a Redis broker."""
+    broker = redis.Redis.from_url(broker_url)
+    try:
+        return int(broker.llen(sequence_queue(sequence)))
+    finally:
+        broker.close()
+
+
 def test_an_unreachable_broker_is_named_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     url = "redis://127.0.0.1:1/0"  # nothing listens there: every connection is refused
     client = Client(url, url, timeout=1.5, resend_after=0.05)
@@ -65,13 +74,9 @@ def test_resends_keep_one_copy_waiting_and_the_timeout_says_no_worker_took_it(
             assert "numbering worker --sequence orphans" in str(info.value)
     finally:
         client.close()
-    broker = redis.Redis.from_url(broker_url)
-    try:
-        # Dozens of resends each, and one copy per key waits: a worker that starts later
-        # does not wade through thousands of copies.
-        assert broker.llen(sequence_queue("orphans")) == 3
-    finally:
-        broker.close()
+    # Dozens of resends each, and one copy per key waits: a worker that starts later
+    # does not wade through thousands of copies.
+    assert waiting(broker_url, "orphans") == 3
 
 
 def test_next_for_an_unknown_sequence_fails_at_once_and_queues_nothing(stack: Stack) -> None:
@@ -84,11 +89,7 @@ def test_next_for_an_unknown_sequence_fails_at_once_and_queues_nothing(stack: St
         "(numbering sequence create nosuch)\n"
     )
     assert time.monotonic() - started < 25
-    broker = redis.Redis.from_url(stack.settings.broker_url)
-    try:
-        assert broker.llen(sequence_queue("nosuch")) == 0
-    finally:
-        broker.close()
+    assert waiting(stack.settings.broker_url, "nosuch") == 0
 
 
 def test_the_cli_says_at_once_that_the_broker_cannot_be_reached(stack: Stack) -> None:
