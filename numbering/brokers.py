@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Literal
 
 __all__ = [
+    "REDIS_SCHEMES",
     "REPLY_LIST_PREFIX",
+    "SCHEMES",
     "BrokerKind",
     "attempts_hash",
     "broker_kind",
@@ -32,6 +34,10 @@ _SCHEMES: dict[str, BrokerKind] = {
     "pyamqp": "amqp",
     "memory": "memory",
 }
+#: Every broker URL scheme numbering takes (settings validation reads it).
+SCHEMES = tuple(_SCHEMES)
+#: The schemes of a Redis server: the only place numbering's answers can travel.
+REDIS_SCHEMES = tuple(scheme for scheme, kind in _SCHEMES.items() if kind == "redis")
 
 #: Reply lists are Redis keys of this shape: ``numbering.reply.<random hex>``.
 REPLY_LIST_PREFIX = "numbering.reply."

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from numbering.brokers import is_redis, scheme_of
+from numbering.brokers import REDIS_SCHEMES, SCHEMES, is_redis, scheme_of
 from numbering.errors import ConfigurationError, NumberingError
 from numbering.retry import (
     DEFAULT_ATTEMPTS,
@@ -83,10 +83,9 @@ ENV = {
 # NUMBERING_* variables read elsewhere, which are not settings.
 _NOT_SETTINGS = {"NUMBERING_FAILPOINTS"}  # fault injection for tests: numbering.failpoints
 
-_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
 # numbering's answers travel on Redis lists (numbering.replies): no other Celery result
 # backend can carry them.
-_BACKEND_SCHEMES = ("redis", "rediss")
+_BACKEND_SCHEMES = REDIS_SCHEMES
 
 
 def mask_url(url: str) -> str:
@@ -143,7 +142,7 @@ class Settings:
         if not self.database_url:
             object.__setattr__(self, "database_url", _default_database_url())
         object.__setattr__(self, "database_url", _check_database_url(self.database_url))
-        _check_url("broker_url", self.broker_url, _BROKER_SCHEMES)
+        _check_url("broker_url", self.broker_url, SCHEMES)
         if not self.result_backend:
             on_redis = is_redis(self.broker_url)
             default = self.broker_url if on_redis else DEFAULT_RESULT_BACKEND
