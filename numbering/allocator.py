@@ -60,7 +60,8 @@ class Allocator:
         self.retry = retry or RetryPolicy()
         #: Retries so far, by error class (``stats.total`` for all of them).
         self.stats = RetryStats()
-        self._pipelined = backend_for(self.engine).pipelined(self.engine)
+        self._backend = backend_for(self.engine)
+        self._pipelined = self._backend.pipelined(self.engine)
 
     @classmethod
     def from_settings(cls, settings: Settings, **engine_options: Any) -> Allocator:
@@ -70,6 +71,7 @@ class Allocator:
             create_engine(
                 settings.database_url,
                 idle_transaction_timeout=settings.idle_transaction_timeout,
+                synchronous_commit=settings.synchronous_commit,
                 **engine_options,
             ),
             isolation_level=settings.isolation_level,
@@ -112,14 +114,20 @@ class Allocator:
         """
 
         level = self.isolation_level if isolation_level is None else isolation_level
+        backend = self._backend
 
         def attempt() -> T:
             try:
-                with (
-                    begin(self.engine, level, readonly=readonly) as connection,
-                    connection.begin(),
-                ):
-                    return work(connection)
+                with begin(self.engine, level, readonly=readonly) as connection:
+                    with connection.begin():
+                        result = work(connection)
+                        backend.forget_notices(connection)
+                    # A COMMIT reported done that a failover may undo is no answer: the
+                    # retry's lock waits until the standby has it, then finds the keys.
+                    doubt = None if readonly else backend.commit_doubt(connection)
+                    if doubt is not None:
+                        raise doubt
+                    return result
             except DBAPIError as exc:
                 raise translate_error(exc) from exc
 

@@ -138,6 +138,7 @@ def _assign(
     bind: Bind, batches: dict[str, Sequence[Request]], nowait: bool
 ) -> dict[str, list[Outcome] | NumberingError]:
     store = store_for(bind)
+    store.prepare()
     names = sorted(batches)  # one lock order for everyone
     keys = {request.key for requests in batches.values() for request in requests}
     found, prior = store.lock_and_look_up_many(names, keys, nowait)

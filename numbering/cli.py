@@ -709,10 +709,16 @@ def status(ctx: click.Context, as_json: bool, check: bool) -> None:
     """Show each sequence's last value, waiting and in-flight requests, quarantined
     requests, whether its active consumer is alive, and the age of its oldest waiting
     request. Changes nothing; --check makes it usable as a health check."""
+    from numbering.tasks.preflight import check_database
     from numbering.tasks.status import collect
 
-    statuses = collect(_settings(ctx), _allocator(ctx))
+    settings, allocator = _settings(ctx), _allocator(ctx)
+    statuses = collect(settings, allocator)
+    database = check_database(
+        allocator.engine, allow_async_standby=settings.allow_reissue_after_failover
+    )
     problems = [f"{s.sequence}: {p}" for s in statuses for p in s.problems]
+    problems += [f"database: {p}" for p in database.problems]
     if as_json:
         click.echo(json.dumps([s.to_json() for s in statuses], indent=2))
     elif not statuses:
@@ -740,8 +746,15 @@ def status(ctx: click.Context, as_json: bool, check: bool) -> None:
                     str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
                 ).rstrip()
             )
+    if not as_json:
+        # The database's state (replication, durability), as the worker's start-up check
+        # sees it now: a failover, a standby gone or a setting changed shows here.
+        for fact in database.facts:
+            click.echo(f"database: {fact}")
         for problem in problems:
             click.echo(f"problem: {problem}", err=True)
+        for warning in database.warnings:
+            click.echo(f"warning: database: {warning}", err=True)
     if check and problems:
         sys.exit(EXIT_FAILURE)
 

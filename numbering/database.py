@@ -30,7 +30,11 @@ DEFAULT_SQLITE_BUSY_TIMEOUT = DEFAULT_BUSY_TIMEOUT
 
 
 def create_engine(
-    url: str | URL, *, idle_transaction_timeout: float | None = None, **kwargs: Any
+    url: str | URL,
+    *,
+    idle_transaction_timeout: float | None = None,
+    synchronous_commit: str | None = "on",
+    **kwargs: Any,
 ) -> Engine:
     """Create an SQLAlchemy engine set up the way numbering needs it.
 
@@ -38,7 +42,10 @@ def create_engine(
     every transaction. On PostgreSQL: ``application_name=numbering`` so that its sessions
     can be told apart in ``pg_stat_activity``, and with ``idle_transaction_timeout``
     (seconds) PostgreSQL ends a session left idle inside a transaction that long, so a
-    frozen process cannot hold a sequence's lock for ever. Extra keyword arguments go to
+    frozen process cannot hold a sequence's lock for ever. Every session starts with
+    ``synchronous_commit`` (``on``; ``remote_apply`` where standbys are read; None: the
+    server's, the role's or the database's default), so that no default can make a
+    COMMIT return before the synchronous standby has it. Extra keyword arguments go to
     :func:`sqlalchemy.create_engine`.
 
     >>> engine = create_engine("sqlite:///numbering.db")
@@ -49,7 +56,10 @@ def create_engine(
     except UnsupportedDatabase as exc:
         raise DatabaseError(str(exc)) from None
     return backend.create_engine(
-        backend.normalize_url(url), idle_transaction_timeout=idle_transaction_timeout, **kwargs
+        backend.normalize_url(url),
+        idle_transaction_timeout=idle_transaction_timeout,
+        synchronous_commit=synchronous_commit,
+        **kwargs,
     )
 
 

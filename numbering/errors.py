@@ -26,6 +26,7 @@ One shallow tree rooted at :class:`NumberingError`::
     │       │   ├── LockNotAvailable            SQLSTATE 55P03, SQLite "database is locked"
     │       │   └── KeyRaceConflict             another transaction inserted the same key
     │       ├── ConnectionLost                  outcome unknown; resolved by key look-up
+    │       │   └── ReplicationUnconfirmed      committed, but the standby did not confirm
     │       └── DatabaseUnavailable             could not connect; nothing was sent
     ├── RetriesExhaustedError                   retried until the bounds ran out
     ├── RequestTimeout (also TimeoutError)      no answer from a worker in time
@@ -57,6 +58,7 @@ __all__ = [
     "NumberingError",
     "PayloadTooLargeError",
     "QuarantinedError",
+    "ReplicationUnconfirmed",
     "RequestTimeout",
     "RetriesExhaustedError",
     "RetryableError",
@@ -229,6 +231,12 @@ class KeyRaceConflict(ConflictError):
 
 class ConnectionLost(RetryableError):
     """The database connection was lost; the outcome is resolved by looking the key up."""
+
+
+class ReplicationUnconfirmed(ConnectionLost):
+    """The database reported the COMMIT done, but its wait for the synchronous standby was
+    cut short: a failover may undo it. Nothing is answered from it; the transaction is
+    resolved by running it again, whose lock waits until the standby has it."""
 
 
 class DatabaseUnavailable(RetryableError):

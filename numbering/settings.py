@@ -60,6 +60,13 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 # transactions take milliseconds; one idle this long belongs to a frozen worker or to a
 # connection whose client is gone, and it holds a sequence's lock until it ends.
 DEFAULT_IDLE_TRANSACTION_TIMEOUT = 10.0
+# PostgreSQL's synchronous_commit in numbering's sessions; the levels it may be set to
+# (the weaker ones acknowledge a COMMIT a failover can lose).
+DEFAULT_SYNCHRONOUS_COMMIT = "on"
+SYNCHRONOUS_COMMIT_LEVELS = ("on", "remote_apply")
+# How a yes or a no may be written in an environment variable.
+_BOOLEANS = {"true": True, "yes": True, "1": True, "on": True,
+             "false": False, "no": False, "0": False, "off": False}  # fmt: skip
 
 # Environment variable for each setting. Names are part of the public contract.
 ENV = {
@@ -78,6 +85,8 @@ ENV = {
     "idle_transaction_timeout": "NUMBERING_IDLE_TRANSACTION_TIMEOUT",
     "metrics_port": "NUMBERING_METRICS_PORT",
     "log_format": "NUMBERING_LOG_FORMAT",
+    "synchronous_commit": "NUMBERING_SYNCHRONOUS_COMMIT",
+    "allow_reissue_after_failover": "NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER",
 }
 
 # NUMBERING_* variables read elsewhere, which are not settings.
@@ -137,6 +146,13 @@ class Settings:
     #: Worker log lines as ``text`` or as ``json`` (one object per line, with the request
     #: key, sequence and task id as fields where a line concerns one request).
     log_format: str = "text"
+    #: PostgreSQL's synchronous_commit for every numbering session: ``on`` (a COMMIT
+    #: returns once the synchronous standby has it on disk) or ``remote_apply`` (once it
+    #: is visible there too). Set when the session starts, so no default weakens it.
+    synchronous_commit: str = DEFAULT_SYNCHRONOUS_COMMIT
+    #: Let a worker start while only asynchronous standbys replicate the database. A
+    #: failover to one of them can then hand out numbers already answered (docs/ha.md).
+    allow_reissue_after_failover: bool = False
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -159,6 +175,15 @@ class Settings:
             if self.log_format not in ("text", "json"):
                 raise ConfigurationError(
                     f"{ENV['log_format']} must be text or json, got {self.log_format!r}"
+                )
+            if self.synchronous_commit not in SYNCHRONOUS_COMMIT_LEVELS:
+                raise ConfigurationError(
+                    f"{ENV['synchronous_commit']} must be "
+                    f"{' or '.join(SYNCHRONOUS_COMMIT_LEVELS)}, got {self.synchronous_commit!r}"
+                )
+            if not isinstance(self.allow_reissue_after_failover, bool):
+                raise ConfigurationError(
+                    f"{ENV['allow_reissue_after_failover']} must be true or false"
                 )
             if self.metrics_port is not None:
                 _check_positive_int(self.metrics_port, ENV["metrics_port"], 65535)
@@ -216,6 +241,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name.endswith(("_url", "_backend")):
                 shown[ENV[f.name]] = mask_url(value)
+            elif isinstance(value, bool):
+                shown[ENV[f.name]] = "true" if value else "false"
             elif isinstance(value, tuple):
                 shown[ENV[f.name]] = ",".join(value)
             else:
@@ -237,6 +264,11 @@ def _parse(name: str, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise ConfigurationError(f"{variable} must be a whole number, got {raw!r}") from None
+    if name == "allow_reissue_after_failover":
+        try:
+            return _BOOLEANS[raw.lower()]
+        except KeyError:
+            raise ConfigurationError(f"{variable} must be true or false, got {raw!r}") from None
     if name == "batch_tables":
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if name.startswith("retry_") or name in ("request_timeout", "idle_transaction_timeout"):

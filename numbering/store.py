@@ -40,6 +40,11 @@ class CoreStore:
         self.bind = bind
         self.backend = backend
 
+    def prepare(self) -> None:
+        """Make the transaction as durable as an assignment needs (on PostgreSQL: its
+        COMMIT waits for the synchronous standby); before its first statement."""
+        self.backend.prepare_assignment(self.bind)
+
     def lock(self, name: str, nowait: bool) -> Any:
         """The counter row ``name``, locked until the transaction ends (None: no such row)."""
         *before, last = self.backend.lock_counter(name, nowait)

@@ -163,6 +163,9 @@ class AmqpTransport:
     def flush(self) -> None:
         """Nothing is deferred: every ack is sent as it is made."""
 
+    def recheck(self) -> None:
+        """RabbitMQ, not the database, picks the active consumer: nothing to check."""
+
     def close(self, stopping: bool) -> None:
         # Unacknowledged messages go back to their queue when the connection closes.
         connection, self._connection = self._connection, None

@@ -33,6 +33,7 @@ from numbering.messages import BadMessage, Job
 from numbering.replies import push_replies, reply_for
 from numbering.routing import Shard
 from numbering.tasks.events import TaskEvents
+from numbering.tasks.failover import FailoverDetected, FailoverWatch
 from numbering.tasks.metrics import WorkerMetrics
 from numbering.tasks.redelivery import Redelivery
 from numbering.tasks.transport import Delivery, Transport
@@ -83,6 +84,9 @@ class BatchProcessor:
         self.transactions = 0
         #: Celery task events of answered requests (set by the worker; None: never).
         self.events: TaskEvents | None = None
+        #: Checks before a batch that the database did not fail over unnoticed (set by
+        #: the worker; None: never).
+        self.failover: FailoverWatch | None = None
 
     def process(
         self, items: Sequence[Job | BadMessage], shards: Sequence[Shard | None] | None = None
@@ -125,6 +129,8 @@ class BatchProcessor:
 
         seconds = None
         if groups:
+            if self.failover is not None:
+                self.failover.confirm()
             started = time.monotonic()
             outcomes.update(
                 self.allocator.run_assignment(
@@ -193,7 +199,8 @@ class BatchProcessor:
             try:
                 self.process(items, shards)
                 return True
-            except RetriesExhaustedError as exc:
+            except (RetriesExhaustedError, FailoverDetected) as exc:
+                # Not the batch's fault: it stays in hand (not counted as a redelivery).
                 log.error("%s: database unavailable (%s); retrying the batch", queue, exc)
                 if stop.wait(OUTAGE_BACKOFF_SECONDS):
                     return False

@@ -142,6 +142,9 @@ class MemoryTransport:
     def flush(self) -> None:
         """Nothing is deferred."""
 
+    def recheck(self) -> None:
+        """One consumer per broker object: nothing to check."""
+
     def close(self, stopping: bool) -> None:
         if stopping:  # as a broker does when its consumer goes away
             self.open()

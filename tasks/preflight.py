@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from numbering.backends import backend_for
+from numbering.backends.base import Durability
 from numbering.brokers import is_redis
 from numbering.config.celery import VISIBILITY_TIMEOUT
 from numbering.database import translate_error
@@ -72,18 +73,21 @@ def check_celery_config(conf: Mapping[str, Any], concurrency: int) -> list[str]:
     return problems
 
 
-def check_database(engine: Engine) -> list[str]:
-    """What makes the database unsafe for numbering, as sentences."""
-    problems = []
-    current, head = current_revision(engine), head_revision()
+def check_database(engine: Engine, *, allow_async_standby: bool = False) -> Durability:
+    """What makes the database unsafe for numbering (problems), what the operator should
+    know (warnings), and its replication state (facts)."""
+    try:
+        found = backend_for(engine).durability(engine, allow_async_standby=allow_async_standby)
+        current, head = current_revision(engine), head_revision()
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
     if current != head:
-        problems.append(
+        found.problems.insert(
+            0,
             f"the database schema is at revision {current or 'none'}, this numbering needs "
-            f"{head}: run `numbering init-db` (as the schema owner)"
+            f"{head}: run `numbering init-db` (as the schema owner)",
         )
-    with engine.connect() as conn:
-        problems += backend_for(engine).durability_problems(conn)
-    return problems
+    return found
 
 
 def check_ledgers(
@@ -172,16 +176,19 @@ def run_preflight(
     concurrency: int,
     sequences: Iterable[str] = (),
     shards: Iterable[Shard] = (),
+    allow_async_standby: bool = False,
 ) -> list[str]:
     """Refuse to start (ConfigurationError listing every problem); return warnings."""
     problems = check_celery_config(conf, concurrency)
     try:
-        problems += check_database(engine) + check_ledgers(engine, sequences, shards)
+        database = check_database(engine, allow_async_standby=allow_async_standby)
+        problems += database.problems + check_ledgers(engine, sequences, shards)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
     if problems:
         listed = problems[0] if len(problems) == 1 else "\n  - " + "\n  - ".join(problems)
         raise ConfigurationError(f"the worker refuses to start: {listed}")
+    warnings = list(database.warnings)
     if is_redis(broker_url):
-        return check_redis(broker_url)
-    return []
+        warnings += check_redis(broker_url)
+    return warnings

@@ -222,6 +222,11 @@ class RedisTransport:
             elif queue not in self._done:
                 self._done.append(queue)  # cleared with the next drain
 
+    def recheck(self) -> None:
+        # The locks are in the database: a failover took them with the old primary.
+        # The next receive checks each one (and takes it again) before it drains.
+        self._checked = -float("inf")
+
     def flush(self) -> None:
         if self._done:
             self.broker.delete(*(queue.inflight for queue in self._done))

@@ -90,6 +90,11 @@ class Transport(Protocol):
     def flush(self) -> None:
         """Send deferred acknowledgements now (the consumer is ending its turn normally)."""
 
+    def recheck(self) -> None:
+        """Make sure, before the next batch, that this consumer is still the active one
+        (the database failed over: a consumer lock held there is gone). Any thread may
+        call it."""
+
     def close(self, stopping: bool) -> None:
         """Disconnect, without sending deferred acknowledgements (after a failure they
         may no longer be right); ``stopping``: the consumer ends (give up consumer locks

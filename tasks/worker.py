@@ -27,9 +27,10 @@ from numbering.settings import Settings
 from numbering.tasks.app import create_app
 from numbering.tasks.consumer import BatchProcessor, Consumer
 from numbering.tasks.events import TaskEvents, show_queues, task_events_switch
+from numbering.tasks.failover import FailoverWatch
 from numbering.tasks.guard import consumer_lock
 from numbering.tasks.metrics import WorkerMetrics
-from numbering.tasks.preflight import run_preflight
+from numbering.tasks.preflight import check_ledgers, run_preflight
 from numbering.tasks.transport import Transport
 
 __all__ = ["NumberingWorker", "build_worker", "queues_for"]
@@ -61,6 +62,8 @@ class NumberingWorker:
         queues: Sequence[str],
         shards: Sequence[Shard] | Shard | None,
         app: Celery,
+        *,
+        sequences: Sequence[str] = (),
     ) -> None:
         if not is_redis(settings.result_backend):
             raise ConfigurationError("numbering replies need a Redis NUMBERING_RESULT_BACKEND")
@@ -75,10 +78,15 @@ class NumberingWorker:
         if isinstance(shards, Shard):
             shards = [shards]
         owner = {shard.queue: shard for shard in shards or ()}
+        served = (list(sequences), list(shards or ()))
+        engine = self.allocator.engine
+        #: Notices a failover (a new timeline) and checks counters before numbering on.
+        self.failover = FailoverWatch(engine, lambda: check_ledgers(engine, *served))
 
         # One consumer for all the queues, which refuses on each shard queue the sequences
         # of other shards: each turn takes what waits on any of them into one transaction.
         processor = BatchProcessor(self.allocator, self.replies, app, self.metrics)
+        processor.failover = self.failover
         self.processor = processor
         transport: Transport
         if broker_kind(settings.broker_url) == "redis":
@@ -100,6 +108,9 @@ class NumberingWorker:
                 "numbering workers need a Redis or RabbitMQ broker; NUMBERING_BROKER_URL is "
                 f"{settings.broker_url.split('://')[0]}://"
             )
+        # Consumer locks live in the database: after a failover, take them again on the
+        # new primary before consuming on.
+        self.failover.on_failover.append(transport.recheck)
         self.consumers = [
             Consumer(
                 transport, processor, batch_size=settings.batch_size, stop=self.stop, shards=owner
@@ -149,7 +160,7 @@ def build_worker(
             )
     queues = queues_for(sequences, shards)
     app = create_app(settings)
-    numbering = NumberingWorker(settings, queues, shards, app)
+    numbering = NumberingWorker(settings, queues, shards, app, sequences=sequences)
 
     class BulkConsumers(bootsteps.StartStopStep):
         requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}
@@ -175,6 +186,7 @@ def build_worker(
         concurrency=CONCURRENCY,
         sequences=sequences,
         shards=shards,
+        allow_async_standby=settings.allow_reissue_after_failover,
     )
     app.steps["worker"].add(BulkConsumers)
     show_queues(queues)  # `celery inspect active_queues` lists them beside the control queue

@@ -18,6 +18,7 @@ does differently. A new engine is one module with a subclass, listed in
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import sqlalchemy as sa
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["Backend", "ChunkIds", "ConsumerLock", "Pipelined"]
+__all__ = ["Backend", "ChunkIds", "ConsumerLock", "Durability", "Pipelined"]
 
 
 class Pipelined(Protocol):
@@ -59,6 +60,19 @@ class ConsumerLock(Protocol):
         """False once the lock was lost (its database session died)."""
 
     def release(self) -> None: ...
+
+
+@dataclass
+class Durability:
+    """What a worker's start-up check found out about the database's durability."""
+
+    #: Why the worker must not start: a number it answers with could be handed out again
+    #: (after a crash, or after a failover to a standby).
+    problems: list[str] = field(default_factory=list)
+    #: What the operator should know, without refusing to start.
+    warnings: list[str] = field(default_factory=list)
+    #: The state found, one line each (``numbering status`` shows them).
+    facts: list[str] = field(default_factory=list)
 
 
 #: The rows locked for one chunk of a batch job: how many, the first and last id in
@@ -89,10 +103,29 @@ class Backend:
         return url
 
     def create_engine(
-        self, url: URL, *, idle_transaction_timeout: float | None, **kwargs: Any
+        self,
+        url: URL,
+        *,
+        idle_transaction_timeout: float | None,
+        synchronous_commit: str | None = "on",
+        **kwargs: Any,
     ) -> Engine:
         """An engine set up the way numbering needs it (see :func:`numbering.create_engine`)."""
         return sa.create_engine(url, **kwargs)
+
+    def prepare_assignment(self, bind: Session | Connection) -> None:
+        """Make the transaction of ``bind`` (numbering's, or a caller's) as durable as an
+        assignment needs, before its first statement; runs nothing where the engine's
+        connections are already set up so."""
+
+    def forget_notices(self, connection: Connection) -> None:
+        """Drop what the server said on ``connection`` before a transaction starts."""
+
+    def commit_doubt(self, connection: Connection) -> NumberingError | None:
+        """After a COMMIT the server answered with success: the error to raise when it
+        said, on the way, that the commit may not survive a failover (the transaction is
+        then resolved like a lost connection: by looking its keys up again)."""
+        return None
 
     def transaction_options(self, isolation_level: str, readonly: bool) -> dict[str, Any]:
         """Execution options that start a connection's transactions as asked."""
@@ -179,9 +212,17 @@ class Backend:
 
     # -- the worker's start-up checks --------------------------------------------------------
 
-    def durability_problems(self, connection: Connection) -> list[str]:
-        """Settings under which the database may forget a COMMIT it acknowledged."""
-        return []
+    def timeline(self, dbapi_connection: Any) -> int | None:
+        """The history the server is on, from a new DBAPI connection: a number that
+        changes when a standby is promoted (None: the engine has no such thing, or the
+        server is a standby)."""
+        return None
+
+    def durability(self, engine: Engine, *, allow_async_standby: bool = False) -> Durability:
+        """Settings under which the database may forget a COMMIT it acknowledged, or a
+        failover may bring back a state from before it (``allow_async_standby``: the
+        operator accepts that risk of asynchronous standbys, which is then a warning)."""
+        return Durability()
 
     # -- batch jobs -------------------------------------------------------------------------
 

@@ -16,14 +16,14 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Connection, Engine, Table, event
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
-from numbering.backends.base import Backend, ChunkIds, Pipelined
+from numbering.backends.base import Backend, ChunkIds, Durability, Pipelined
 from numbering.errors import (
     ConnectionLost,
     DatabaseError,
@@ -32,6 +32,7 @@ from numbering.errors import (
     KeyRaceConflict,
     LockNotAvailable,
     NumberingError,
+    ReplicationUnconfirmed,
     SerializationConflict,
 )
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT
@@ -47,6 +48,20 @@ log = logging.getLogger("numbering.worker")
 MIGRATION_LOCK_KEY = 7_360_401_111
 # SQLSTATEs after which the connection is gone and the outcome of a COMMIT is unknown.
 _CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+# "cannot execute ... in a read-only transaction": this connection reached a standby (the
+# old primary, demoted after a failover, or a host listed first in a multi-host URL).
+_READ_ONLY_SQLSTATE = "25006"
+# Where a connection of numbering's own engines records the synchronous_commit level it
+# was opened with (SQLAlchemy's per-DBAPI-connection info): prepare_assignment then has
+# nothing to send.
+_OWN_LEVEL = "numbering.synchronous_commit"
+# The timeline the primary writes WAL on now (it starts a new one when it is a promoted
+# standby): the first 8 hex digits of the current WAL file's name.
+_TIMELINE = "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+# Where what the server said during a transaction is kept for commit_doubt.
+_NOTICES = "numbering.notices"
+# synchronous_commit levels that acknowledge a COMMIT before a standby has it on disk.
+_WEAK_LEVELS = ("off", "local", "remote_write")
 
 _ONLY_A_VOID = (
     "OLD.status = 'assigned' AND NEW.status = 'voided' AND NEW.void_reason IS NOT NULL "
@@ -57,6 +72,94 @@ _ONLY_A_VOID = (
     "AND NEW.formatted IS NOT DISTINCT FROM OLD.formatted"
 )
 APPEND_ONLY = "numbering_ledger is append-only: rows are never deleted or changed, only voided"
+
+
+def _durability(connection: Connection, allow_async_standby: bool) -> Durability:
+    def show(setting: str) -> str:
+        return str(connection.execute(sa.text(f"SHOW {setting}")).scalar_one())
+
+    found = Durability()
+    commit, fsync = show("synchronous_commit"), show("fsync")
+    for setting, value in (("synchronous_commit", commit), ("fsync", fsync)):
+        if value == "off":
+            found.problems.append(
+                f"PostgreSQL runs with {setting}={value}: a crash can forget numbers "
+                f"already handed out; set {setting}=on for this database or role"
+            )
+    if connection.execute(sa.text("SELECT pg_is_in_recovery()")).scalar_one():
+        found.facts.append("PostgreSQL standby (in recovery, read-only)")
+        found.problems.append(
+            "the database is a standby (pg_is_in_recovery() is true): numbers come from the "
+            "primary only; point NUMBERING_DATABASE_URL at it, or list every server with "
+            "?host=A&host=B&target_session_attrs=read-write"
+        )
+        return found
+    names = show("synchronous_standby_names")
+    timeline = connection.execute(sa.text(f"SELECT {_TIMELINE}")).scalar_one()
+    standbys = connection.execute(
+        sa.text(
+            "SELECT application_name, state, sync_state FROM pg_stat_replication "
+            "ORDER BY application_name"
+        )
+    ).all()
+    streaming = [row for row in standbys if row.state == "streaming"]
+    hidden = [row for row in standbys if row.state is None]
+    synchronous = [row for row in streaming if row.sync_state in ("sync", "quorum")]
+    listed = ", ".join(
+        f"{row.application_name} ({row.state}, {row.sync_state})" for row in standbys
+    )
+    found.facts.append(f"PostgreSQL primary, timeline {timeline}")
+    found.facts.append(
+        f"synchronous_standby_names: {names!r}" if names else "synchronous_standby_names: none"
+    )
+    found.facts.append(f"standbys: {listed}" if standbys else "standbys: none connected")
+    replicated = bool(names) or bool(standbys)
+    if commit == "local" and replicated:
+        found.problems.append(
+            "PostgreSQL runs with synchronous_commit=local while standbys replicate this "
+            "database: a COMMIT is acknowledged before a standby has it, so a failover can "
+            "hand out answered numbers again; set synchronous_commit=on for this database "
+            "or role (numbering's own sessions force it, other writers do not)"
+        )
+    if hidden:
+        found.problems.append(
+            f"this role cannot see the state of {len(hidden)} standby(s) in "
+            "pg_stat_replication, so it cannot tell whether a failover could lose answered "
+            "numbers; GRANT pg_monitor TO the role numbering connects as"
+        )
+    elif streaming and not synchronous and not names:
+        risk = (
+            "only asynchronous standbys replicate this database "
+            f"({', '.join(row.application_name for row in streaming)}): a failover to one "
+            "of them can hand out numbers that were already answered"
+        )
+        if allow_async_standby:
+            found.warnings.append(
+                f"{risk}; running anyway because NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER is set"
+            )
+        else:
+            found.problems.append(
+                f"{risk}; make one synchronous (synchronous_standby_names = 'ANY 1 (name)') "
+                "or, if this database never fails over automatically, set "
+                "NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER=true (docs/ha.md)"
+            )
+    if names and not synchronous and not hidden:
+        found.warnings.append(
+            f"synchronous_standby_names is {names!r} but no synchronous standby is connected: "
+            "every COMMIT waits until one is (a promoted standby keeps its old primary's "
+            "synchronous_standby_names: clear it there)"
+        )
+    return found
+
+
+def _take_notices(connection: Connection) -> list[str]:
+    """What psycopg2 holds of what the server said, emptied."""
+    held = getattr(connection.connection.dbapi_connection, "notices", None)
+    if not held:
+        return []
+    taken = list(held)
+    del held[:]
+    return taken
 
 
 def _lock_key(queue: str) -> int:
@@ -141,7 +244,12 @@ class PostgreSQL(Backend):
         return url
 
     def create_engine(
-        self, url: URL, *, idle_transaction_timeout: float | None, **kwargs: Any
+        self,
+        url: URL,
+        *,
+        idle_transaction_timeout: float | None,
+        synchronous_commit: str | None = "on",
+        **kwargs: Any,
     ) -> Engine:
         connect_args = kwargs.pop("connect_args", {})
         connect_args.setdefault("application_name", "numbering")
@@ -152,12 +260,87 @@ class PostgreSQL(Backend):
         connect_args.setdefault("keepalives_idle", 10)
         connect_args.setdefault("keepalives_interval", 5)
         connect_args.setdefault("keepalives_count", 3)
+        options = [connect_args.get("options", "")]
         if idle_transaction_timeout is not None:
             milliseconds = max(1, round(idle_transaction_timeout * 1000))
-            connect_args.setdefault(
-                "options", f"-c idle_in_transaction_session_timeout={milliseconds}"
-            )
-        return sa.create_engine(url, connect_args=connect_args, **kwargs)
+            options.append(f"-c idle_in_transaction_session_timeout={milliseconds}")
+        if synchronous_commit is not None:
+            # Set when the session starts: a role's or a database's default (ALTER ROLE
+            # ... SET synchronous_commit = local) cannot weaken numbering's commits, and
+            # it costs no statement per transaction.
+            options.append(f"-c synchronous_commit={synchronous_commit}")
+        if any(options):
+            connect_args["options"] = " ".join(option for option in options if option)
+        engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def own(dbapi_connection: Any, record: Any) -> None:
+            record.info[_OWN_LEVEL] = synchronous_commit
+
+        @event.listens_for(engine, "after_cursor_execute")
+        def keep_notices(conn: Connection, cursor: Any, *_: Any) -> None:
+            # SQLAlchemy logs what the server said after each statement and empties
+            # psycopg2's list; commit_doubt needs it, so it is kept first.
+            said = getattr(cursor.connection, "notices", None)
+            if said:
+                conn.info.setdefault(_NOTICES, []).extend(said)
+
+        @event.listens_for(engine, "handle_error")
+        def read_only(context: sa.engine.ExceptionContext) -> None:
+            # A standby's session is no use: drop it (and the pool, which may hold more
+            # of them), so that the retry connects again, through a multi-host URL's
+            # target_session_attrs to whichever server is the primary now.
+            if _sqlstate(context.original_exception) == _READ_ONLY_SQLSTATE:
+                context.is_disconnect = True
+
+        return engine
+
+    def prepare_assignment(self, bind: Session | Connection) -> None:
+        connection = bind.connection() if isinstance(bind, Session) else bind
+        if connection.info.get(_OWN_LEVEL) is not None:
+            return
+        # A caller's own transaction: make its COMMIT wait for the synchronous standby
+        # too, unless its session already does (remote_apply is kept as it is).
+        bind.execute(
+            sa.text(
+                "SELECT set_config('synchronous_commit', 'on', true) "
+                "WHERE current_setting('synchronous_commit') IN :weak"
+            ).bindparams(sa.bindparam("weak", expanding=True)),
+            {"weak": list(_WEAK_LEVELS)},
+        )
+
+    def timeline(self, dbapi_connection: Any) -> int | None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE {_TIMELINE} END")
+            (found,) = cursor.fetchone()
+        finally:
+            cursor.close()
+            if not dbapi_connection.autocommit:
+                dbapi_connection.rollback()
+        return None if found is None else int(found)
+
+    def forget_notices(self, connection: Connection) -> None:
+        connection.info.pop(_NOTICES, None)
+        _take_notices(connection)
+
+    def commit_doubt(self, connection: Connection) -> NumberingError | None:
+        # What the server said while it committed (notices were forgotten just before
+        # the COMMIT was sent). The one thing PostgreSQL says there is "canceling wait for
+        # synchronous replication ... committed locally, but might not have been
+        # replicated to the standby": a COMMIT reported as done that a failover can undo.
+        # Any notice counts, not only those words: a server set to another language
+        # says them in it.
+        # Kept from statements (the pipelined COMMIT is one), or left on the driver by
+        # SQLAlchemy's own commit(), which runs no statement.
+        notices = connection.info.pop(_NOTICES, []) + _take_notices(connection)
+        if not notices:
+            return None
+        said = " ".join(" ".join(notice.split()) for notice in notices)
+        return ReplicationUnconfirmed(
+            "the database committed, but said so with a warning that it may not survive a "
+            f"failover ({said}); the transaction is resolved by looking its keys up again"
+        )
 
     def transaction_options(self, isolation_level: str, readonly: bool) -> dict[str, Any]:
         return {"isolation_level": isolation_level, "postgresql_readonly": readonly}
@@ -170,6 +353,12 @@ class PostgreSQL(Backend):
         if sqlstate is not None and sqlstate.startswith(_CONNECTION_SQLSTATES):
             return ConnectionLost(
                 f"database connection lost: {detail}", sqlstate=sqlstate, constraint=constraint
+            )
+        if sqlstate == _READ_ONLY_SQLSTATE:
+            return ConnectionLost(
+                f"the database server is read-only, a standby (after a failover?): {detail}; "
+                "connecting again",
+                sqlstate=sqlstate,
             )
         if sqlstate == "40001":
             return SerializationConflict(
@@ -287,16 +476,17 @@ class PostgreSQL(Backend):
             ).scalars()
         )
 
-    def durability_problems(self, connection: Connection) -> list[str]:
-        problems = []
-        for setting, unsafe in (("synchronous_commit", "off"), ("fsync", "off")):
-            value = connection.execute(sa.text(f"SHOW {setting}")).scalar_one()
-            if value == unsafe:
-                problems.append(
-                    f"PostgreSQL runs with {setting}={value}: a crash can forget numbers "
-                    f"already handed out; set {setting}=on for this database or role"
-                )
-        return problems
+    def durability(self, engine: Engine, *, allow_async_standby: bool = False) -> Durability:
+        # Read on a session of its own, without numbering's synchronous_commit: what a
+        # plain session of this role and database gets is what is checked.
+        plain = sa.create_engine(
+            engine.url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10}
+        )
+        try:
+            with plain.connect() as connection:
+                return _durability(connection, allow_async_standby)
+        finally:
+            plain.dispose()
 
     def lock_chunk(
         self, connection: Connection, locked: sa.Select[Any], ident: str, order: Sequence[str]

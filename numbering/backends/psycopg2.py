@@ -246,6 +246,9 @@ def run_pipelined(engine: Engine, isolation_level: str, work: Callable[[Connecti
     """
     from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
+    from numbering.backends import backend_for
+
+    backend = backend_for(engine)
     pipeline = Pipeline(f"BEGIN ISOLATION LEVEL {isolation_level}")
     with engine.connect() as connection:
         connection.execution_options(**{PIPELINE_OPTION: pipeline})
@@ -257,11 +260,17 @@ def run_pipelined(engine: Engine, isolation_level: str, work: Callable[[Connecti
         dbapi.autocommit = True
         try:
             result = work(connection)
+            backend.forget_notices(connection)
             done = connection.exec_driver_sql("COMMIT", execution_options={"no_parameters": True})
             status = done.context.cursor.statusmessage
             if status != "COMMIT":
                 # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, no error.
                 raise DatabaseError(f"the transaction ended with {status}, not COMMIT")
+            # Done, but maybe not on the synchronous standby: no answer from it (the
+            # retry's lock waits until the standby has it, then finds the keys).
+            doubt = backend.commit_doubt(connection)
+            if doubt is not None:
+                raise doubt
             return result
         except BaseException:
             pipeline.clear()

@@ -23,7 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Executable
 
-from numbering.backends.base import Backend
+from numbering.backends.base import Backend, Durability
 from numbering.errors import DatabaseError, KeyRaceConflict, LockNotAvailable, NumberingError
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT, sequences
 
@@ -87,8 +87,14 @@ class SQLite(Backend):
     alters_constraints = False
 
     def create_engine(
-        self, url: URL, *, idle_transaction_timeout: float | None, **kwargs: Any
+        self,
+        url: URL,
+        *,
+        idle_transaction_timeout: float | None,
+        synchronous_commit: str | None = "on",
+        **kwargs: Any,
     ) -> Engine:
+        # One file, no replication: synchronous_commit has no meaning here.
         connect_args = kwargs.pop("connect_args", {})
         connect_args.setdefault("timeout", DEFAULT_BUSY_TIMEOUT)
         engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
@@ -185,11 +191,13 @@ class SQLite(Backend):
             "DROP TRIGGER numbering_ledger_only_void",
         ]
 
-    def durability_problems(self, connection: Connection) -> list[str]:
-        level = connection.execute(sa.text("PRAGMA synchronous")).scalar_one()
+    def durability(self, engine: Engine, *, allow_async_standby: bool = False) -> Durability:
+        with engine.connect() as connection:
+            level = connection.execute(sa.text("PRAGMA synchronous")).scalar_one()
+        found = Durability(facts=[f"SQLite file, synchronous={level}"])
         if level < 2:  # 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
-            return [
+            found.problems.append(
                 f"SQLite runs with synchronous={level}: a crash can forget numbers already "
                 "handed out; use FULL (2) or EXTRA (3)"
-            ]
-        return []
+            )
+        return found

@@ -93,10 +93,10 @@ def test_the_shipped_celery_configuration_passes_and_each_weakening_is_named() -
 
 def test_sqlite_must_sync_every_commit(sqlite_url: str) -> None:
     engine = create_engine(sqlite_url)
-    assert check_database(engine) == []
+    assert check_database(engine).problems == []
     unsafe = sa.create_engine(sqlite_url)
     sa.event.listen(unsafe, "connect", lambda dbapi, _: dbapi.execute("PRAGMA synchronous=NORMAL"))
-    [problem] = check_database(unsafe)
+    [problem] = check_database(unsafe).problems
     assert "synchronous=1" in problem
 
 

@@ -646,6 +646,9 @@ def test_status_shows_queues_consumers_and_waiting_requests(stack: Stack) -> Non
     assert lines[2].split()[0] == "orphans"
     assert "NONE" in lines[2].split()
     assert "problem: orphans:" in table.stderr
+    # The database's state, as the worker's start-up check sees it now.
+    assert "database: PostgreSQL primary, timeline 1" in lines
+    assert "database: standbys: none connected" in lines
     checked = status("--check")
     assert checked.returncode == 1
     stack.worker("--sequence", "orphans")  # the worker drains the waiting requests

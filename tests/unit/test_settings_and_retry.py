@@ -247,3 +247,23 @@ def test_json_log_lines() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert (line["message"], line["key"], line["level"]) == ("hi x", "invoice:1", "INFO")
     assert "sequence" not in line
+
+
+def test_replication_settings() -> None:
+    settings = Settings.from_env({})
+    assert (settings.synchronous_commit, settings.allow_reissue_after_failover) == ("on", False)
+    chosen = Settings.from_env(
+        {
+            "NUMBERING_SYNCHRONOUS_COMMIT": "remote_apply",
+            "NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER": "yes",
+        }
+    )
+    assert (chosen.synchronous_commit, chosen.allow_reissue_after_failover) == (
+        "remote_apply",
+        True,
+    )
+    assert chosen.masked()["NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER"] == "true"
+    with pytest.raises(ConfigurationError, match="must be on or remote_apply, got 'local'"):
+        Settings.from_env({"NUMBERING_SYNCHRONOUS_COMMIT": "local"})
+    with pytest.raises(ConfigurationError, match="must be true or false, got 'maybe'"):
+        Settings.from_env({"NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER": "maybe"})
