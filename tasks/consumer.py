@@ -141,6 +141,8 @@ class BatchProcessor:
             self.transactions += 1
             log.debug("assigned %d request(s) in %.1f ms", len(items), 1e3 * seconds)
         failpoint("after_commit", keys)
+        if self.failover is not None:
+            self.failover.answered(outcomes.values())
         if self.metrics is not None:
             # Counted before the replies go out, so that a scrape made after a client has
             # its answer already shows it (CI saw the counter lag the reply).
@@ -199,9 +201,13 @@ class BatchProcessor:
             try:
                 self.process(items, shards)
                 return True
-            except (RetriesExhaustedError, FailoverDetected) as exc:
+            except RetriesExhaustedError as exc:
                 # Not the batch's fault: it stays in hand (not counted as a redelivery).
                 log.error("%s: database unavailable (%s); retrying the batch", queue, exc)
+                if stop.wait(OUTAGE_BACKOFF_SECONDS):
+                    return False
+            except FailoverDetected as exc:
+                log.error("%s: %s; the batch waits", queue, exc)
                 if stop.wait(OUTAGE_BACKOFF_SECONDS):
                     return False
 

@@ -188,6 +188,7 @@ def build_worker(
         shards=shards,
         allow_async_standby=settings.allow_reissue_after_failover,
     )
+    numbering.failover.remember()  # the counters as they are: a failover must not go below
     app.steps["worker"].add(BulkConsumers)
     show_queues(queues)  # `celery inspect active_queues` lists them beside the control queue
     return app.Worker(
