@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from numbering.allocator import Allocator
 from numbering.brokers import dead_letter_list, inflight_list, is_redis
+from numbering.database import translate_error
 from numbering.messages import SENT_AT_HEADER
 from numbering.routing import kombu_queue, queue_for
 from numbering.schema import sequences
@@ -59,18 +62,10 @@ class SequenceStatus:
 
 def collect(settings: Settings, allocator: Allocator) -> list[SequenceStatus]:
     """The status of every sequence (period counters folded into their sequence)."""
-    with allocator.engine.connect() as conn:
-        rows = conn.execute(
-            select(
-                sequences.c.id,
-                sequences.c.name,
-                sequences.c.last_value,
-                sequences.c.frozen,
-                sequences.c.parent_id,
-                sequences.c.period_key,
-                sequences.c.updated_at,
-            ).order_by(sequences.c.name)
-        ).all()
+    try:
+        rows = _counters(allocator)
+    except DBAPIError as exc:  # no tables yet, no server: said as numbering says it
+        raise translate_error(exc) from exc
     parents = [row for row in rows if row.parent_id is None]
     latest: dict[int, Any] = {}  # each periodic sequence's most recently used period
     for row in rows:
@@ -102,6 +97,21 @@ def collect(settings: Settings, allocator: Allocator) -> list[SequenceStatus]:
         return statuses
     finally:
         broker.close()
+
+
+def _counters(allocator: Allocator) -> Sequence[Any]:
+    with allocator.engine.connect() as conn:
+        return conn.execute(
+            select(
+                sequences.c.id,
+                sequences.c.name,
+                sequences.c.last_value,
+                sequences.c.frozen,
+                sequences.c.parent_id,
+                sequences.c.period_key,
+                sequences.c.updated_at,
+            ).order_by(sequences.c.name)
+        ).all()
 
 
 def _alive(allocator: Allocator, broker: _Broker, queue: str) -> bool:

@@ -194,7 +194,8 @@ class SQLite(Backend):
     def durability(self, engine: Engine, *, allow_async_standby: bool = False) -> Durability:
         with engine.connect() as connection:
             level = connection.execute(sa.text("PRAGMA synchronous")).scalar_one()
-        found = Durability(facts=[f"SQLite file, synchronous={level}"])
+        named = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, str(level))
+        found = Durability(facts=[f"SQLite file {engine.url.database}, synchronous={named}"])
         if level < 2:  # 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
             found.problems.append(
                 f"SQLite runs with synchronous={level}: a crash can forget numbers already "
