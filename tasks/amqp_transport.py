@@ -13,24 +13,27 @@ use).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
 from kombu.connection import Connection
 from kombu.message import Message
 from kombu.messaging import Consumer
 
+from numbering.brokers import attempts_hash, dead_letter_list
 from numbering.errors import InvalidRequestError, NumberingError
 from numbering.messages import MAX_MESSAGE_BYTES, BadMessage, Job, envelope, parse_task
 from numbering.routing import kombu_queue
 from numbering.tasks.redelivery import RedisAttempts
-from numbering.tasks.transport import Delivery, consumer_name
+from numbering.tasks.transport import Delivery, QueueState, consumer_name
 
-__all__ = ["AmqpTransport", "parse_amqp"]
+__all__ = ["AmqpBroker", "AmqpTransport", "parse_amqp"]
 
 log = logging.getLogger("numbering.worker")
 
@@ -176,3 +179,71 @@ class AmqpTransport:
         finally:
             if connection is not None:
                 connection.release()
+
+
+class AmqpBroker:
+    """What the operator commands and the start-up check ask of RabbitMQ: its queues'
+    counts (by passive declaration), and replay, publishing dead letters back. Dead
+    letters and attempt counts are kept in the reply Redis."""
+
+    def __init__(self, url: str, replies_url: str) -> None:
+        self.connection = Connection(url, connect_timeout=5)
+        #: Where attempt counts and dead letters are kept: the reply Redis.
+        self.kept: redis.Redis = redis.Redis.from_url(replies_url, socket_timeout=5)
+
+    def _declared(self, queue: str) -> Any:
+        """RabbitMQ's counts for ``queue``, or None if it was never declared."""
+        channel = self.connection.channel()
+        try:
+            return kombu_queue(queue)(channel).queue_declare(passive=True)
+        except self.connection.channel_errors:  # 404: no such queue yet
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+    def queue_state(self, queue: str) -> QueueState:
+        declared = self._declared(queue)
+        # RabbitMQ counts ready messages; what is delivered and unacknowledged is not told.
+        return QueueState(None if declared is None else declared.message_count, None, None)
+
+    def consumers(self, queue: str) -> int | None:
+        declared = self._declared(queue)
+        return 0 if declared is None else int(declared.consumer_count)
+
+    def warnings(self) -> list[str]:
+        return []
+
+    def requeue(self, queue: str) -> int:
+        dead, attempts = dead_letter_list(queue), attempts_hash(queue)
+        declared = kombu_queue(queue)
+        moved = 0
+        with self.connection.Producer() as producer:
+            while True:
+                raw = self.kept.lindex(dead, -1)  # the oldest
+                if raw is None:
+                    return moved
+                stored = json.loads(raw)
+                headers, body = stored["headers"], base64.b64decode(stored["body"])
+                # Published (and confirmed by the broker) before it leaves the dead-letter
+                # list: a crash in between sends it twice, which its key makes harmless.
+                producer.publish(
+                    body,
+                    exchange=declared.exchange,
+                    routing_key=queue,
+                    declare=[declared],
+                    headers=headers,
+                    content_type=stored.get("content-type"),
+                    content_encoding=stored.get("content-encoding"),
+                    correlation_id=stored.get("properties", {}).get("correlation_id"),
+                    delivery_mode=2,
+                    retry=True,
+                )
+                self.kept.lrem(dead, -1, raw)  # type: ignore[arg-type]  # bytes are fine
+                tag = headers.get("id") or hashlib.sha256(body).hexdigest()
+                self.kept.hdel(attempts, tag)
+                moved += 1
+
+    def close(self) -> None:
+        self.kept.close()
+        self.connection.release()

@@ -12,9 +12,10 @@ one clear message per problem, when:
 - a sequence it serves has a counter that disagrees with its ledger (someone edited the
   tables by hand, or restored one without the other): numbering on would hide the damage.
 
-It warns, without refusing, when the Redis broker may evict keys or keeps nothing on
-disk: requests lost that way are resent by clients under the same keys, so nothing is
-numbered twice, but callers wait.
+It warns, without refusing, when no synchronous standby is connected (commits wait), and
+when the broker may drop queued requests (:meth:`numbering.tasks.transport.Broker.warnings`:
+a Redis that may evict keys or keeps nothing on disk): requests lost that way are resent
+by clients under the same keys, so nothing is numbered twice, but callers wait.
 """
 
 from __future__ import annotations
@@ -22,26 +23,24 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import redis
 from sqlalchemy import desc, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from numbering.backends import backend_for
 from numbering.backends.base import Durability
-from numbering.brokers import is_redis
 from numbering.config.celery import VISIBILITY_TIMEOUT
 from numbering.database import translate_error
 from numbering.errors import ConfigurationError
 from numbering.migrations import current_revision, head_revision
 from numbering.routing import Shard
 from numbering.schema import ledger, sequences
+from numbering.tasks.transport import Broker
 
 __all__ = [
     "check_celery_config",
     "check_database",
     "check_ledgers",
-    "check_redis",
     "run_preflight",
 ]
 
@@ -144,34 +143,10 @@ def check_ledgers(
     return problems
 
 
-def check_redis(url: str) -> list[str]:
-    """Warnings about a Redis broker that may drop queued requests."""
-    warnings: list[str] = []
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=5)
-        config = client.config_get("maxmemory-policy")
-        config.update(client.config_get("appendonly"))
-        config.update(client.config_get("save"))
-    except redis.ResponseError:  # CONFIG disabled (managed Redis): nothing to say
-        return warnings
-    policy = config.get("maxmemory-policy")
-    if policy not in (None, "noeviction"):
-        warnings.append(
-            f"Redis maxmemory-policy is {policy}: under memory pressure it may evict queued "
-            "requests (callers then wait and resend); set noeviction"
-        )
-    if config.get("appendonly") == "no" and not config.get("save"):
-        warnings.append(
-            "Redis keeps nothing on disk (appendonly no, no save points): a Redis restart "
-            "drops queued requests (callers then wait and resend); set appendonly yes"
-        )
-    return warnings
-
-
 def run_preflight(
     conf: Mapping[str, Any],
     engine: Engine,
-    broker_url: str,
+    broker: Broker,
     *,
     concurrency: int,
     sequences: Iterable[str] = (),
@@ -188,7 +163,4 @@ def run_preflight(
     if problems:
         listed = problems[0] if len(problems) == 1 else "\n  - " + "\n  - ".join(problems)
         raise ConfigurationError(f"the worker refuses to start: {listed}")
-    warnings = list(database.warnings)
-    if is_redis(broker_url):
-        warnings += check_redis(broker_url)
-    return warnings
+    return database.warnings + broker.warnings()

@@ -3,25 +3,22 @@
 A request that stopped the worker ``MAX_DELIVERIES`` times is kept in the Redis list
 ``_numbering.dead.<queue>`` (on the broker's Redis, or on the reply Redis when the broker
 is RabbitMQ), as a kombu Redis envelope whatever the broker, and answered with
-``QuarantinedError``. After the cause is fixed, ``replay``
-moves such requests back to their queue with a fresh count of attempts. Replaying is
-safe for the ledger: a request that was in fact assigned gets its number back by key.
+``QuarantinedError``. After the cause is fixed, ``replay`` moves such requests back to
+their queue with a fresh count of attempts (on RabbitMQ: publishes them again). Replaying
+is safe for the ledger: a request that was in fact assigned gets its number back by key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
 
-import redis
-
-from numbering.brokers import attempts_hash, dead_letter_list, is_redis
-from numbering.errors import ConfigurationError, NumberingError
+from numbering.brokers import dead_letter_list
+from numbering.errors import NumberingError
 from numbering.messages import SENT_AT_HEADER, Job, decode_redis_message, parse_task
 from numbering.routing import QUEUE_PREFIX, queue_for
 from numbering.settings import Settings
+from numbering.tasks.transport import open_broker
 
 __all__ = ["Quarantined", "list_quarantined", "replay"]
 
@@ -38,14 +35,10 @@ class Quarantined:
     problem: str | None  # why the message itself does not parse, if it does not
 
 
-def _client(settings: Settings) -> redis.Redis:
-    on_redis = is_redis(settings.broker_url)
-    return redis.Redis.from_url(settings.broker_url if on_redis else settings.result_backend)
-
-
 def list_quarantined(settings: Settings, sequence: str | None = None) -> list[Quarantined]:
     """Every quarantined request (of ``sequence``'s queue only, if given), oldest first."""
-    client = _client(settings)
+    broker = open_broker(settings)
+    client = broker.kept
     try:
         if sequence is not None:
             lists = [dead_letter_list(queue_for(sequence, settings.shards))]
@@ -60,7 +53,7 @@ def list_quarantined(settings: Settings, sequence: str | None = None) -> list[Qu
                 found.append(_describe(queue, raw))
         return found
     finally:
-        client.close()
+        broker.close()
 
 
 def _describe(queue: str, raw: bytes | str) -> Quarantined:
@@ -88,23 +81,10 @@ def _describe(queue: str, raw: bytes | str) -> Quarantined:
 
 
 def replay(settings: Settings, sequence: str) -> int:
-    """Move ``sequence``'s quarantined requests back to its queue (Redis broker only), with
-    their attempt counts reset. Returns how many were moved."""
-    if not is_redis(settings.broker_url):
-        raise ConfigurationError(
-            "replaying quarantined requests works on a Redis broker only; on RabbitMQ, "
-            "resend them from the client with the same keys"
-        )
-    queue = queue_for(sequence, settings.shards)
-    dead, attempts = dead_letter_list(queue), attempts_hash(queue)
-    client = _client(settings)
-    moved = 0
+    """Move ``sequence``'s quarantined requests back to its queue, with their attempt
+    counts reset. Returns how many were moved."""
+    broker = open_broker(settings)
     try:
-        while True:
-            raw: Any = client.lmove(dead, queue, "RIGHT", "LEFT")  # oldest first
-            if raw is None:
-                return moved
-            client.hdel(attempts, hashlib.sha256(raw).hexdigest())
-            moved += 1
+        return broker.requeue(queue_for(sequence, settings.shards))
     finally:
-        client.close()
+        broker.close()

@@ -25,18 +25,19 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import redis
 
-from numbering.brokers import inflight_list
+from numbering.brokers import attempts_hash, dead_letter_list, inflight_list
 from numbering.errors import NumberingError
 from numbering.messages import BadMessage, Job, decode_redis_message, parse_task
 from numbering.tasks.consumer import OUTAGE_BACKOFF_SECONDS
 from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.redelivery import RedisAttempts
-from numbering.tasks.transport import Delivery, consumer_name
+from numbering.tasks.transport import Delivery, QueueState, age_of, consumer_name
 
-__all__ = ["RedisTransport"]
+__all__ = ["RedisBroker", "RedisTransport"]
 
 log = logging.getLogger("numbering.worker")
 
@@ -314,3 +315,60 @@ def _parse(raw: bytes | str) -> Job | BadMessage:
         return parse_task(*decode_redis_message(raw))
     except NumberingError as error:
         return BadMessage(None, None, None, error)
+
+
+class RedisBroker:
+    """What the operator commands and the start-up check ask of a Redis broker: its
+    queues' lengths, where dead letters are kept (here, beside the queues), replay."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client: redis.Redis = redis.Redis.from_url(url, socket_timeout=5)
+        #: Where attempt counts and dead letters are kept: the broker itself.
+        self.kept = self.client
+
+    def queue_state(self, queue: str) -> QueueState:
+        pipe = self.client.pipeline()
+        pipe.llen(queue)
+        pipe.llen(inflight_list(queue))
+        pipe.lindex(queue, -1)  # LPUSHed: the oldest is at the right end
+        waiting, in_flight, oldest = pipe.execute()
+        return QueueState(waiting, in_flight, age_of(oldest))
+
+    def consumers(self, queue: str) -> int | None:
+        return None  # not the broker's to say: the consumer lock is in the database
+
+    def warnings(self) -> list[str]:
+        """What may make this Redis drop queued requests."""
+        warnings: list[str] = []
+        try:
+            config = self.client.config_get("maxmemory-policy")
+            config.update(self.client.config_get("appendonly"))
+            config.update(self.client.config_get("save"))
+        except redis.ResponseError:  # CONFIG disabled (managed Redis): nothing to say
+            return warnings
+        policy = config.get("maxmemory-policy")
+        if policy not in (None, "noeviction"):
+            warnings.append(
+                f"Redis maxmemory-policy is {policy}: under memory pressure it may evict "
+                "queued requests (callers then wait and resend); set noeviction"
+            )
+        if config.get("appendonly") == "no" and not config.get("save"):
+            warnings.append(
+                "Redis keeps nothing on disk (appendonly no, no save points): a Redis restart "
+                "drops queued requests (callers then wait and resend); set appendonly yes"
+            )
+        return warnings
+
+    def requeue(self, queue: str) -> int:
+        moved = 0
+        dead, attempts = dead_letter_list(queue), attempts_hash(queue)
+        while True:
+            raw: Any = self.client.lmove(dead, queue, "RIGHT", "LEFT")  # oldest first
+            if raw is None:
+                return moved
+            self.client.hdel(attempts, hashlib.sha256(raw).hexdigest())
+            moved += 1
+
+    def close(self) -> None:
+        self.client.close()

@@ -7,25 +7,21 @@ nothing.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import redis
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from numbering.allocator import Allocator
-from numbering.brokers import dead_letter_list, inflight_list, is_redis
+from numbering.brokers import dead_letter_list
 from numbering.database import translate_error
-from numbering.messages import SENT_AT_HEADER
-from numbering.routing import kombu_queue, queue_for
+from numbering.routing import queue_for
 from numbering.schema import sequences
 from numbering.settings import Settings
 from numbering.tasks.guard import consumer_alive
+from numbering.tasks.transport import Broker, open_broker
 
 __all__ = ["SequenceStatus", "collect"]
 
@@ -73,13 +69,14 @@ def collect(settings: Settings, allocator: Allocator) -> list[SequenceStatus]:
             seen = latest.get(row.parent_id)
             if seen is None or row.updated_at > seen.updated_at:
                 latest[row.parent_id] = row
-    broker = _Broker(settings)
+    broker = open_broker(settings)
     try:
         statuses = []
         for row in parents:
             queue = queue_for(row.name, settings.shards)
             period = latest.get(row.id)
-            waiting, in_flight, quarantined, oldest = broker.queue_state(queue)
+            state = broker.queue_state(queue)
+            quarantined = int(broker.kept.llen(dead_letter_list(queue)))
             statuses.append(
                 SequenceStatus(
                     sequence=row.name,
@@ -87,11 +84,11 @@ def collect(settings: Settings, allocator: Allocator) -> list[SequenceStatus]:
                     last_period=period.period_key if period is not None else None,
                     frozen=bool(row.frozen),
                     queue=queue,
-                    waiting=waiting,
-                    in_flight=in_flight,
+                    waiting=state.waiting,
+                    in_flight=state.in_flight,
                     quarantined=quarantined,
                     consumer=_alive(allocator, broker, queue),
-                    oldest_waiting_seconds=oldest,
+                    oldest_waiting_seconds=state.oldest_seconds,
                 )
             )
         return statuses
@@ -114,66 +111,8 @@ def _counters(allocator: Allocator) -> Sequence[Any]:
         ).all()
 
 
-def _alive(allocator: Allocator, broker: _Broker, queue: str) -> bool:
-    if broker.amqp is not None:
-        return broker.amqp_consumers(queue) > 0
-    return consumer_alive(allocator.engine, queue)
-
-
-class _Broker:
-    def __init__(self, settings: Settings) -> None:
-        self.redis: redis.Redis | None = None
-        self.amqp: Any = None
-        self.replies = redis.Redis.from_url(settings.result_backend, socket_timeout=5)
-        if is_redis(settings.broker_url):
-            self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
-        else:
-            from kombu.connection import Connection
-
-            self.amqp = Connection(settings.broker_url, connect_timeout=5)
-
-    def queue_state(self, queue: str) -> tuple[int | None, int | None, int | None, float | None]:
-        """(waiting, in flight, quarantined, age in seconds of the oldest waiting)."""
-        if self.redis is not None:
-            pipe = self.redis.pipeline()
-            pipe.llen(queue)
-            pipe.llen(inflight_list(queue))
-            pipe.llen(dead_letter_list(queue))
-            pipe.lindex(queue, -1)  # LPUSHed: the oldest is at the right end
-            waiting, in_flight, dead, oldest_raw = pipe.execute()
-            return waiting, in_flight, dead, _age(oldest_raw)
-        dead = self.replies.llen(dead_letter_list(queue))
-        declared = self._declared(queue)
-        return (None if declared is None else declared.message_count), None, dead, None
-
-    def amqp_consumers(self, queue: str) -> int:
-        declared = self._declared(queue)
-        return 0 if declared is None else int(declared.consumer_count)
-
-    def _declared(self, queue: str) -> Any:
-        """RabbitMQ's counts for ``queue``, or None if it was never declared."""
-        channel = self.amqp.channel()
-        try:
-            return kombu_queue(queue)(channel).queue_declare(passive=True)
-        except self.amqp.channel_errors:  # 404: no such queue yet
-            return None
-        finally:
-            with contextlib.suppress(Exception):
-                channel.close()
-
-    def close(self) -> None:
-        self.replies.close()
-        if self.redis is not None:
-            self.redis.close()
-        if self.amqp is not None:
-            self.amqp.release()
-
-
-def _age(raw: bytes | None) -> float | None:
-    if raw is None:
-        return None
-    try:
-        sent = json.loads(raw)["headers"][SENT_AT_HEADER]
-        return max(0.0, time.time() - float(sent))
-    except (ValueError, KeyError, TypeError):
-        return None
+def _alive(allocator: Allocator, broker: Broker, queue: str) -> bool:
+    consumers = broker.consumers(queue)
+    if consumers is None:  # the active consumer holds a lock in the database
+        return consumer_alive(allocator.engine, queue)
+    return consumers > 0

@@ -14,17 +14,44 @@ hands it messages and takes acknowledgements:
 
 A transport that the consumer survives reconnecting to lists its connection errors in
 :attr:`Transport.errors`; the loop logs them, waits and calls :meth:`Transport.open` again.
+
+A :class:`Broker` is the same broker seen by the operator's commands and the worker's
+start-up check: queue lengths and consumers (``numbering status``), where dead letters
+are kept and how they go back (``numbering quarantine``), what may make it drop requests.
+:func:`open_broker` is the one place that picks the implementation by the URL's kind.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from numbering.messages import BadMessage, Job
+from numbering.brokers import broker_kind
+from numbering.errors import ConfigurationError
+from numbering.messages import SENT_AT_HEADER, BadMessage, Job
 
-__all__ = ["AttemptStore", "Delivery", "Transport", "consumer_name"]
+if TYPE_CHECKING:
+    import threading
+
+    import redis
+    from sqlalchemy import Engine
+
+    from numbering.settings import Settings
+
+__all__ = [
+    "AttemptStore",
+    "Broker",
+    "Delivery",
+    "QueueState",
+    "Transport",
+    "age_of",
+    "consumer_name",
+    "open_broker",
+    "open_transport",
+]
 
 
 @dataclass
@@ -108,3 +135,100 @@ def consumer_name(queues: Iterable[str]) -> str:
     if not name:
         raise ValueError("a consumer needs at least one queue")
     return name
+
+
+@dataclass
+class QueueState:
+    """What a broker tells of one queue (None: it cannot tell)."""
+
+    waiting: int | None
+    in_flight: int | None
+    #: Seconds since the oldest waiting request was sent.
+    oldest_seconds: float | None
+
+
+class Broker(Protocol):
+    """One broker, seen by ``numbering status``, ``numbering quarantine`` and the worker's
+    start-up check (see the module doc)."""
+
+    #: The Redis server that keeps attempt counts and dead letters (the broker itself on
+    #: Redis; the reply Redis on RabbitMQ, which has no place a replay could use).
+    kept: redis.Redis
+
+    def queue_state(self, queue: str) -> QueueState:
+        """How many requests wait in ``queue``, how many are in flight, how old the oldest
+        is."""
+
+    def consumers(self, queue: str) -> int | None:
+        """How many consumers the broker has for ``queue`` (None: not the broker's to say:
+        on Redis the active consumer holds a lock in the database)."""
+
+    def warnings(self) -> list[str]:
+        """What may make the broker drop queued requests (at the worker's start)."""
+
+    def requeue(self, queue: str) -> int:
+        """Put ``queue``'s dead letters back on it, oldest first, their attempt counts
+        forgotten; how many."""
+
+    def close(self) -> None: ...
+
+
+def open_transport(
+    settings: Settings,
+    queues: Sequence[str],
+    *,
+    engine: Engine,
+    replies: redis.Redis,
+    stop: threading.Event,
+) -> Transport:
+    """The :class:`Transport` of a worker's ``queues`` on ``settings.broker_url``. On
+    Redis each queue's active consumer holds a lock in the database of ``engine``; on
+    RabbitMQ attempt counts and dead letters are kept in ``replies``."""
+    kind = broker_kind(settings.broker_url)
+    if kind == "redis":
+        import redis as redis_py
+
+        from numbering.tasks.guard import consumer_lock
+        from numbering.tasks.redis_transport import RedisTransport
+
+        locks = {queue: consumer_lock(engine, queue) for queue in queues}
+        return RedisTransport(redis_py.Redis.from_url(settings.broker_url), locks, stop=stop)
+    if kind == "amqp":
+        from numbering.tasks.amqp_transport import AmqpTransport
+
+        return AmqpTransport(
+            settings.broker_url, queues, replies=replies, batch_size=settings.batch_size
+        )
+    raise _no_queues(settings)
+
+
+def open_broker(settings: Settings) -> Broker:
+    """The :class:`Broker` of ``settings.broker_url``."""
+    kind = broker_kind(settings.broker_url)
+    if kind == "redis":
+        from numbering.tasks.redis_transport import RedisBroker
+
+        return RedisBroker(settings.broker_url)
+    if kind == "amqp":
+        from numbering.tasks.amqp_transport import AmqpBroker
+
+        return AmqpBroker(settings.broker_url, settings.result_backend)
+    raise _no_queues(settings)
+
+
+def _no_queues(settings: Settings) -> ConfigurationError:
+    return ConfigurationError(
+        "numbering's queues need a Redis or RabbitMQ broker; NUMBERING_BROKER_URL is "
+        f"{settings.broker_url.split('://')[0]}://"
+    )
+
+
+def age_of(raw: bytes | str | None) -> float | None:
+    """Seconds since the request ``raw`` (a kombu Redis envelope) was sent."""
+    if raw is None:
+        return None
+    try:
+        sent = json.loads(raw)["headers"][SENT_AT_HEADER]
+        return max(0.0, time.time() - float(sent))
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -19,7 +19,7 @@ import redis
 from celery import Celery, bootsteps
 
 from numbering.allocator import Allocator
-from numbering.brokers import broker_kind, is_redis
+from numbering.brokers import is_redis
 from numbering.config.celery import CONTROL_QUEUE
 from numbering.errors import ConfigurationError
 from numbering.routing import Shard, sequence_queue
@@ -28,10 +28,9 @@ from numbering.tasks.app import create_app
 from numbering.tasks.consumer import BatchProcessor, Consumer
 from numbering.tasks.events import TaskEvents, show_queues, task_events_switch
 from numbering.tasks.failover import FailoverWatch
-from numbering.tasks.guard import consumer_lock
 from numbering.tasks.metrics import WorkerMetrics
 from numbering.tasks.preflight import check_ledgers, run_preflight
-from numbering.tasks.transport import Transport
+from numbering.tasks.transport import open_broker, open_transport
 
 __all__ = ["NumberingWorker", "build_worker", "queues_for"]
 
@@ -88,26 +87,9 @@ class NumberingWorker:
         processor = BatchProcessor(self.allocator, self.replies, app, self.metrics)
         processor.failover = self.failover
         self.processor = processor
-        transport: Transport
-        if broker_kind(settings.broker_url) == "redis":
-            from numbering.tasks.redis_transport import RedisTransport
-
-            transport = RedisTransport(
-                redis.Redis.from_url(settings.broker_url),
-                {queue: consumer_lock(self.allocator.engine, queue) for queue in queues},
-                stop=self.stop,
-            )
-        elif broker_kind(settings.broker_url) == "amqp":
-            from numbering.tasks.amqp_transport import AmqpTransport
-
-            transport = AmqpTransport(
-                settings.broker_url, queues, replies=self.replies, batch_size=settings.batch_size
-            )
-        else:
-            raise ConfigurationError(
-                "numbering workers need a Redis or RabbitMQ broker; NUMBERING_BROKER_URL is "
-                f"{settings.broker_url.split('://')[0]}://"
-            )
+        transport = open_transport(
+            settings, queues, engine=engine, replies=self.replies, stop=self.stop
+        )
         # Consumer locks live in the database: after a failover, take them again on the
         # new primary before consuming on.
         self.failover.on_failover.append(transport.recheck)
@@ -179,15 +161,19 @@ def build_worker(
             if numbering.processor.events is not None:
                 numbering.processor.events.close()
 
-    warnings = run_preflight(
-        app.conf,
-        numbering.allocator.engine,
-        settings.broker_url,
-        concurrency=CONCURRENCY,
-        sequences=sequences,
-        shards=shards,
-        allow_async_standby=settings.allow_reissue_after_failover,
-    )
+    broker = open_broker(settings)
+    try:
+        warnings = run_preflight(
+            app.conf,
+            numbering.allocator.engine,
+            broker,
+            concurrency=CONCURRENCY,
+            sequences=sequences,
+            shards=shards,
+            allow_async_standby=settings.allow_reissue_after_failover,
+        )
+    finally:
+        broker.close()
     numbering.failover.remember()  # the counters as they are: a failover must not go below
     app.steps["worker"].add(BulkConsumers)
     show_queues(queues)  # `celery inspect active_queues` lists them beside the control queue

@@ -463,18 +463,24 @@ def test_link_latency_blackhole_and_reset(stack: Stack, proxied: TcpProxy) -> No
     assert "database connection lost" in stack.workers[0].output()
 
 
-def test_quarantined_requests_are_listed_and_replayed(stack: Stack) -> None:
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_quarantined_requests_are_listed_and_replayed(
+    request: pytest.FixtureRequest, broker: str
+) -> None:
     """After the cause is fixed, an operator lists the quarantined requests and puts them
-    back in their queue; they are numbered once, like any other request."""
-    setup_sequences(stack, "invoices")
+    back in their queue; they are numbered once, like any other request. (On RabbitMQ
+    the dead letter, kept in the reply Redis, is published to its queue again.)"""
+    stack: Stack = request.getfixturevalue("stack" if broker == "redis" else "amqp_stack")
+    seq = "invoices" if broker == "redis" else f"invoices-{uuid.uuid4().hex[:8]}"
+    setup_sequences(stack, seq)
     stack.env[ENV_VAR] = "before_commit=kill-on-key:poison"
-    first = stack.worker("--sequence", "invoices")
+    first = stack.worker("--sequence", seq)
     client = stack.client(timeout=120, resend_after=120)
     outcome: dict[str, object] = {}
 
     def poison() -> None:
         try:
-            outcome["value"] = client.next_value("invoices", key="poison")
+            outcome["value"] = client.next_value(seq, key="poison")
         except QuarantinedError as error:
             outcome["error"] = error
 
@@ -483,7 +489,7 @@ def test_quarantined_requests_are_listed_and_replayed(stack: Stack) -> None:
     current = first
     while poisoner.is_alive():  # a supervisor restarting the dying worker
         if current.proc.poll() is not None:
-            current = stack.worker("--sequence", "invoices")
+            current = stack.worker("--sequence", seq)
         time.sleep(0.05)
     assert "quarantined" in str(outcome.get("error"))
 
@@ -492,19 +498,19 @@ def test_quarantined_requests_are_listed_and_replayed(stack: Stack) -> None:
 
     listed = json.loads(cli("list", "--json").stdout)
     assert [(q["queue"], q["sequence"], q["key"]) for q in listed] == [
-        ("numbering.invoices", "invoices", "poison")
+        (sequence_queue(seq), seq, "poison")
     ]
-    assert "sequence 'invoices', key 'poison'" in cli("list", "invoices").stdout
+    assert f"sequence {seq!r}, key 'poison'" in cli("list", seq).stdout
     # The fix is deployed: a worker without the fault.
     current.kill()
     del stack.env[ENV_VAR]
-    stack.worker("--sequence", "invoices")
-    assert cli("replay", "invoices").stdout == "1 request(s) put back in the queue of 'invoices'\n"
+    stack.worker("--sequence", seq)
+    assert cli("replay", seq).stdout == f"1 request(s) put back in the queue of {seq!r}\n"
     engine = create_engine(stack.settings.database_url)
     deadline = time.monotonic() + 30
-    while Allocator(engine).last_value("invoices") is None:
+    while Allocator(engine).last_value(seq) is None:
         assert time.monotonic() < deadline, "the replayed request was not numbered"
         time.sleep(0.1)
     assert cli("list").stdout == "no quarantined requests\n"
-    assert client.next_value("invoices", key="poison") == 1  # its number, by key
-    check_gapless(engine, "invoices", keys=["poison"])
+    assert client.next_value(seq, key="poison") == 1  # its number, by key
+    check_gapless(engine, seq, keys=["poison"])
