@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from numbering.backends import UnsupportedDatabase, backend_for, classify, names
+from numbering.backends.base import SessionOptions
 from numbering.backends.sqlite import DEFAULT_BUSY_TIMEOUT
 from numbering.errors import ConnectionLost, DatabaseError, NumberingError
 
@@ -55,12 +56,8 @@ def create_engine(
         backend = backend_for(url)
     except UnsupportedDatabase as exc:
         raise DatabaseError(str(exc)) from None
-    return backend.create_engine(
-        backend.normalize_url(url),
-        idle_transaction_timeout=idle_transaction_timeout,
-        synchronous_commit=synchronous_commit,
-        **kwargs,
-    )
+    sessions = SessionOptions(idle_transaction_timeout, synchronous_commit)
+    return backend.create_engine(backend.normalize_url(url), sessions, **kwargs)
 
 
 def begin(engine: Engine, isolation_level: str, *, readonly: bool = False) -> Connection:

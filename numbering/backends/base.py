@@ -35,7 +35,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["Backend", "ChunkIds", "ConsumerLock", "Durability", "Pipelined"]
+__all__ = [
+    "Backend",
+    "ChunkIds",
+    "ConsumerLock",
+    "Durability",
+    "Pipelined",
+    "SessionOptions",
+]
 
 
 class Pipelined(Protocol):
@@ -60,6 +67,17 @@ class ConsumerLock(Protocol):
         """False once the lock was lost (its database session died)."""
 
     def release(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How numbering's sessions start (the keywords of :func:`numbering.create_engine`);
+    an engine applies what it has."""
+
+    #: Seconds a session may sit idle inside a transaction before the server ends it.
+    idle_transaction_timeout: float | None = None
+    #: The replication wait of every COMMIT (PostgreSQL's ``synchronous_commit``).
+    synchronous_commit: str | None = "on"
 
 
 @dataclass
@@ -102,14 +120,7 @@ class Backend:
         """``url`` with the driver numbering uses when it names none."""
         return url
 
-    def create_engine(
-        self,
-        url: URL,
-        *,
-        idle_transaction_timeout: float | None,
-        synchronous_commit: str | None = "on",
-        **kwargs: Any,
-    ) -> Engine:
+    def create_engine(self, url: URL, sessions: SessionOptions, **kwargs: Any) -> Engine:
         """An engine set up the way numbering needs it (see :func:`numbering.create_engine`)."""
         return sa.create_engine(url, **kwargs)
 

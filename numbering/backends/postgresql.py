@@ -23,7 +23,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
-from numbering.backends.base import Backend, ChunkIds, Durability, Pipelined
+from numbering.backends.base import Backend, ChunkIds, Durability, Pipelined, SessionOptions
 from numbering.errors import (
     ConnectionLost,
     DatabaseError,
@@ -243,14 +243,7 @@ class PostgreSQL(Backend):
             return url.set(drivername="postgresql+psycopg2")
         return url
 
-    def create_engine(
-        self,
-        url: URL,
-        *,
-        idle_transaction_timeout: float | None,
-        synchronous_commit: str | None = "on",
-        **kwargs: Any,
-    ) -> Engine:
+    def create_engine(self, url: URL, sessions: SessionOptions, **kwargs: Any) -> Engine:
         connect_args = kwargs.pop("connect_args", {})
         connect_args.setdefault("application_name", "numbering")
         connect_args.setdefault("connect_timeout", 10)
@@ -261,9 +254,10 @@ class PostgreSQL(Backend):
         connect_args.setdefault("keepalives_interval", 5)
         connect_args.setdefault("keepalives_count", 3)
         options = [connect_args.get("options", "")]
-        if idle_transaction_timeout is not None:
-            milliseconds = max(1, round(idle_transaction_timeout * 1000))
+        if sessions.idle_transaction_timeout is not None:
+            milliseconds = max(1, round(sessions.idle_transaction_timeout * 1000))
             options.append(f"-c idle_in_transaction_session_timeout={milliseconds}")
+        synchronous_commit = sessions.synchronous_commit
         if synchronous_commit is not None:
             # Set when the session starts: a role's or a database's default (ALTER ROLE
             # ... SET synchronous_commit = local) cannot weaken numbering's commits, and

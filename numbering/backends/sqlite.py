@@ -23,7 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Executable
 
-from numbering.backends.base import Backend, Durability
+from numbering.backends.base import Backend, Durability, SessionOptions
 from numbering.errors import DatabaseError, KeyRaceConflict, LockNotAvailable, NumberingError
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT, sequences
 
@@ -86,14 +86,7 @@ class SQLite(Backend):
     alembic_batch_mode = True
     alters_constraints = False
 
-    def create_engine(
-        self,
-        url: URL,
-        *,
-        idle_transaction_timeout: float | None,
-        synchronous_commit: str | None = "on",
-        **kwargs: Any,
-    ) -> Engine:
+    def create_engine(self, url: URL, sessions: SessionOptions, **kwargs: Any) -> Engine:
         # One file, no replication: synchronous_commit has no meaning here.
         connect_args = kwargs.pop("connect_args", {})
         connect_args.setdefault("timeout", DEFAULT_BUSY_TIMEOUT)

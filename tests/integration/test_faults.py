@@ -29,7 +29,7 @@ from ledger_check import check_gapless
 from sqlalchemy.engine import make_url
 from test_queue import assert_increasing, setup_sequences
 
-from numbering import Allocator, create_engine
+from numbering import Allocator, Client, create_engine
 from numbering.brokers import dead_letter_list, inflight_list
 from numbering.errors import QuarantinedError
 from numbering.failpoints import ENV_VAR, POINTS
@@ -72,6 +72,23 @@ def test_worker_killed_at_each_point_of_a_batch(stack: Stack, point: str, tmp_pa
     assert "left in flight" in replacement.output()
 
 
+def send_poison(client: Client, seq: str) -> tuple[threading.Thread, dict[str, object]]:
+    """Ask for key ``poison`` in a thread (exactly one copy: the client neither times out
+    nor resends within two minutes); its outcome, a value or the QuarantinedError, lands
+    in the dict."""
+    outcome: dict[str, object] = {}
+
+    def poison() -> None:
+        try:
+            outcome["value"] = client.next_value(seq, key="poison")
+        except QuarantinedError as error:
+            outcome["error"] = error
+
+    poisoner = threading.Thread(target=poison)
+    poisoner.start()
+    return poisoner, outcome
+
+
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_message_that_kills_every_worker_is_quarantined(
     request: pytest.FixtureRequest, broker: str
@@ -95,17 +112,7 @@ def test_a_message_that_kills_every_worker_is_quarantined(
 
     supervisor = threading.Thread(target=supervise)
     supervisor.start()
-    outcome: dict[str, object] = {}
-
-    def poison() -> None:
-        client = stack.client(timeout=120, resend_after=120)  # exactly one copy
-        try:
-            outcome["value"] = client.next_value(seq, key="poison")
-        except QuarantinedError as error:
-            outcome["error"] = error
-
-    poisoner = threading.Thread(target=poison)
-    poisoner.start()
+    poisoner, outcome = send_poison(stack.client(timeout=120, resend_after=120), seq)
     results = stack.client_processes([(seq, f"c{c}", 40) for c in range(2)])
     poisoner.join(120)
     stop.set()
@@ -476,16 +483,7 @@ def test_quarantined_requests_are_listed_and_replayed(
     stack.env[ENV_VAR] = "before_commit=kill-on-key:poison"
     first = stack.worker("--sequence", seq)
     client = stack.client(timeout=120, resend_after=120)
-    outcome: dict[str, object] = {}
-
-    def poison() -> None:
-        try:
-            outcome["value"] = client.next_value(seq, key="poison")
-        except QuarantinedError as error:
-            outcome["error"] = error
-
-    poisoner = threading.Thread(target=poison)
-    poisoner.start()
+    poisoner, outcome = send_poison(client, seq)
     current = first
     while poisoner.is_alive():  # a supervisor restarting the dying worker
         if current.proc.poll() is not None:
