@@ -58,8 +58,9 @@ _OWN_LEVEL = "numbering.synchronous_commit"
 # The timeline the primary writes WAL on now (it starts a new one when it is a promoted
 # standby): the first 8 hex digits of the current WAL file's name.
 _TIMELINE = "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
-# Where what the server said during a transaction is kept for commit_doubt.
+# Where what the server said during a transaction is kept for commit_doubt, and how much.
 _NOTICES = "numbering.notices"
+_NOTICES_KEPT = 50
 # synchronous_commit levels that acknowledge a COMMIT before a standby has it on disk.
 _WEAK_LEVELS = ("off", "local", "remote_write")
 
@@ -277,7 +278,9 @@ class PostgreSQL(Backend):
             # psycopg2's list; commit_doubt needs it, so it is kept first.
             said = getattr(cursor.connection, "notices", None)
             if said:
-                conn.info.setdefault(_NOTICES, []).extend(said)
+                kept = conn.info.setdefault(_NOTICES, [])
+                kept.extend(said)
+                del kept[:-_NOTICES_KEPT]  # a session outside numbering's transactions
 
         @event.listens_for(engine, "handle_error")
         def read_only(context: sa.engine.ExceptionContext) -> None:
@@ -308,6 +311,9 @@ class PostgreSQL(Backend):
         try:
             cursor.execute(f"SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE {_TIMELINE} END")
             (found,) = cursor.fetchone()
+        except Exception as exc:  # a server that will not say: no failover watch, no harm
+            log.debug("could not read the timeline: %s", exc)
+            found = None
         finally:
             cursor.close()
             if not dbapi_connection.autocommit:
