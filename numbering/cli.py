@@ -169,11 +169,34 @@ def init_db(ctx: click.Context) -> None:
 
 
 @main.command("config")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Also ask the database what the worker's start-up check would: its durability "
+    "and replication state, problems and warnings (exit 1 on a problem).",
+)
 @click.pass_context
-def show_config(ctx: click.Context) -> None:
-    """Show the settings in effect (passwords masked)."""
-    for variable, value in _settings(ctx).masked().items():
+def show_config(ctx: click.Context, check: bool) -> None:
+    """Show the settings in effect (passwords masked); with --check, the database's
+    state too (a standby, synchronous replication, unsafe settings)."""
+    settings = _settings(ctx)
+    for variable, value in settings.masked().items():
         click.echo(f"{variable}={value}")
+    if not check:
+        return
+    from numbering.tasks.preflight import check_database
+
+    found = check_database(
+        _allocator(ctx).engine, allow_async_standby=settings.allow_reissue_after_failover
+    )
+    for fact in found.facts:
+        click.echo(f"database: {fact}")
+    for warning in found.warnings:
+        click.echo(f"warning: database: {warning}", err=True)
+    for problem in found.problems:
+        click.echo(f"problem: database: {problem}", err=True)
+    if found.problems:
+        sys.exit(EXIT_FAILURE)
 
 
 # -- sequences ---------------------------------------------------------------------------------

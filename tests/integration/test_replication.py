@@ -79,7 +79,9 @@ def durability(url: str, **options: bool) -> tuple[list[str], list[str], list[st
 # -- start-up checks -------------------------------------------------------------------------
 
 
-def test_a_synchronous_standby_passes_and_the_state_is_reported(cluster: Cluster) -> None:
+def test_a_synchronous_standby_passes_and_the_state_is_reported(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     primary, _ = synchronous_pair(cluster)
     problems, warnings, facts = durability(primary.url())
     assert (problems, warnings) == ([], [])
@@ -88,6 +90,11 @@ def test_a_synchronous_standby_passes_and_the_state_is_reported(cluster: Cluster
         "synchronous_standby_names: 'ANY 1 (stby1)'",
         "standbys: stby1 (streaming, quorum)",
     ]
+    # What an operator runs before starting a worker.
+    stack = Stack(primary.url(), "redis://127.0.0.1:6379/14", "redis://127.0.0.1:6379/15", tmp_path)
+    shown = stack.numbering("config", "--check")
+    assert shown.returncode == 0, shown.stderr
+    assert "database: standbys: stby1 (streaming, quorum)" in shown.stdout.splitlines()
 
 
 def test_a_worker_pointed_at_a_standby_refuses(cluster: Cluster, tmp_path: Path) -> None:
@@ -104,7 +111,9 @@ def test_a_worker_pointed_at_a_standby_refuses(cluster: Cluster, tmp_path: Path)
     assert "Traceback" not in done.stderr
 
 
-def test_asynchronous_standbys_are_refused_unless_the_risk_is_accepted(cluster: Cluster) -> None:
+def test_asynchronous_standbys_are_refused_unless_the_risk_is_accepted(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     primary = cluster.primary()
     cluster.standby(primary, "async1")
     primary.wait_for("SELECT state FROM pg_stat_replication", "streaming")
@@ -112,6 +121,11 @@ def test_asynchronous_standbys_are_refused_unless_the_risk_is_accepted(cluster: 
     problems, warnings, facts = durability(primary.url())
     assert len(problems) == 1
     assert "only asynchronous standbys replicate this database (async1)" in problems[0]
+    stack = Stack(primary.url(), "redis://127.0.0.1:6379/14", "redis://127.0.0.1:6379/15", tmp_path)
+    shown = stack.numbering("config", "--check")
+    assert shown.returncode == 1
+    assert "problem: database: only asynchronous standbys" in shown.stderr
+    assert "Traceback" not in shown.stderr
     assert "NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER=true" in problems[0]
     assert "standbys: async1 (streaming, async)" in facts
     problems, warnings, _ = durability(primary.url(), allow_async_standby=True)
