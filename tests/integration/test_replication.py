@@ -257,6 +257,38 @@ def test_a_commit_whose_standby_wait_was_cancelled_is_never_answered(
         numbers.close()
 
 
+def test_the_worker_never_answers_from_a_commit_whose_standby_wait_was_cancelled(
+    cluster: Cluster, redis_urls: tuple[str, str], tmp_path: Path
+) -> None:
+    """The same through the real worker and client: the batch is committed on the primary
+    alone, nothing is replied; once the standby is back the request gets that number."""
+    primary, standby = synchronous_pair(cluster)
+    stack = Stack(cluster.url(primary, standby), *redis_urls, tmp_path)
+    try:
+        Allocator(primary.url()).create_sequence("invoices")
+        worker = stack.worker("--sequence", "invoices")
+        client = stack.client(timeout=120)
+        assert client.next_value("invoices", key="before") == 1
+        standby.stop()
+        answers: list[int] = []
+        taker = threading.Thread(
+            target=lambda: answers.append(client.next_value("invoices", key="doubted"))
+        )
+        taker.start()
+        wait_until(lambda: waiting_for_standby(primary), "the batch's COMMIT waiting")
+        [pid] = waiting_for_standby(primary)
+        primary.sql(f"SELECT pg_cancel_backend({pid})")
+        worker.wait_for("might not have been replicated")  # seen, and not answered
+        wait_until(lambda: waiting_for_standby(primary), "the retry's COMMIT waiting")
+        assert answers == []
+        standby.start()
+        taker.join(120)
+        assert answers == [2]
+        stack.check("invoices", ["before", "doubted"], unrecorded=["before", "doubted"])
+    finally:
+        stack.close()
+
+
 # -- connections that reach a read-only server ---------------------------------------------
 
 
