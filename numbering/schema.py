@@ -13,6 +13,7 @@ INTEGER so that they alias the rowid and autoincrement.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -30,6 +31,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.postgresql import JSONB
 
 from numbering.validation import MAX_KEY_LENGTH, MAX_NAME_LENGTH
@@ -55,6 +57,14 @@ LEDGER_KEY_CONSTRAINT = "uq_numbering_ledger_request_key"
 LEDGER_VALUE_CONSTRAINT = "uq_numbering_ledger_value"
 
 _ID = BigInteger().with_variant(Integer, "sqlite")
+# MySQL's DATETIME keeps whole seconds unless told otherwise.
+_TIME = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# InnoDB, and strings that compare byte-exact: a request key "Invoice:1" is not "invoice:1".
+_INNODB: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
 _PAYLOAD = JSON().with_variant(JSONB(), "postgresql")
 
 metadata = MetaData(
@@ -80,8 +90,8 @@ sequences = Table(
     # NULL until the first value is given.
     Column("last_value", BigInteger, nullable=True),
     Column("cycle", BigInteger, nullable=False, server_default="0"),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", _TIME, nullable=False),
+    Column("updated_at", _TIME, nullable=False),
     # Display format, e.g. "INV-{year}-{number:06d}" (numbering.policies).
     Column("format", String(200), nullable=True),
     # A periodic sequence keeps one counter per year, month or day (a child row each).
@@ -101,6 +111,7 @@ sequences = Table(
     CheckConstraint("max_value IS NULL OR max_value >= initial_value", name="max_after_initial"),
     CheckConstraint("last_value IS NULL OR last_value >= initial_value", name="last_after_initial"),
     CheckConstraint("cycle >= 0", name="cycle_not_negative"),
+    **_INNODB,
 )
 
 ledger = Table(
@@ -121,8 +132,8 @@ ledger = Table(
     Column("reference", _PAYLOAD, nullable=True),
     Column("status", String(16), nullable=False),
     Column("void_reason", Text, nullable=True),
-    Column("assigned_at", DateTime(timezone=True), nullable=False),
-    Column("voided_at", DateTime(timezone=True), nullable=True),
+    Column("assigned_at", _TIME, nullable=False),
+    Column("voided_at", _TIME, nullable=True),
     # The first value as displayed, in the sequence's format (NULL without a format).
     Column("formatted", String(255), nullable=True),
     # A request key names one request across all sequences: reusing it elsewhere is refused
@@ -131,6 +142,7 @@ ledger = Table(
     UniqueConstraint("sequence_id", "cycle", "value", name=LEDGER_VALUE_CONSTRAINT),
     CheckConstraint("count >= 1", name="count_positive"),
     CheckConstraint("status IN ('assigned', 'voided')", name="status_known"),
+    **_INNODB,
 )
 
 

@@ -117,6 +117,8 @@ class CoreStore:
             .join(sequences, sequences.c.id == ledger.c.sequence_id)
             .where(ledger.c.request_key.in_(list(keys)))
         )
+        if self.backend.locking_look_up:
+            query = query.with_for_update(read=True)
         return {row.request_key: Prior(*row[1:]) for row in self.bind.execute(query)}
 
     def create_counter(self, values: dict[str, Any]) -> None:

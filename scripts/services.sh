@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the local servers the tests use if they are down: PostgreSQL and Redis (and
-# RabbitMQ when it is installed). Waits until each answers; fails if one never does.
+# MariaDB and RabbitMQ when they are installed). Waits until each answers; fails if one never does.
 set -euo pipefail
 
 wait_for() {  # wait_for NAME COMMAND...
@@ -25,6 +25,14 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
         --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
 fi
 wait_for Redis redis-cli -h 127.0.0.1 -p 6379 ping
+
+if command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; then
+    if ! mysqladmin -h 127.0.0.1 -u root ping >/dev/null 2>&1; then
+        echo "services: starting MariaDB"
+        start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+    fi
+    wait_for MariaDB mysqladmin -h 127.0.0.1 -u root ping
+fi
 
 if command -v rabbitmq-server >/dev/null 2>&1; then
     if ! rabbitmqctl -q status >/dev/null 2>&1; then

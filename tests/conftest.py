@@ -20,7 +20,7 @@ from integration.stack import Stack
 from kombu.connection import Connection
 from sqlalchemy.engine import Engine, make_url
 
-from numbering import RetryPolicy, create_engine, init_db
+from numbering import NumberingError, RetryPolicy, create_engine, init_db
 from numbering.routing import kombu_queue
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -28,6 +28,7 @@ ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 TEST_BROKER_DB, TEST_REPLY_DB = 14, 15
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/")
 IN_CI = bool(os.environ.get("CI"))
 TEMPLATE = f"numbering_template_{os.getpid()}"
 
@@ -106,13 +107,31 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    """URL of a fresh, migrated MariaDB database for this test alone (InnoDB, utf8mb4)."""
+    name = f"numbering_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(MARIADB_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    except (sa.exc.DBAPIError, NumberingError) as exc:
+        _unavailable(str(exc), "MariaDB")
+    url = f"{MARIADB_URL.rstrip('/')}/{name}"
+    engine = create_engine(url)
+    init_db(engine)
+    engine.dispose()
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+    admin.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite", "mariadb"])
 def db_url(request: pytest.FixtureRequest) -> str:
     """A fresh, migrated database on each backend in turn."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_url")
-    else:
-        url = request.getfixturevalue("sqlite_url")
+    fixture = {"postgresql": "pg_url", "sqlite": "sqlite_url", "mariadb": "mariadb_url"}
+    url: str = request.getfixturevalue(fixture[request.param])
     return url
 
 
@@ -180,9 +199,14 @@ def amqp_stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iter
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"pg_url", "pg_empty_url", "pg_template", "redis_urls", "amqp_stack"} & set(
-            getattr(item, "fixturenames", ())
-        ):
+        if {
+            "pg_url",
+            "pg_empty_url",
+            "pg_template",
+            "redis_urls",
+            "amqp_stack",
+            "mariadb_url",
+        } & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
 

@@ -30,9 +30,10 @@ def check_gapless(
             ),
             {"name": name},
         ).one()
+        count = conn.dialect.identifier_preparer.quote_identifier("count")  # "count", `count`
         rows = conn.execute(
             sa.text(
-                'SELECT cycle, value, "count", request_key FROM numbering_ledger '
+                f"SELECT cycle, value, {count}, request_key FROM numbering_ledger "
                 "WHERE sequence_id = :id"
             ),
             {"id": seq.id},

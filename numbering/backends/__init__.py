@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
 from numbering.backends.base import Backend, ConsumerLock
+from numbering.backends.mysql import MySQL
 from numbering.backends.postgresql import PostgreSQL
 from numbering.backends.sqlite import SQLite
 from numbering.errors import NumberingError
@@ -35,16 +36,18 @@ __all__ = [
     "normalize_url",
 ]
 
-_ENGINES: dict[str, Backend] = {backend.name: backend for backend in (PostgreSQL(), SQLite())}
+_ENGINES: dict[str, Backend] = {
+    backend.name: backend for backend in (PostgreSQL(), SQLite(), MySQL())
+}
+# SQLAlchemy names MariaDB's dialect "mariadb": the same engine.
+_ENGINES["mariadb"] = _ENGINES["mysql"]
 
 
 class UnsupportedDatabase(ValueError):
     """A URL names a database numbering has no backend for."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(
-            f"unsupported database {name!r}; numbering supports {' and '.join(names())}"
-        )
+        super().__init__(f"unsupported database {name!r}; numbering supports {', '.join(names())}")
         self.name = name
 
 

@@ -113,6 +113,9 @@ class Backend:
     alembic_batch_mode: ClassVar[bool] = False
     #: Whether constraints can be added and renamed in place (revisions 0002, 0003).
     alters_constraints: ClassVar[bool] = True
+    #: Whether the key look-up after the counter's lock must be a locking read to see
+    #: what the transaction it waited for committed (InnoDB at REPEATABLE READ).
+    locking_look_up: ClassVar[bool] = False
 
     # -- connections and transactions -----------------------------------------------------
 
@@ -203,6 +206,9 @@ class Backend:
     def migration_lock(self, connection: Connection) -> None:
         """Serialise concurrent ``init-db`` runs for the rest of ``connection``'s
         transaction (nothing to do where the first DDL already does)."""
+
+    def migration_unlock(self, connection: Connection) -> None:
+        """Release what :meth:`migration_lock` took, where the transaction's end does not."""
 
     def ledger_triggers(self) -> list[str]:
         """DDL that makes the ledger append-only, as revision 0002 creates it. Changing it

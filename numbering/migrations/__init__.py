@@ -86,14 +86,20 @@ def upgrade(engine: Engine, revision: str = "head") -> SchemaUpgrade:
     config = _config()
     try:
         with _UPGRADE_LOCK, engine.begin() as connection:
-            backend_for(connection).migration_lock(connection)
-            context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-            before = context.get_current_revision()
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
-            after = MigrationContext.configure(
-                connection, opts={"version_table": VERSION_TABLE}
-            ).get_current_revision()
+            backend = backend_for(connection)
+            backend.migration_lock(connection)
+            try:
+                context = MigrationContext.configure(
+                    connection, opts={"version_table": VERSION_TABLE}
+                )
+                before = context.get_current_revision()
+                config.attributes["connection"] = connection
+                command.upgrade(config, revision)
+                after = MigrationContext.configure(
+                    connection, opts={"version_table": VERSION_TABLE}
+                ).get_current_revision()
+            finally:
+                backend.migration_unlock(connection)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
     assert after is not None

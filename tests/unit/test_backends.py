@@ -23,8 +23,10 @@ from numbering.settings import check_database_url
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_registry_knows_both_engines() -> None:
-    assert names() == ("postgresql", "sqlite")
+def test_registry_knows_every_engine() -> None:
+    assert names() == ("postgresql", "sqlite", "mysql", "mariadb")
+    assert backend_named("mariadb") is backend_named("mysql")  # SQLAlchemy's two names
+    assert backend_for("mariadb://u@h/db").label == "MariaDB/MySQL"
     assert backend_for("sqlite:///x.db") is backend_named("sqlite")
     assert backend_for("postgresql+psycopg2://h/db").label == "PostgreSQL"
     assert backend_for("postgres://h/db").name == "postgresql"
@@ -32,7 +34,9 @@ def test_registry_knows_both_engines() -> None:
 
 
 def test_unsupported_engine_is_one_clear_error_everywhere() -> None:
-    with pytest.raises(UnsupportedDatabase, match="numbering supports postgresql and sqlite"):
+    with pytest.raises(
+        UnsupportedDatabase, match="numbering supports postgresql, sqlite, mysql, mariadb"
+    ):
         backend_for("oracle://h/db")
     with pytest.raises(ConfigurationError, match="unsupported database 'oracle'"):
         check_database_url("oracle://h/db")
@@ -86,3 +90,28 @@ def test_no_engine_branch_outside_the_backends() -> None:
                 if _ENGINE_BRANCH.search(line):
                     found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert found == []
+
+
+@pytest.mark.parametrize(
+    ("number", "message", "expected"),
+    [
+        (1213, "Deadlock found when trying to get lock", "DeadlockConflict"),
+        (1205, "Lock wait timeout exceeded; try restarting transaction", "LockNotAvailable"),
+        (3572, "Statement aborted because lock(s) could not be acquired", "LockNotAvailable"),
+        (1020, "Record has changed since last read in table 'numbering_sequence'",
+         "SerializationConflict"),
+        (2013, "Lost connection to server during query", "ConnectionLost"),
+        (2003, "Can't connect to server on '127.0.0.1'", "DatabaseUnavailable"),
+        (1062, "Duplicate entry 'k' for key 'uq_numbering_ledger_request_key'",
+         "KeyRaceConflict"),
+        (1146, "Table 'app.numbering_sequence' doesn't exist", "DatabaseError"),
+    ],
+)  # fmt: skip
+def test_mariadb_errors_are_told_apart_by_number(number: int, message: str, expected: str) -> None:
+    MySQLdb = pytest.importorskip("MySQLdb")  # the mysql extra
+    error = translate_error(
+        sa.exc.OperationalError("SELECT 1", {}, MySQLdb.OperationalError(number, message))
+    )
+    assert type(error).__name__ == expected
+    if number == 1146:
+        assert "run `numbering init-db`" in str(error)

@@ -74,7 +74,7 @@ def test_every_setting_is_read_from_its_variable() -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("NUMBERING_DATABASE_URL", "mysql://root@db/x", "unsupported database 'mysql'"),
+        ("NUMBERING_DATABASE_URL", "oracle://scott@db/x", "unsupported database 'oracle'"),
         ("NUMBERING_DATABASE_URL", "not a url", "not a database URL"),
         ("NUMBERING_BROKER_URL", "kafka://x", "must be a URL starting with"),
         ("NUMBERING_RESULT_BACKEND", "nonsense", "must be a URL starting with"),

@@ -7,8 +7,11 @@ Create Date: 2026-11-22
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0001"
@@ -17,6 +20,14 @@ branch_labels = None
 depends_on = None
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# MariaDB/MySQL (added with that engine; PostgreSQL's and SQLite's DDL is unchanged):
+# fractional seconds, InnoDB, byte-exact strings.
+_TIME = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+_INNODB: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
 
 
 def upgrade() -> None:
@@ -29,8 +40,8 @@ def upgrade() -> None:
         sa.Column("max_value", sa.BigInteger(), nullable=True),
         sa.Column("last_value", sa.BigInteger(), nullable=True),
         sa.Column("cycle", sa.BigInteger(), nullable=False, server_default="0"),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", _TIME, nullable=False),
+        sa.Column("updated_at", _TIME, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_numbering_sequence"),
         sa.UniqueConstraint("name", name="uq_numbering_sequence_name"),
         sa.CheckConstraint(
@@ -46,6 +57,7 @@ def upgrade() -> None:
             name=op.f("ck_numbering_sequence_last_after_initial"),
         ),
         sa.CheckConstraint("cycle >= 0", name=op.f("ck_numbering_sequence_cycle_not_negative")),
+        **_INNODB,
     )
     op.create_table(
         "numbering_ledger",
@@ -58,8 +70,8 @@ def upgrade() -> None:
         sa.Column("reference", sa.JSON().with_variant(JSONB(), "postgresql"), nullable=True),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("void_reason", sa.Text(), nullable=True),
-        sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("voided_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("assigned_at", _TIME, nullable=False),
+        sa.Column("voided_at", _TIME, nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_numbering_ledger"),
         sa.ForeignKeyConstraint(
             ["sequence_id"],
@@ -73,6 +85,7 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "status IN ('assigned', 'voided')", name=op.f("ck_numbering_ledger_status_known")
         ),
+        **_INNODB,
     )
 
 

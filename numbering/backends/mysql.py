@@ -1,0 +1,293 @@
+"""MariaDB and MySQL (InnoDB): REPEATABLE READ by default, locking reads to see the present.
+
+Counters are locked with ``SELECT ... FOR UPDATE`` as on PostgreSQL, but InnoDB's plain
+reads at REPEATABLE READ come from the transaction's first snapshot: a transaction that
+read anything before it waited for a counter's lock would not see a key committed by the
+transaction it waited for (measured on MariaDB 10.11). So the key look-up is a locking
+read (``LOCK IN SHARE MODE``), which reads the latest committed rows. Errors are told
+apart by error number: 1213 deadlock, 1205 lock wait timeout (and MariaDB's answer to
+NOWAIT), 3572 MySQL's NOWAIT, 1020 "record has changed since last read" (REPEATABLE READ
+with ``innodb_snapshot_isolation=ON``), 1062 duplicate key (the key's name in the
+message), 2006/2013 a lost connection. Keys compare byte-exact (``utf8mb4_bin``), so
+``Invoice:1`` and ``invoice:1`` are two requests, as everywhere else.
+
+MySQL 8.0 is handled from its documentation (NOWAIT answered with 3572); only MariaDB
+10.11 is tested here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.engine import URL
+from sqlalchemy.sql import Executable
+
+from numbering.backends.base import Backend, Durability, SessionOptions
+from numbering.errors import (
+    ConnectionLost,
+    DatabaseError,
+    DatabaseUnavailable,
+    DeadlockConflict,
+    KeyRaceConflict,
+    LockNotAvailable,
+    NumberingError,
+    SerializationConflict,
+)
+from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT
+
+__all__ = ["MySQL", "NamedLock"]
+
+log = logging.getLogger("numbering")
+
+# Error numbers (the driver's ``args[0]``).
+_DEADLOCK = 1213
+_LOCK_WAIT_TIMEOUT = 1205  # also MariaDB's answer to NOWAIT
+_NOWAIT = 3572  # MySQL 8.0's answer to NOWAIT
+_RECORD_CHANGED = 1020  # REPEATABLE READ conflict with innodb_snapshot_isolation=ON
+_DUPLICATE_KEY = 1062
+_NO_SUCH_TABLE = 1146
+_CONNECTION_LOST = (2006, 2013, 2055, 1927, 4031)  # gone away, lost, killed, timed out
+_CANNOT_CONNECT = (2002, 2003, 2005, 1045, 1049)  # no server, refused, host, auth, no db
+
+_DUPLICATE_KEY_NAME = re.compile(r"for key '(?:[^'.]*\.)?([^']+)'")
+
+APPEND_ONLY = "numbering_ledger is append-only: rows are never deleted or changed, only voided"
+_ONLY_A_VOID = (
+    "OLD.status = 'assigned' AND NEW.status = 'voided' AND NEW.void_reason IS NOT NULL "
+    "AND NEW.voided_at IS NOT NULL AND NEW.id = OLD.id AND NEW.sequence_id = OLD.sequence_id "
+    "AND NEW.cycle = OLD.cycle AND NEW.value = OLD.value AND NEW.count = OLD.count "
+    "AND NEW.request_key = OLD.request_key AND NEW.assigned_at = OLD.assigned_at "
+    "AND NEW.reference <=> OLD.reference AND NEW.formatted <=> OLD.formatted"
+)
+
+
+def _lock_name(queue: str) -> str:
+    # GET_LOCK names are at most 64 characters; queue names may be longer.
+    return "numbering:" + hashlib.sha256(queue.encode()).hexdigest()[:40]
+
+
+class NamedLock:
+    """A named lock (``GET_LOCK``) held by a session of its own; the server releases it
+    the moment that session ends (the worker died, or its connection did)."""
+
+    def __init__(self, engine: Engine, queue: str) -> None:
+        self.engine = engine
+        self.queue = queue
+        self.name = _lock_name(queue)
+        self._connection: Connection | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._connection is not None
+
+    def try_acquire(self) -> bool:
+        if self._connection is not None:
+            return True
+        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            got = connection.execute(
+                sa.text("SELECT GET_LOCK(:name, 0)"), {"name": self.name}
+            ).scalar_one()
+        except Exception:
+            connection.close()
+            raise
+        if got == 1:
+            self._connection = connection
+            return True
+        connection.close()
+        return False
+
+    def still_held(self) -> bool:
+        if self._connection is None:
+            return False
+        try:
+            mine = self._connection.execute(
+                sa.text("SELECT IS_USED_LOCK(:name) = CONNECTION_ID()"), {"name": self.name}
+            ).scalar_one()
+        except sa.exc.DBAPIError:
+            mine = False
+        if not mine:
+            log.warning("lost the consumer lock's database session for %s", self.queue)
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._connection is not None:
+            # Invalidate, not close: a pooled connection would keep its session, and the
+            # session the lock.
+            try:
+                self._connection.invalidate()
+                self._connection.close()
+            except sa.exc.DBAPIError:  # already gone; the server released the lock
+                pass
+            self._connection = None
+
+
+def _errno(orig: BaseException | None) -> int | None:
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+class MySQL(Backend):
+    name = "mysql"
+    label = "MariaDB/MySQL"
+    url_example = "mysql://user:password@host/dbname"
+    #: Keys look up with a locking read: see the module doc.
+    locking_look_up = True
+
+    def normalize_url(self, url: URL) -> URL:
+        if url.drivername in ("mysql", "mariadb"):
+            # mysqlclient, numbering's MySQL driver (pip install 'numbering[mysql]').
+            url = url.set(drivername=f"{url.drivername}+mysqldb")
+        if "charset" not in url.query:
+            url = url.update_query_dict({"charset": "utf8mb4"})
+        return url
+
+    def create_engine(self, url: URL, sessions: SessionOptions, **kwargs: Any) -> Engine:
+        connect_args = kwargs.pop("connect_args", {})
+        connect_args.setdefault("connect_timeout", 10)
+        settings = []
+        if sessions.idle_transaction_timeout is not None:
+            # MariaDB ends a session idle inside a transaction this long (10.3+); MySQL has
+            # no such variable and ignores the line below (see _session_setup).
+            seconds = max(1, round(sessions.idle_transaction_timeout))
+            settings.append(f"idle_transaction_timeout={seconds}")
+        engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+
+        @sa.event.listens_for(engine, "connect")
+        def _session_setup(dbapi_connection: Any, record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                for setting in settings:
+                    try:
+                        cursor.execute(f"SET SESSION {setting}")
+                    except dbapi_connection.OperationalError as exc:  # MySQL has no such one
+                        log.debug("session setting %s refused: %s", setting, exc)
+            finally:
+                cursor.close()
+
+        return engine
+
+    def classify(self, exc: sa.exc.DBAPIError, detail: str) -> NumberingError | None:
+        orig = exc.orig
+        if not type(orig).__module__.startswith(("MySQLdb", "pymysql")):
+            return None
+        number = _errno(orig)
+        if number == _DEADLOCK:
+            return DeadlockConflict(f"deadlock detected (error 1213): {detail}")
+        if number in (_LOCK_WAIT_TIMEOUT, _NOWAIT):
+            return LockNotAvailable(
+                f"sequence is locked by another transaction (error {number}): {detail}"
+            )
+        if number == _RECORD_CHANGED:
+            return SerializationConflict(f"serialization failure (error 1020): {detail}")
+        if number in _CONNECTION_LOST:
+            return ConnectionLost(f"database connection lost: {detail}")
+        if number in _CANNOT_CONNECT:
+            return DatabaseUnavailable(f"cannot connect to the database: {detail}")
+        if number == _DUPLICATE_KEY:
+            found = _DUPLICATE_KEY_NAME.search(detail)
+            key = found.group(1) if found else None
+            if key == LEDGER_KEY_CONSTRAINT:
+                return KeyRaceConflict(
+                    "another transaction assigned the same request key at the same time",
+                    constraint=LEDGER_KEY_CONSTRAINT,
+                )
+            if key == SEQUENCE_NAME_CONSTRAINT:
+                return DatabaseError(
+                    f"duplicate sequence name: {detail}", constraint=SEQUENCE_NAME_CONSTRAINT
+                )
+        if number == _NO_SUCH_TABLE and "numbering_" in detail:
+            return DatabaseError(
+                f"numbering's tables are missing; run `numbering init-db` first ({detail})"
+            )
+        return DatabaseError(f"database error: {detail}")
+
+    def insert_if_absent(
+        self, table: Table, values: Mapping[str, Any], unique: Sequence[str] | None = None
+    ) -> Executable:
+        # ON DUPLICATE KEY UPDATE of a column to itself: nothing changes, and unlike
+        # INSERT IGNORE no other error (a bad value, a failed check) becomes a warning.
+        column = (unique or [next(iter(values))])[0]
+        insert = mysql_insert(table).values(dict(values))
+        return insert.on_duplicate_key_update({column: table.c[column]})
+
+    def ledger_triggers(self) -> list[str]:
+        return [
+            "CREATE TRIGGER numbering_ledger_no_delete BEFORE DELETE ON numbering_ledger "
+            f"FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{APPEND_ONLY}'",
+            "CREATE TRIGGER numbering_ledger_only_void BEFORE UPDATE ON numbering_ledger "
+            f"FOR EACH ROW BEGIN IF NOT ({_ONLY_A_VOID}) THEN "
+            f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{APPEND_ONLY}'; END IF; END",
+        ]
+
+    def drop_ledger_triggers(self) -> list[str]:
+        return [
+            "DROP TRIGGER numbering_ledger_only_void",
+            "DROP TRIGGER numbering_ledger_no_delete",
+        ]
+
+    def consumer_lock(self, engine: Engine, queue: str) -> NamedLock:
+        return NamedLock(engine, queue)
+
+    def consumer_alive(self, engine: Engine, queue: str) -> bool:
+        # Looks without taking, as on PostgreSQL.
+        with engine.connect() as connection:
+            holder = connection.execute(
+                sa.text("SELECT IS_USED_LOCK(:name)"), {"name": _lock_name(queue)}
+            ).scalar_one()
+        return holder is not None
+
+    def migration_lock(self, connection: Connection) -> None:
+        # DDL commits implicitly here, so a transaction-scoped lock would not hold: a
+        # session lock, which a second `init-db` waits for; released by migration_unlock.
+        got = connection.execute(
+            sa.text("SELECT GET_LOCK('numbering-migrations', 600)")
+        ).scalar_one()
+        if got != 1:
+            raise DatabaseError("timed out waiting for another `numbering init-db` to finish")
+
+    def migration_unlock(self, connection: Connection) -> None:
+        connection.execute(sa.text("SELECT RELEASE_LOCK('numbering-migrations')"))
+
+    def durability(self, engine: Engine, *, allow_async_standby: bool = False) -> Durability:
+        with engine.connect() as connection:
+            row = connection.execute(
+                sa.text(
+                    "SELECT VERSION(), @@innodb_flush_log_at_trx_commit, @@log_bin, "
+                    "@@sync_binlog, @@tx_isolation"
+                )
+            ).one()
+            engines = connection.execute(
+                sa.text(
+                    "SELECT table_name, engine FROM information_schema.tables "
+                    "WHERE table_schema = DATABASE() AND table_name LIKE 'numbering%'"
+                )
+            ).all()
+        version, flush, log_bin, sync_binlog, isolation = row
+        found = Durability(facts=[f"{version}, server default isolation {isolation}"])
+        if int(flush) != 1:
+            found.problems.append(
+                f"innodb_flush_log_at_trx_commit is {flush}: a crash can forget numbers "
+                "already handed out; set it to 1"
+            )
+        if int(log_bin) and int(sync_binlog) != 1:
+            found.problems.append(
+                f"the binary log is on with sync_binlog={sync_binlog}: a crash can lose "
+                "committed numbers from it (and from replicas); set sync_binlog=1"
+            )
+        for table, kind in engines:
+            if str(kind).lower() != "innodb":
+                found.problems.append(
+                    f"table {table} uses the {kind} storage engine; numbering needs InnoDB "
+                    f"(ALTER TABLE {table} ENGINE=InnoDB)"
+                )
+        return found
