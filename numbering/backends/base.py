@@ -17,6 +17,7 @@ does differently. A new engine is one module with a subclass, listed in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
@@ -35,7 +36,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+_log = logging.getLogger("numbering.worker")
+
 __all__ = [
+    "SessionLock",
     "Backend",
     "ChunkIds",
     "ConsumerLock",
@@ -91,6 +95,68 @@ class Durability:
     warnings: list[str] = field(default_factory=list)
     #: The state found, one line each (``numbering status`` shows them).
     facts: list[str] = field(default_factory=list)
+
+
+class SessionLock:
+    """A lock the database holds for a session: the session is a connection of its own
+    (autocommit), kept while the lock is held, and the server drops the lock the moment
+    the session ends. An engine says how to take the lock (:meth:`take`) and how to
+    tell it still holds it (:meth:`holds`)."""
+
+    def __init__(self, engine: Engine, queue: str) -> None:
+        self.engine = engine
+        self.queue = queue
+        self._connection: Connection | None = None
+
+    def take(self, connection: Connection) -> bool:
+        """Try to take the lock on ``connection``, without waiting."""
+        raise NotImplementedError
+
+    def holds(self, connection: Connection) -> bool:
+        """Whether ``connection``'s session still holds the lock (raises if it is gone)."""
+        raise NotImplementedError
+
+    @property
+    def held(self) -> bool:
+        return self._connection is not None
+
+    def try_acquire(self) -> bool:
+        if self._connection is not None:
+            return True
+        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            got = self.take(connection)
+        except Exception:
+            connection.close()
+            raise
+        if got:
+            self._connection = connection
+            return True
+        connection.close()
+        return False
+
+    def still_held(self) -> bool:
+        if self._connection is None:
+            return False
+        try:
+            mine = self.holds(self._connection)
+        except sa.exc.DBAPIError:
+            mine = False
+        if not mine:
+            _log.warning("lost the consumer lock's database session for %s", self.queue)
+            self.release()
+        return mine
+
+    def release(self) -> None:
+        if self._connection is not None:
+            # Invalidate, not close: a closed connection goes back to the pool with its
+            # session, and the session would keep holding the lock.
+            try:
+                self._connection.invalidate()
+                self._connection.close()
+            except sa.exc.DBAPIError:  # already gone; the server dropped the lock with it
+                pass
+            self._connection = None
 
 
 #: The rows locked for one chunk of a batch job: how many, the first and last id in

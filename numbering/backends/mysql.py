@@ -29,7 +29,7 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Executable
 
-from numbering.backends.base import Backend, Durability, SessionOptions
+from numbering.backends.base import Backend, Durability, SessionLock, SessionOptions
 from numbering.errors import (
     ConnectionLost,
     DatabaseError,
@@ -73,62 +73,21 @@ def _lock_name(queue: str) -> str:
     return "numbering:" + hashlib.sha256(queue.encode()).hexdigest()[:40]
 
 
-class NamedLock:
-    """A named lock (``GET_LOCK``) held by a session of its own; the server releases it
-    the moment that session ends (the worker died, or its connection did)."""
+class NamedLock(SessionLock):
+    """A named lock (``GET_LOCK``)."""
 
-    def __init__(self, engine: Engine, queue: str) -> None:
-        self.engine = engine
-        self.queue = queue
-        self.name = _lock_name(queue)
-        self._connection: Connection | None = None
+    def take(self, connection: Connection) -> bool:
+        got = connection.execute(
+            sa.text("SELECT GET_LOCK(:name, 0)"), {"name": _lock_name(self.queue)}
+        ).scalar_one()
+        return bool(got == 1)
 
-    @property
-    def held(self) -> bool:
-        return self._connection is not None
-
-    def try_acquire(self) -> bool:
-        if self._connection is not None:
-            return True
-        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            got = connection.execute(
-                sa.text("SELECT GET_LOCK(:name, 0)"), {"name": self.name}
-            ).scalar_one()
-        except Exception:
-            connection.close()
-            raise
-        if got == 1:
-            self._connection = connection
-            return True
-        connection.close()
-        return False
-
-    def still_held(self) -> bool:
-        if self._connection is None:
-            return False
-        try:
-            mine = self._connection.execute(
-                sa.text("SELECT IS_USED_LOCK(:name) = CONNECTION_ID()"), {"name": self.name}
-            ).scalar_one()
-        except sa.exc.DBAPIError:
-            mine = False
-        if not mine:
-            log.warning("lost the consumer lock's database session for %s", self.queue)
-            self.release()
-            return False
-        return True
-
-    def release(self) -> None:
-        if self._connection is not None:
-            # Invalidate, not close: a pooled connection would keep its session, and the
-            # session the lock.
-            try:
-                self._connection.invalidate()
-                self._connection.close()
-            except sa.exc.DBAPIError:  # already gone; the server released the lock
-                pass
-            self._connection = None
+    def holds(self, connection: Connection) -> bool:
+        mine = connection.execute(
+            sa.text("SELECT IS_USED_LOCK(:name) = CONNECTION_ID()"),
+            {"name": _lock_name(self.queue)},
+        ).scalar_one()
+        return bool(mine)
 
 
 def _errno(orig: BaseException | None) -> int | None:

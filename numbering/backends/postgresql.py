@@ -23,7 +23,14 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
-from numbering.backends.base import Backend, ChunkIds, Durability, Pipelined, SessionOptions
+from numbering.backends.base import (
+    Backend,
+    ChunkIds,
+    Durability,
+    Pipelined,
+    SessionLock,
+    SessionOptions,
+)
 from numbering.errors import (
     ConnectionLost,
     DatabaseError,
@@ -179,56 +186,19 @@ def _constraint(orig: BaseException | None) -> str | None:
     return name if isinstance(name, str) else None
 
 
-class AdvisoryLock:
-    """A session advisory lock held on a connection of its own (autocommit)."""
+class AdvisoryLock(SessionLock):
+    """A session advisory lock (``pg_try_advisory_lock``)."""
 
-    def __init__(self, engine: Engine, queue: str) -> None:
-        self.engine = engine
-        self.queue = queue
-        self._connection: Connection | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._connection is not None
-
-    def try_acquire(self) -> bool:
-        if self._connection is not None:
-            return True
-        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            got = connection.execute(
+    def take(self, connection: Connection) -> bool:
+        return bool(
+            connection.execute(
                 sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": _lock_key(self.queue)}
             ).scalar_one()
-        except Exception:
-            connection.close()
-            raise
-        if got:
-            self._connection = connection
-            return True
-        connection.close()
-        return False
+        )
 
-    def still_held(self) -> bool:
-        if self._connection is None:
-            return False
-        try:
-            self._connection.execute(sa.text("SELECT 1"))
-        except sa.exc.DBAPIError:
-            log.warning("lost the consumer lock's database session for %s", self.queue)
-            self.release()
-            return False
+    def holds(self, connection: Connection) -> bool:
+        connection.execute(sa.text("SELECT 1"))  # the session is alive: it holds the lock
         return True
-
-    def release(self) -> None:
-        if self._connection is not None:
-            # Invalidate, not close: a closed connection goes back to the pool with its
-            # session, and the session would keep holding the advisory lock.
-            try:
-                self._connection.invalidate()
-                self._connection.close()
-            except sa.exc.DBAPIError:  # already gone; the server dropped the lock with it
-                pass
-            self._connection = None
 
 
 class PostgreSQL(Backend):
