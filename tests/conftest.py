@@ -45,6 +45,15 @@ def _url_for(database: str) -> str:
     return make_url(ADMIN_URL).set(database=database).render_as_string(hide_password=False)
 
 
+def _migrate(url: str) -> None:
+    """Bring the database at ``url`` to numbering's current schema."""
+    engine = create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        init_db(engine)
+    finally:
+        engine.dispose()
+
+
 def _unavailable(reason: str, server: str = "PostgreSQL") -> None:
     if IN_CI:
         pytest.fail(f"{server} is required under CI but unavailable: {reason}")
@@ -61,9 +70,7 @@ def pg_template() -> Iterator[str]:
             conn.exec_driver_sql(f'CREATE DATABASE "{TEMPLATE}"')
     except sa.exc.OperationalError as exc:
         _unavailable(str(exc.orig).strip())
-    engine = create_engine(_url_for(TEMPLATE), poolclass=sa.pool.NullPool)
-    init_db(engine)
-    engine.dispose()
+    _migrate(_url_for(TEMPLATE))
     yield TEMPLATE
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
@@ -101,9 +108,7 @@ def pg_empty_url() -> Iterator[str]:
 def sqlite_url(tmp_path: Path) -> str:
     """URL of a fresh, migrated SQLite file for this test alone."""
     url = f"sqlite:///{tmp_path / 'numbering.db'}"
-    engine = create_engine(url)
-    init_db(engine)
-    engine.dispose()
+    _migrate(url)
     return url
 
 
@@ -118,9 +123,7 @@ def mariadb_url() -> Iterator[str]:
     except (sa.exc.DBAPIError, NumberingError) as exc:
         _unavailable(str(exc), "MariaDB")
     url = f"{MARIADB_URL.rstrip('/')}/{name}"
-    engine = create_engine(url)
-    init_db(engine)
-    engine.dispose()
+    _migrate(url)
     yield url
     with admin.connect() as conn:
         conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")

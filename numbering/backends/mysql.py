@@ -29,17 +29,8 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Executable
 
+from numbering import errors
 from numbering.backends.base import Backend, Durability, SessionLock, SessionOptions
-from numbering.errors import (
-    ConnectionLost,
-    DatabaseError,
-    DatabaseUnavailable,
-    DeadlockConflict,
-    KeyRaceConflict,
-    LockNotAvailable,
-    NumberingError,
-    SerializationConflict,
-)
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT
 
 __all__ = ["MySQL", "NamedLock"]
@@ -135,40 +126,40 @@ class MySQL(Backend):
 
         return engine
 
-    def classify(self, exc: sa.exc.DBAPIError, detail: str) -> NumberingError | None:
+    def classify(self, exc: sa.exc.DBAPIError, detail: str) -> errors.NumberingError | None:
         orig = exc.orig
         if not type(orig).__module__.startswith(("MySQLdb", "pymysql")):
             return None
         number = _errno(orig)
         if number == _DEADLOCK:
-            return DeadlockConflict(f"deadlock detected (error 1213): {detail}")
+            return errors.DeadlockConflict(f"deadlock detected (error 1213): {detail}")
         if number in (_LOCK_WAIT_TIMEOUT, _NOWAIT):
-            return LockNotAvailable(
+            return errors.LockNotAvailable(
                 f"sequence is locked by another transaction (error {number}): {detail}"
             )
         if number == _RECORD_CHANGED:
-            return SerializationConflict(f"serialization failure (error 1020): {detail}")
+            return errors.SerializationConflict(f"serialization failure (error 1020): {detail}")
         if number in _CONNECTION_LOST:
-            return ConnectionLost(f"database connection lost: {detail}")
+            return errors.ConnectionLost(f"database connection lost: {detail}")
         if number in _CANNOT_CONNECT:
-            return DatabaseUnavailable(f"cannot connect to the database: {detail}")
+            return errors.DatabaseUnavailable(f"cannot connect to the database: {detail}")
         if number == _DUPLICATE_KEY:
             found = _DUPLICATE_KEY_NAME.search(detail)
             key = found.group(1) if found else None
             if key == LEDGER_KEY_CONSTRAINT:
-                return KeyRaceConflict(
+                return errors.KeyRaceConflict(
                     "another transaction assigned the same request key at the same time",
                     constraint=LEDGER_KEY_CONSTRAINT,
                 )
             if key == SEQUENCE_NAME_CONSTRAINT:
-                return DatabaseError(
+                return errors.DatabaseError(
                     f"duplicate sequence name: {detail}", constraint=SEQUENCE_NAME_CONSTRAINT
                 )
         if number == _NO_SUCH_TABLE and "numbering_" in detail:
-            return DatabaseError(
+            return errors.DatabaseError(
                 f"numbering's tables are missing; run `numbering init-db` first ({detail})"
             )
-        return DatabaseError(f"database error: {detail}")
+        return errors.DatabaseError(f"database error: {detail}")
 
     def insert_if_absent(
         self, table: Table, values: Mapping[str, Any], unique: Sequence[str] | None = None
@@ -212,7 +203,9 @@ class MySQL(Backend):
             sa.text("SELECT GET_LOCK('numbering-migrations', 600)")
         ).scalar_one()
         if got != 1:
-            raise DatabaseError("timed out waiting for another `numbering init-db` to finish")
+            raise errors.DatabaseError(
+                "timed out waiting for another `numbering init-db` to finish"
+            )
 
     def migration_unlock(self, connection: Connection) -> None:
         connection.execute(sa.text("SELECT RELEASE_LOCK('numbering-migrations')"))
