@@ -176,3 +176,34 @@ def test_concurrent_init_db_from_an_empty_database(mariadb_url: str) -> None:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{empty.database}`")
         admin.dispose()
+
+
+def test_numbering_sessions_end_an_idle_transaction(mariadb_url: str) -> None:
+    """NUMBERING_IDLE_TRANSACTION_TIMEOUT becomes MariaDB's idle_transaction_timeout on
+    numbering's sessions: a frozen process cannot hold a counter's lock for ever."""
+    engine = create_engine(mariadb_url, idle_transaction_timeout=1)
+    Allocator(engine).create_sequence("invoices")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT @@idle_transaction_timeout")).scalar() == 1
+        session = conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar()
+        conn.rollback()
+        conn.begin()
+        allocate(conn, "invoices", key="frozen")  # holds the counter's lock, then idles
+        # Watched from another session (a statement here would end the idleness).
+        deadline = time.monotonic() + 30
+        with engine.connect() as watcher:
+            while watcher.execute(
+                sa.text("SELECT COUNT(*) FROM information_schema.processlist WHERE id = :id"),
+                {"id": session},
+            ).scalar():
+                assert time.monotonic() < deadline, "the idle session was never ended"
+                watcher.rollback()
+                time.sleep(0.2)
+        with pytest.raises(sa.exc.DBAPIError):
+            conn.execute(sa.text("SELECT 1")).scalar()
+    # The lock went with the session: the next request is served, and "frozen" never
+    # committed.
+    numbers = Allocator(engine)
+    assert numbers.next_value("invoices", key="next") == 1
+    check_gapless(engine, "invoices", keys=["next"])
+    engine.dispose()
