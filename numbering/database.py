@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from numbering.backends import UnsupportedDatabase, backend_for, classify, names
-from numbering.backends.base import SessionOptions
+from numbering.backends.base import SessionOptions, driver_error
 from numbering.backends.sqlite import DEFAULT_BUSY_TIMEOUT
 from numbering.errors import ConnectionLost, DatabaseError, NumberingError
 
@@ -66,8 +66,17 @@ def begin(engine: Engine, isolation_level: str, *, readonly: bool = False) -> Co
     Where an engine has one level (SQLite: serializable) the level is not applied.
     ``readonly`` transactions take no write lock on SQLite and are READ ONLY on PostgreSQL.
     """
-    options = backend_for(engine).transaction_options(isolation_level, readonly)
-    return engine.connect().execution_options(**options)
+    options = backend_for(engine).transaction_options(engine, isolation_level, readonly)
+    connection = engine.connect()
+    try:
+        return connection.execution_options(**options)
+    except engine.dialect.loaded_dbapi.Error as exc:
+        # Setting a level may run a statement on the driver's connection directly, whose
+        # error (a lost connection, say) is the driver's own: wrap it as any statement's
+        # error is, and never hand the connection, its state unknown, back to the pool.
+        connection.invalidate()
+        connection.close()
+        raise driver_error(engine.dialect, exc) from exc
 
 
 def translate_error(exc: sa.exc.DBAPIError) -> NumberingError:

@@ -97,6 +97,22 @@ class Durability:
     facts: list[str] = field(default_factory=list)
 
 
+def driver_error(dialect: sa.Dialect, exc: Exception) -> sa.exc.DBAPIError:
+    """``exc``, a driver's own error raised outside SQLAlchemy's statement handling (for
+    example while a checked-out connection is being set up), wrapped as SQLAlchemy wraps
+    a statement's error, so that :func:`numbering.database.translate_error` knows it."""
+    wrapped = sa.exc.DBAPIError.instance(
+        None,
+        None,
+        exc,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=dialect.is_disconnect(exc, None, None),  # type: ignore[arg-type]
+        dialect=dialect,
+    )
+    assert isinstance(wrapped, sa.exc.DBAPIError)  # exc is the driver's Error
+    return wrapped
+
+
 class SessionLock:
     """A lock the database holds for a session: the session is a connection of its own
     (autocommit), kept while the lock is held, and the server drops the lock the moment
@@ -207,8 +223,11 @@ class Backend:
         then resolved like a lost connection: by looking its keys up again)."""
         return None
 
-    def transaction_options(self, isolation_level: str, readonly: bool) -> dict[str, Any]:
-        """Execution options that start a connection's transactions as asked."""
+    def transaction_options(
+        self, engine: Engine, isolation_level: str, readonly: bool
+    ) -> dict[str, Any]:
+        """Execution options that start a connection's transactions on ``engine`` as
+        asked."""
         return {"isolation_level": isolation_level}
 
     def database_absent(self, url: URL) -> bool:

@@ -312,7 +312,9 @@ class PostgreSQL(Backend):
             f"failover ({said}); the transaction is resolved by looking its keys up again"
         )
 
-    def transaction_options(self, isolation_level: str, readonly: bool) -> dict[str, Any]:
+    def transaction_options(
+        self, engine: Engine, isolation_level: str, readonly: bool
+    ) -> dict[str, Any]:
         return {"isolation_level": isolation_level, "postgresql_readonly": readonly}
 
     def classify(self, exc: sa.exc.DBAPIError, detail: str) -> NumberingError | None:

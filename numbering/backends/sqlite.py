@@ -115,7 +115,9 @@ class SQLite(Backend):
 
         return engine
 
-    def transaction_options(self, isolation_level: str, readonly: bool) -> dict[str, Any]:
+    def transaction_options(
+        self, engine: Engine, isolation_level: str, readonly: bool
+    ) -> dict[str, Any]:
         # One level (serializable): only whether the transaction writes matters.
         return {READONLY_OPTION: readonly}
 

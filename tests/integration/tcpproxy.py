@@ -47,10 +47,13 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._pairs.append((client, server))
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+            muted = threading.Event()  # set: the server's answers are dropped
+            for args in ((client, server, True, muted), (server, client, False, muted)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket, upstream: bool) -> None:
+    def _pump(
+        self, source: socket.socket, target: socket.socket, upstream: bool, muted: threading.Event
+    ) -> None:
         try:
             while True:
                 data = source.recv(65536)
@@ -59,12 +62,17 @@ class TcpProxy:
                 self._flowing.wait()
                 if self.latency:
                     time.sleep(self.latency)
-                target.sendall(data)
+                if not upstream and muted.is_set():
+                    continue
                 pattern = self._cut_pattern
-                if upstream and pattern is not None and pattern in data:
+                cut = upstream and pattern is not None and pattern in data
+                if cut:
                     with self._lock:
                         self._cut_pattern = None
                         self.cuts += 1
+                    muted.set()  # before the server can answer
+                target.sendall(data)
+                if cut:
                     time.sleep(0.05)  # let the server act on it before the cut
                     _rst(source)  # the client never sees the answer
                     break

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import FAST_RETRY
 from integration.stack import Stack
+from integration.tcpproxy import TcpProxy
 from ledger_check import check_gapless
 from sqlalchemy.engine import make_url
 from together import at_once
 
-from numbering import Allocator, allocate, create_engine, init_db
+from numbering import Allocator, Request, allocate, create_engine, init_db
 from numbering.errors import LockNotAvailable
 from numbering.migrations import current_revision, head_revision
 from numbering.tasks.preflight import check_database
@@ -207,3 +209,77 @@ def test_numbering_sessions_end_an_idle_transaction(mariadb_url: str) -> None:
     assert numbers.next_value("invoices", key="next") == 1
     check_gapless(engine, "invoices", keys=["next"])
     engine.dispose()
+
+
+def test_a_connection_lost_while_setting_the_isolation_level_is_retried(
+    mariadb_url: str,
+) -> None:
+    """The level is set with a statement of its own (SET TRANSACTION ISOLATION LEVEL,
+    before the transaction's first); a link cut there is a lost connection, retried like
+    any other, not a driver error that escapes (seen in a fault test: the worker's
+    consumer started over with a traceback)."""
+    url = make_url(mariadb_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 3306)
+    proxied = url.set(host="127.0.0.1", port=proxy.port)
+    numbers = Allocator(proxied, isolation_level="SERIALIZABLE", retry=FAST_RETRY)
+    try:
+        numbers.create_sequence("invoices")
+        proxy.cut_after(b"ISOLATION LEVEL")
+        assert numbers.run(lambda conn: allocate(conn, "invoices", key="k")) == 1
+        assert proxy.cuts == 1
+        assert numbers.stats.as_dict().get("ConnectionLost", 0) >= 1
+        check_gapless(numbers.engine, "invoices", keys=["k"])
+    finally:
+        numbers.close()
+        proxy.close()
+
+
+def test_a_commit_whose_reply_is_lost_is_resolved_by_the_key(mariadb_url: str) -> None:
+    """The COMMIT commits, its reply never arrives: the retry finds the key assigned and
+    answers with that number, never a second one."""
+    url = make_url(mariadb_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 3306)
+    numbers = Allocator(url.set(host="127.0.0.1", port=proxy.port), retry=FAST_RETRY)
+    try:
+        numbers.create_sequence("invoices")
+        assert numbers.next_value("invoices", key="before") == 1
+        proxy.cut_after(b"\x03COMMIT")
+        [outcome] = numbers.assign("invoices", [Request("k")])
+        # resent: the first attempt's COMMIT did commit, and the retry found the key.
+        assert (outcome.value, outcome.resent) == (2, True)
+        assert proxy.cuts == 1
+        assert numbers.stats.as_dict().get("ConnectionLost", 0) == 1
+        assert numbers.next_value("invoices", key="after") == 3
+        check_gapless(numbers.engine, "invoices", keys=["before", "k", "after"])
+    finally:
+        numbers.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("level", ["READ COMMITTED", "REPEATABLE READ"])
+def test_transactions_run_at_the_level_asked(mariadb_url: str, level: str) -> None:
+    """The level is set for each transaction (SET TRANSACTION, not SQLAlchemy's per
+    checkout SET SESSION and COMMIT): a plain read at READ COMMITTED sees what another
+    transaction committed meanwhile; at REPEATABLE READ it keeps its first snapshot."""
+    numbers = Allocator(mariadb_url, isolation_level=level)
+    other = create_engine(mariadb_url)
+    try:
+        with other.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE scratch (id INT) ENGINE=InnoDB"))
+        count = sa.text("SELECT COUNT(*) FROM scratch")
+
+        def read_twice(conn: sa.Connection) -> tuple[int, int]:
+            first = conn.execute(count).scalar_one()
+            with other.begin() as outside:
+                outside.execute(sa.text("INSERT INTO scratch VALUES (1)"))
+            return first, conn.execute(count).scalar_one()
+
+        first, second = numbers.run(read_twice, isolation_level=level)
+        assert (first, second) == ((0, 1) if level == "READ COMMITTED" else (0, 0))
+        # The session's own level is untouched: the next transaction at the server's
+        # default reads as REPEATABLE READ whatever this one was.
+        with numbers.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT @@tx_isolation")).scalar() == "REPEATABLE-READ"
+    finally:
+        numbers.close()
+        other.dispose()
