@@ -169,6 +169,22 @@ def stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[
     stack.close()
 
 
+@pytest.fixture
+def mariadb_stack(mariadb_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """:func:`stack` on a MariaDB database."""
+    stack = Stack(mariadb_url, *redis_urls, tmp_path)
+    yield stack
+    stack.close()
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def engine_stack(request: pytest.FixtureRequest) -> Stack:
+    """:func:`stack` on each server engine in turn (for the fault tests that both run)."""
+    fixture = {"postgresql": "stack", "mariadb": "mariadb_stack"}[request.param]
+    stack: Stack = request.getfixturevalue(fixture)
+    return stack
+
+
 @pytest.fixture(params=["replies-apart", "replies-on-broker"])
 def client_stack(
     request: pytest.FixtureRequest, pg_url: str, redis_urls: tuple[str, str], tmp_path: Path

@@ -49,7 +49,10 @@ def wait_dead(worker: Worker, timeout: float = 60) -> int:
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_worker_killed_at_each_point_of_a_batch(stack: Stack, point: str, tmp_path: Path) -> None:
+def test_worker_killed_at_each_point_of_a_batch(
+    engine_stack: Stack, point: str, tmp_path: Path
+) -> None:
+    stack = engine_stack
     setup_sequences(stack, "invoices")
     stack.env[ENV_VAR] = f"{point}=kill-once:{tmp_path / 'fired'}"
     victim = stack.worker("--sequence", "invoices")
@@ -178,6 +181,34 @@ def test_postgresql_backends_terminated_under_load(stack: Stack) -> None:
             )
 
     run_under_fault(stack, terminate, times=8, every=0.4)
+    assert killed
+    assert "database connection lost" in stack.workers[0].output()  # the faults struck
+
+
+def test_mariadb_sessions_killed_under_load(mariadb_stack: Stack) -> None:
+    """KILL CONNECTION of every session on the test's database, the worker's and its
+    consumer lock's included, again and again while clients wait."""
+    stack = mariadb_stack
+    admin = create_engine(stack.settings.database_url, isolation_level="AUTOCOMMIT")
+    killed: list[int] = []
+
+    def kill_sessions() -> None:
+        with admin.connect() as conn:
+            sessions = conn.execute(
+                sa.text(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+                )
+            ).scalars()
+            for session in list(sessions):
+                try:
+                    conn.execute(sa.text(f"KILL CONNECTION {int(session)}"))
+                    killed.append(session)
+                except sa.exc.DBAPIError:  # it ended meanwhile (error 1094)
+                    pass
+
+    run_under_fault(stack, kill_sessions, times=8, every=0.4)
+    admin.dispose()
     assert killed
     assert "database connection lost" in stack.workers[0].output()  # the faults struck
 
@@ -427,10 +458,12 @@ def test_sigterm_cycles_under_load(stack: Stack) -> None:
 
 
 @pytest.fixture
-def proxied(stack: Stack) -> Iterator[TcpProxy]:
+def proxied(engine_stack: Stack) -> Iterator[TcpProxy]:
     """Route the worker's database traffic through a misbehaving proxy."""
+    stack = engine_stack
     url = make_url(stack.env["NUMBERING_DATABASE_URL"])
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    default_port = 3306 if url.get_backend_name() in ("mysql", "mariadb") else 5432
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or default_port)
     stack.env["NUMBERING_DATABASE_URL"] = url.set(
         host="127.0.0.1", port=proxy.port
     ).render_as_string(hide_password=False)
@@ -438,22 +471,28 @@ def proxied(stack: Stack) -> Iterator[TcpProxy]:
     proxy.close()
 
 
-def test_commit_reply_that_never_arrives(stack: Stack, proxied: TcpProxy) -> None:
-    """The COMMIT reaches PostgreSQL and commits; the worker never hears back. The retry
+def test_commit_reply_that_never_arrives(engine_stack: Stack, proxied: TcpProxy) -> None:
+    """The COMMIT reaches the server and commits; the worker never hears back. The retry
     finds the keys already assigned and answers with those numbers: none twice."""
+    stack = engine_stack
+    # The statement itself, not "READ COMMITTED" in an isolation level: PostgreSQL's
+    # query message ends its text with a NUL, MySQL's starts with COM_QUERY (3).
+    mysql = make_url(stack.settings.database_url).get_backend_name() in ("mysql", "mariadb")
+    commit = b"\x03COMMIT" if mysql else b"COMMIT\x00"
 
     def cut() -> None:
-        proxied.cut_after(b"COMMIT")
+        proxied.cut_after(commit)
 
     run_under_fault(stack, cut, times=4, every=0.5)
     assert proxied.cuts >= 1  # the later ones may find the clients already done
     assert "database connection lost" in stack.workers[0].output()
 
 
-def test_link_latency_blackhole_and_reset(stack: Stack, proxied: TcpProxy) -> None:
+def test_link_latency_blackhole_and_reset(engine_stack: Stack, proxied: TcpProxy) -> None:
     """A session whose client vanished mid-transaction holds the sequence's lock until
-    PostgreSQL ends it after NUMBERING_IDLE_TRANSACTION_TIMEOUT: with 2 s here, the run
+    the server ends it after NUMBERING_IDLE_TRANSACTION_TIMEOUT: with 2 s here, the run
     still completes (with 60 s it stalled past the clients' timeout: seen)."""
+    stack = engine_stack
     stack.env["NUMBERING_IDLE_TRANSACTION_TIMEOUT"] = "2"
     # A reset first: it kills the worker's pooled connections, so its next use fails.
     faults = iter(
