@@ -23,6 +23,9 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from conftest import _migrate, _unavailable
+from integration import mariadbserver
+from integration.mariadbserver import MariaDBServer
 from integration.stack import Stack, Worker
 from integration.tcpproxy import TcpProxy
 from ledger_check import check_gapless
@@ -439,6 +442,34 @@ def test_postgresql_restarted_under_load(stack: Stack) -> None:
     # (its next connection was refused, or found the server still starting up).
     output = stack.workers[0].output()
     assert "database connection lost" in output or "cannot connect to the database" in output
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["restarted", "crashed"])
+def test_mariadb_restarted_under_load(
+    redis_urls: tuple[str, str], tmp_path: Path, crash: bool
+) -> None:
+    """A MariaDB server of the test's own (the shared one is never restarted), shut down
+    and started again, or SIGKILLed and recovered by InnoDB, while clients wait."""
+    if (reason := mariadbserver.available()) is not None:
+        _unavailable(reason, "a private MariaDB server")
+    server = MariaDBServer(tmp_path / "mariadb")
+    stack = None
+    try:
+        server.start()
+        admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql("CREATE DATABASE numbering CHARACTER SET utf8mb4")
+        admin.dispose()
+        url = server.url + "numbering"
+        _migrate(url)
+        stack = Stack(url, *redis_urls, tmp_path)
+        run_under_fault(stack, lambda: server.restart(crash=crash), times=1, every=1)
+        output = stack.workers[0].output()
+        assert "database connection lost" in output or "cannot connect to the database" in output
+    finally:
+        if stack is not None:
+            stack.close()
+        server.close()
 
 
 def test_sigterm_cycles_under_load(stack: Stack) -> None:
