@@ -138,6 +138,15 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, migrated database on each server engine in turn (not SQLite)."""
+    url: str = request.getfixturevalue(
+        {"postgresql": "pg_url", "mariadb": "mariadb_url"}[request.param]
+    )
+    return url
+
+
 @pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
     engine = create_engine(db_url)

@@ -57,8 +57,8 @@ def numbers_by(engine: Engine, order: str, where: str = "TRUE") -> list[int | No
         )
 
 
-def test_hundred_thousand_rows_numbered_once_in_order(pg_url: str) -> None:
-    engine = create_engine(pg_url)
+def test_hundred_thousand_rows_numbered_once_in_order(server_url: str) -> None:
+    engine = create_engine(server_url)
     make_documents(engine, 100_000)
     numbers = Allocator(engine)
     numbers.create_sequence("docs")
@@ -81,7 +81,7 @@ def test_hundred_thousand_rows_numbered_once_in_order(pg_url: str) -> None:
     assert again.numbered == 0
 
 
-def test_filter_and_order_on_sqlite_and_postgresql(db_url: str) -> None:
+def test_filter_and_order(db_url: str) -> None:
     engine = create_engine(db_url)
     make_documents(engine, 1_000)
     numbers = Allocator(engine)
@@ -147,12 +147,12 @@ def test_ids_that_cannot_be_part_of_a_key_still_number(db_url: str) -> None:
     check_gapless(engine, "notes")
 
 
-def test_killed_half_way_then_resumed(pg_url: str, tmp_path: object) -> None:
-    engine = create_engine(pg_url)
+def test_killed_half_way_then_resumed(server_url: str, tmp_path: object) -> None:
+    engine = create_engine(server_url)
     make_documents(engine, 100_000)
     Allocator(engine).create_sequence("docs")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBERING_")}
-    env.update({ENV["database_url"]: pg_url, ENV["batch_tables"]: "documents"})
+    env.update({ENV["database_url"]: server_url, ENV["batch_tables"]: "documents"})
     command = [
         sys.executable,
         "-m",
@@ -200,9 +200,9 @@ def test_killed_half_way_then_resumed(pg_url: str, tmp_path: object) -> None:
     ],
 )
 def test_names_come_from_the_allow_list_and_the_table(
-    sqlite_url: str, change: dict[str, object], message: str
+    db_url: str, change: dict[str, object], message: str
 ) -> None:
-    engine = create_engine(sqlite_url)
+    engine = create_engine(db_url)
     make_documents(engine, 10)
     numbers = Allocator(engine)
     numbers.create_sequence("docs")
@@ -213,8 +213,8 @@ def test_names_come_from_the_allow_list_and_the_table(
     assert numbers.last_value("docs") is None
 
 
-def test_filter_values_are_values_not_sql(sqlite_url: str) -> None:
-    engine = create_engine(sqlite_url)
+def test_filter_values_are_values_not_sql(db_url: str) -> None:
+    engine = create_engine(db_url)
     make_documents(engine, 10)
     numbers = Allocator(engine)
     numbers.create_sequence("docs")
