@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test unit lint typecheck services slow bench bench-cpu bench-overhead clean
+.PHONY: install demo test unit lint typecheck services slow bench bench-mariadb bench-cpu bench-overhead clean
 
 # numbering alone (what the quick start runs), and numbering with every extra the checks use.
 BASE := $(VENV)/.installed-base
@@ -42,8 +42,12 @@ unit: install ## The tests that need no server.
 slow: install services ## The random fault soak, excluded from `make test` (prints its result).
 	$(BIN)/pytest -m slow -s
 
-bench: install services ## numbering against the alternatives; writes docs/benchmarks.md (about 18 minutes on 2 cores).
+bench: install services ## numbering against the alternatives on PostgreSQL, then on MariaDB; writes docs/benchmarks.md and docs/benchmarks-mariadb.md (about 25 minutes on 2 cores).
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.mariadb
+
+bench-mariadb: install services ## The MariaDB part of `make bench` alone: writes docs/benchmarks-mariadb.md (about 6 minutes).
+	$(BIN)/python -m benchmarks.mariadb
 
 bench-cpu: install services ## CPU ms per number by process (requesters, worker, PostgreSQL, Redis) at 16 requesters.
 	$(BIN)/python -m benchmarks.cpu

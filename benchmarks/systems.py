@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from numbering import Client, create_engine
 
 # The "other work" of the web scenario: 5 ms inside the document's own transaction.
-WORK = "SELECT pg_sleep(0.005)"
+WORK = {"postgresql": "SELECT pg_sleep(0.005)", "mysql": "DO SLEEP(0.005)"}
 
 
 @dataclass
@@ -35,7 +35,10 @@ Op = Callable[[int], Any]
 
 
 def documents_table(name: str) -> str:
-    return f"CREATE TABLE IF NOT EXISTS {name} (key text PRIMARY KEY, number bigint NOT NULL)"
+    return (
+        f"CREATE TABLE IF NOT EXISTS {name} "
+        "(doc_key VARCHAR(200) PRIMARY KEY, number BIGINT NOT NULL)"
+    )
 
 
 # -- numbering --------------------------------------------------------------------------------
@@ -52,9 +55,9 @@ def numbering_op(env: Env, broker: str, sequence: str, web: bool, shards: int | 
         number = client.next_value(sequence, key=key)
         if engine is not None:  # the document, in its own short transaction
             with engine.begin() as conn:
-                conn.exec_driver_sql(WORK)
+                conn.exec_driver_sql(WORK[conn.dialect.name])
                 conn.exec_driver_sql(
-                    f"INSERT INTO {table} (key, number) VALUES (%(k)s, %(n)s)",
+                    f"INSERT INTO {table} (doc_key, number) VALUES (%(k)s, %(n)s)",
                     {"k": key, "n": number},
                 )
         return number
@@ -85,15 +88,18 @@ def setup_django(database_url: str) -> None:
     if settings.configured:
         return
     url = make_url(database_url)
+    mysql = url.get_backend_name() in ("mysql", "mariadb")
     settings.configure(
         DATABASES={
             "default": {
-                "ENGINE": "django.db.backends.postgresql",
+                # On MySQL, Django's backend on mysqlclient: django-sequences then takes
+                # its INSERT ... ON DUPLICATE KEY UPDATE path.
+                "ENGINE": "django.db.backends.mysql" if mysql else "django.db.backends.postgresql",
                 "NAME": url.database,
-                "USER": url.username or "postgres",
+                "USER": url.username or ("root" if mysql else "postgres"),
                 "PASSWORD": url.password or "",
                 "HOST": url.host or "127.0.0.1",
-                "PORT": str(url.port or 5432),
+                "PORT": str(url.port or (3306 if mysql else 5432)),
             }
         },
         INSTALLED_APPS=["sequences"],
@@ -120,9 +126,9 @@ def django_sequences_op(sequence: str, web: bool) -> Op:
             number = get_next_value(sequence)
             if web:
                 with connection.cursor() as cursor:
-                    cursor.execute(WORK)
+                    cursor.execute(WORK[connection.vendor])
                     cursor.execute(
-                        f"INSERT INTO {table} (key, number) VALUES (%s, %s)",
+                        f"INSERT INTO {table} (doc_key, number) VALUES (%s, %s)",
                         [f"{tag}:{i}", number],
                     )
         return number
@@ -148,9 +154,9 @@ def for_update_op(env: Env, sequence: str, web: bool) -> Op:
                 {"l": last + 1, "n": sequence},
             )
             if web:
-                conn.exec_driver_sql(WORK)
+                conn.exec_driver_sql(WORK[conn.dialect.name])
                 conn.exec_driver_sql(
-                    f"INSERT INTO {table} (key, number) VALUES (%(k)s, %(v)s)",
+                    f"INSERT INTO {table} (doc_key, number) VALUES (%(k)s, %(v)s)",
                     {"k": f"{tag}:{i}", "v": last + 1},
                 )
         return last + 1

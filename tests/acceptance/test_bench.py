@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import ADMIN_URL, _admin
+from sqlalchemy.engine import make_url
 
 pytestmark = pytest.mark.acceptance
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,36 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
     assert "Result: every ledger gapless." in report
     assert (tmp_path / "benchmarks-web.png").stat().st_size > 10_000
     assert (tmp_path / "benchmarks-bare.png").stat().st_size > 10_000
+
+
+def test_mariadb_benchmark_smoke_run(mariadb_url: str, tmp_path: Path) -> None:
+    """`make bench-mariadb` at smoke size, on a scratch database next to the test's."""
+    output = tmp_path / "benchmarks-mariadb.md"
+    database = f"{make_url(mariadb_url).database}_bench"
+    admin = make_url(mariadb_url).set(database="").render_as_string(hide_password=False)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.mariadb", "--smoke", "--output", str(output),
+             "--admin-url", admin, "--database", database],
+            cwd=ROOT,
+            env={**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )  # fmt: skip
+    finally:
+        engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{database}`")
+        engine.dispose()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = output.read_text()
+    for heading in ("## Targets", "## Web requests", "## Bare enqueue-and-await", "## Batch"):
+        assert heading in report
+    for system in ("numbering (redis)", "django-sequences", "SELECT FOR UPDATE"):
+        assert f"| {system} |" in report
+    assert "InnoDB set-based UPDATE" in report
+    assert "Result: every ledger gapless." in report
 
 
 def run_probe(
