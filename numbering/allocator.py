@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from numbering import assignment, ledger, sequences
 from numbering.assignment import Assignment, Outcome, Request, new_key
 from numbering.backends import backend_for
-from numbering.database import begin, create_engine, translate_error
+from numbering.database import begin, create_engine, engine_options_for, translate_error
 from numbering.errors import NumberingError
 from numbering.ledger import AuditReport
 from numbering.policies import DateLike
@@ -55,8 +55,10 @@ class Allocator:
         isolation_level: str = DEFAULT_ISOLATION_LEVEL,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.engine = database if isinstance(database, Engine) else create_engine(database)
         self.isolation_level = check_isolation_level(isolation_level)
+        if not isinstance(database, Engine):
+            database = create_engine(database, **engine_options_for(database, isolation_level))
+        self.engine = database
         self.retry = retry or RetryPolicy()
         #: Retries so far, by error class (``stats.total`` for all of them).
         self.stats = RetryStats()
@@ -67,12 +69,16 @@ class Allocator:
     def from_settings(cls, settings: Settings, **engine_options: Any) -> Allocator:
         """An allocator for ``settings.database_url`` with the settings' level and retries
         (``engine_options`` go to :func:`numbering.create_engine`, e.g. ``pool_size``)."""
+        options = {
+            **engine_options_for(settings.database_url, settings.isolation_level),
+            **engine_options,
+        }
         return cls(
             create_engine(
                 settings.database_url,
                 idle_transaction_timeout=settings.idle_transaction_timeout,
                 synchronous_commit=settings.synchronous_commit,
-                **engine_options,
+                **options,
             ),
             isolation_level=settings.isolation_level,
             retry=settings.retry_policy(),

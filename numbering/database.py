@@ -16,12 +16,14 @@ from numbering.backends import UnsupportedDatabase, backend_for, classify, names
 from numbering.backends.base import SessionOptions, driver_error
 from numbering.backends.sqlite import DEFAULT_BUSY_TIMEOUT
 from numbering.errors import ConnectionLost, DatabaseError, NumberingError
+from numbering.validation import check_isolation_level
 
 __all__ = [
     "DEFAULT_SQLITE_BUSY_TIMEOUT",
     "SUPPORTED_BACKENDS",
     "begin",
     "create_engine",
+    "engine_options_for",
     "translate_error",
 ]
 
@@ -58,6 +60,17 @@ def create_engine(
         raise DatabaseError(str(exc)) from None
     sessions = SessionOptions(idle_transaction_timeout, synchronous_commit)
     return backend.create_engine(backend.normalize_url(url), sessions, **kwargs)
+
+
+def engine_options_for(url: str | URL, isolation_level: str) -> dict[str, Any]:
+    """Options for an engine at ``url`` that runs transactions at ``isolation_level``
+    (on MySQL its sessions start at that level); none for an unknown engine, whose
+    error :func:`create_engine` gives."""
+    try:
+        backend = backend_for(make_url(url))
+    except (UnsupportedDatabase, sa.exc.ArgumentError):
+        return {}
+    return backend.engine_options(check_isolation_level(isolation_level))
 
 
 def begin(engine: Engine, isolation_level: str, *, readonly: bool = False) -> Connection:

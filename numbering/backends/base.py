@@ -223,6 +223,11 @@ class Backend:
         then resolved like a lost connection: by looking its keys up again)."""
         return None
 
+    def engine_options(self, isolation_level: str) -> dict[str, Any]:
+        """Options for an engine numbering creates for transactions at ``isolation_level``
+        (where the engine's sessions are better started at that level)."""
+        return {}
+
     def transaction_options(
         self, engine: Engine, isolation_level: str, readonly: bool
     ) -> dict[str, Any]:

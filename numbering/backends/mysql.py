@@ -100,8 +100,10 @@ def _set_transaction_level(connection: Connection) -> None:
     SQLAlchemy's own ``isolation_level`` option would cost four round trips a
     transaction on MySQL (``SET SESSION`` and ``COMMIT`` at checkout, both again at
     check-in); this costs none at the server's default level and one at another.
-    Sessions stay at the default: SQLAlchemy puts back its own option's level at
-    check-in, and this one never changes the session's.
+    The session's level is the engine's (``create_engine(isolation_level=...)``, which
+    numbering's allocators pass: :meth:`MySQL.engine_options`) or else the server's,
+    and SQLAlchemy reads it at first connect: SQLAlchemy puts it back after its own
+    option, and SET TRANSACTION never changes it.
     """
     level = connection.get_execution_options().get(_LEVEL_OPTION)
     if level is None or level == connection.dialect.default_isolation_level:
@@ -176,6 +178,11 @@ class MySQL(Backend):
                 cursor.close()
 
         return engine
+
+    def engine_options(self, isolation_level: str) -> dict[str, Any]:
+        # Sessions start at the allocator's level (SET SESSION once per connection), so
+        # its transactions need no SET TRANSACTION: see _set_transaction_level.
+        return {"isolation_level": isolation_level}
 
     def transaction_options(
         self, engine: Engine, isolation_level: str, readonly: bool
