@@ -46,7 +46,7 @@ bench: install services ## numbering against the alternatives on PostgreSQL, the
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.mariadb
 
-bench-mariadb: install services ## The MariaDB part of `make bench` alone: writes docs/benchmarks-mariadb.md (about 6 minutes).
+bench-mariadb: install services ## The MariaDB part of `make bench` alone: writes docs/benchmarks-mariadb.md (about 5 minutes).
 	$(BIN)/python -m benchmarks.mariadb
 
 bench-cpu: install services ## CPU ms per number by process (requesters, worker, PostgreSQL, Redis) at 16 requesters.

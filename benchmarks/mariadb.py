@@ -250,9 +250,11 @@ def render(results: Results, args: argparse.Namespace, version: str) -> str:
         "| --- | --- | ---: | --- |",
     ]
 
-    def target(name: str, wanted: str, value: float | None, ok: Callable[[float], bool]) -> None:
+    def target(
+        name: str, wanted: str, value: float | None, ok: Callable[[float], bool] | None
+    ) -> None:
         shown = "n/a" if value is None else f"{value:.2f}x"
-        met = "n/a" if value is None else ("yes" if ok(value) else "**no**")
+        met = "n/a" if value is None or ok is None else ("yes" if ok(value) else "**no**")
         lines.append(f"| {name} | {wanted} | {shown} | {met} |")
 
     target(
@@ -277,9 +279,9 @@ def render(results: Results, args: argparse.Namespace, version: str) -> str:
         big = max(results.batch, key=lambda b: b["rows"])
         target(
             f"batch {big['rows']:,} rows: numbering / InnoDB set-based UPDATE",
-            "as close to 1x as it gets",
+            "none set (PostgreSQL's: 0.8x its own)",
             big["numbering_rows_s"] / big["ceiling_rows_s"],
-            lambda v: True,
+            None,
         )
     for scenario, title in ((WEB, "Web requests"), (BARE, "Bare enqueue-and-await")):
         points = [p for p in results.points if p.scenario == scenario]
