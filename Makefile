@@ -17,7 +17,7 @@ $(BASE): pyproject.toml
 $(DEV): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench,examples,mysql]'
+	$(BIN)/pip install --quiet -e '.[test,bench,examples,mysql,django]'
 	touch $@ $(BASE)
 
 install: $(DEV) ## Create .venv and install numbering with its test, bench and example tools.

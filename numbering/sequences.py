@@ -52,6 +52,7 @@ from numbering.validation import (
 
 __all__ = [
     "SequenceInfo",
+    "archive_sequence",
     "create_sequence",
     "get_sequence",
     "highest_existing",
@@ -366,6 +367,40 @@ def delete_sequence(bind: Bind, name: str) -> SequenceInfo:
     except DBAPIError as exc:
         raise translate_error(exc) from exc
     return info
+
+
+def archive_sequence(bind: Bind, name: str) -> str | None:
+    """Set sequence ``name`` aside so that the name starts afresh: renamed
+    ``NAME:deleted:<UTC time>`` with its counter and its ledger rows as they are (they
+    stay records, and pass the audit under the new name); a sequence that never gave a
+    number is deleted instead. Returns the new name (``name`` itself when deleted), None
+    when there is no such sequence. In the caller's transaction, under the sequence's
+    lock. Periodic sequences are refused (their period counters carry the name).
+    """
+    from numbering.store import store_for
+
+    name = check_sequence_name(name)
+    seq = store_for(bind).lock(name, nowait=False)
+    if seq is None:
+        return None
+    if seq.period is not None:
+        raise InvalidRequestError(
+            f"sequence {name!r} starts again every {seq.period}: it cannot be set aside as a whole"
+        )
+    try:
+        used = bind.execute(select(func.count()).where(ledger.c.sequence_id == seq.id)).scalar_one()
+        if not used:
+            bind.execute(delete(sequences).where(sequences.c.id == seq.id))
+            return name
+        now = datetime.now(UTC)
+        suffix = f":deleted:{now:%Y%m%dT%H%M%S%f}"
+        archived = name[: MAX_NAME_LENGTH - len(suffix)] + suffix
+        bind.execute(
+            update(sequences).where(sequences.c.id == seq.id).values(name=archived, updated_at=now)
+        )
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+    return archived
 
 
 def highest_existing(bind: Bind, table: str, column: str, allowed: Sequence[str]) -> int | None:

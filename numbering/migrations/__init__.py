@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from numbering.backends import backend_for
@@ -22,7 +22,14 @@ if TYPE_CHECKING:
 # Alembic is imported inside the functions: applications that only allocate numbers
 # should not pay for loading it.
 
-__all__ = ["VERSION_TABLE", "SchemaUpgrade", "current_revision", "head_revision", "upgrade"]
+__all__ = [
+    "VERSION_TABLE",
+    "SchemaUpgrade",
+    "current_revision",
+    "head_revision",
+    "upgrade",
+    "upgrade_on",
+]
 
 VERSION_TABLE = "numbering_alembic_version"
 
@@ -80,27 +87,39 @@ def upgrade(engine: Engine, revision: str = "head") -> SchemaUpgrade:
     process waits and then finds nothing left to do (and says so: the revision before is
     read under the lock).
     """
+    try:
+        with _UPGRADE_LOCK, engine.begin() as connection:
+            return _upgrade_locked(connection, revision)
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+
+
+def upgrade_on(connection: Connection, revision: str = "head") -> SchemaUpgrade:
+    """:func:`upgrade` on ``connection``, in its transaction as it is (the caller's: a
+    Django migration's, for instance)."""
+    try:
+        with _UPGRADE_LOCK:
+            return _upgrade_locked(connection, revision)
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+
+
+def _upgrade_locked(connection: Connection, revision: str) -> SchemaUpgrade:
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
     config = _config()
+    backend = backend_for(connection)
+    backend.migration_lock(connection)
     try:
-        with _UPGRADE_LOCK, engine.begin() as connection:
-            backend = backend_for(connection)
-            backend.migration_lock(connection)
-            try:
-                context = MigrationContext.configure(
-                    connection, opts={"version_table": VERSION_TABLE}
-                )
-                before = context.get_current_revision()
-                config.attributes["connection"] = connection
-                command.upgrade(config, revision)
-                after = MigrationContext.configure(
-                    connection, opts={"version_table": VERSION_TABLE}
-                ).get_current_revision()
-            finally:
-                backend.migration_unlock(connection)
-    except DBAPIError as exc:
-        raise translate_error(exc) from exc
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        before = context.get_current_revision()
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+        after = MigrationContext.configure(
+            connection, opts={"version_table": VERSION_TABLE}
+        ).get_current_revision()
+    finally:
+        backend.migration_unlock(connection)
     assert after is not None
     return SchemaUpgrade(before, after)

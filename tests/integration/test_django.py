@@ -1,0 +1,405 @@
+"""numbering.django: django-sequences' API on Django's own connections, in the caller's
+transaction, on PostgreSQL, SQLite and MariaDB.
+
+Django is configured once for this process with one database alias per engine (SQLite
+as ``default``, with ``transaction_mode = IMMEDIATE`` as docs/django.md asks, so that a
+second writer waits instead of failing), each migrated by ``manage.py migrate``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import django
+import pytest
+from conftest import MARIADB_URL, _admin, _url_for
+from ledger_check import check_gapless
+from sqlalchemy.engine import make_url
+
+from numbering import Allocator, create_engine
+from numbering.migrations import current_revision, head_revision
+
+pytestmark = pytest.mark.integration
+ALIASES = ["default", "postgresql", "mariadb"]  # default: SQLite
+WAIT = 60  # seconds: generous bounds on waits for conditions, never sleeps
+
+
+def _django_database(url: str, **extra: Any) -> dict[str, Any]:
+    u = make_url(url)
+    mysql = u.get_backend_name() == "mysql"
+    return {
+        "ENGINE": "django.db.backends.mysql" if mysql else "django.db.backends.postgresql",
+        "NAME": u.database,
+        "USER": u.username or ("root" if mysql else "postgres"),
+        "PASSWORD": u.password or "",
+        "HOST": u.host or "127.0.0.1",
+        "PORT": str(u.port or (3306 if mysql else 5432)),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One fresh database per engine, Django configured on them and migrated; yields
+    each alias's SQLAlchemy URL (for numbering's own allocator and the audit)."""
+    from django.conf import settings
+
+    suffix = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = f"numbering_django_{suffix}"
+    admin = _admin()
+    maria_admin = create_engine(MARIADB_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    with maria_admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    sqlite_path = tmp_path_factory.mktemp("django") / "django.sqlite3"
+    urls = {
+        "default": f"sqlite:///{sqlite_path}",
+        "postgresql": _url_for(name),
+        "mariadb": f"{MARIADB_URL.rstrip('/')}/{name}",
+    }
+    if not settings.configured:
+        settings.configure(
+            DATABASES={
+                "default": {
+                    "ENGINE": "django.db.backends.sqlite3",
+                    "NAME": str(sqlite_path),
+                    "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": WAIT},
+                },
+                "postgresql": _django_database(urls["postgresql"]),
+                "mariadb": _django_database(urls["mariadb"]),
+            },
+            INSTALLED_APPS=["numbering.django"],
+            USE_TZ=True,
+        )
+        django.setup()
+    from django.core.management import call_command
+    from django.db import connections
+
+    for alias in ALIASES:
+        call_command("migrate", database=alias, verbosity=0)
+    yield urls
+    connections.close_all()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with maria_admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+    admin.dispose()
+    maria_admin.dispose()
+
+
+@pytest.fixture(params=ALIASES, ids=["sqlite", "postgresql", "mariadb"])
+def alias(request: pytest.FixtureRequest, databases: dict[str, str]) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server_alias(request: pytest.FixtureRequest, databases: dict[str, str]) -> str:
+    return str(request.param)
+
+
+def fresh() -> str:
+    return f"seq-{uuid.uuid4().hex[:10]}"
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` in a thread with its own Django connections (closed at the end);
+    its result or exception lands in the dict."""
+    from django.db import connections
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # asserted by the caller
+            out["error"] = exc
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def waiting_for_lock(alias: str) -> bool:
+    """Whether some session of ``alias`` waits for a row lock (none on SQLite: its
+    second writer waits in BEGIN IMMEDIATE, before any statement)."""
+    from django.db import connections
+
+    sql = {
+        "postgresql": "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND datname = current_database()",
+        "mariadb": "SELECT COUNT(*) FROM information_schema.innodb_trx "
+        "WHERE trx_state = 'LOCK WAIT'",
+    }[alias]
+    with connections[alias].cursor() as cursor:
+        cursor.execute(sql)
+        return bool(cursor.fetchone()[0])
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.2)  # InnoDB refreshes innodb_trx only when unread for 0.1 s
+
+
+# -- the API, one caller ------------------------------------------------------------------
+
+
+def test_migrate_creates_numbering_schema(databases: dict[str, str]) -> None:
+    from django.core.management import call_command
+
+    for alias in ALIASES:
+        call_command("migrate", database=alias, verbosity=0)  # again: nothing to do
+        engine = create_engine(databases[alias])
+        assert current_revision(engine) == head_revision()
+        engine.dispose()
+
+
+def test_first_call_creates_then_increments(alias: str, databases: dict[str, str]) -> None:
+    from numbering.django import get_last_value, get_next_value
+
+    name = fresh()
+    assert get_last_value(name, using=alias) is None
+    assert [get_next_value(name, using=alias) for _ in range(3)] == [1, 2, 3]
+    assert get_last_value(name, using=alias) == 3
+    zero = fresh()
+    assert get_next_value(zero, initial_value=0, using=alias) == 0
+    assert get_next_value(zero, initial_value=0, using=alias) == 1
+    check_gapless(create_engine(databases[alias]), name)
+
+
+def test_batches_loops_and_bad_bounds(alias: str) -> None:
+    from numbering.django import Sequence, get_last_value, get_next_value, get_next_values
+
+    name = fresh()
+    assert get_next_values(0, name, using=alias) == range(0)
+    assert get_next_values(3, name, initial_value=10, using=alias) == range(10, 13)
+    assert get_next_values(2, name, using=alias) == range(13, 15)
+    looping = fresh()
+    got = [get_next_value(looping, 1, 4, using=alias) for _ in range(7)]
+    assert got == [1, 2, 3, 1, 2, 3, 1]
+    bad = fresh()
+    with pytest.raises(ValueError, match="reset_value must be greater"):
+        get_next_value(bad, 5, 5, using=alias)
+    with pytest.raises(ValueError, match="reset_value must be greater"):
+        Sequence(bad, 5, 3)
+    assert get_last_value(bad, using=alias) is None  # nothing was created
+
+
+def test_sequence_class_iterates(alias: str) -> None:
+    from numbering.django import Sequence
+
+    seq = Sequence(fresh(), initial_value=100, using=alias)
+    assert seq.get_last_value() is None
+    assert [next(seq), next(seq)] == [100, 101]
+    assert seq.get_next_values(2) == range(102, 104)
+    assert seq.get_next_value() == 104
+    assert seq.get_last_value() == 104
+    assert list(zip(range(2), seq, strict=False)) == [(0, 105), (1, 106)]
+
+
+def test_rollback_gives_the_value_again(alias: str) -> None:
+    from django.db import transaction
+
+    from numbering.django import get_next_value
+
+    name = fresh()
+    assert get_next_value(name, using=alias) == 1
+    taken = []
+
+    def document() -> None:
+        with transaction.atomic(using=alias):
+            taken.append(get_next_value(name, using=alias))
+            raise RuntimeError("the document failed to save")
+
+    with pytest.raises(RuntimeError):
+        document()
+    assert taken == [2]
+    assert get_next_value(name, using=alias) == 2
+
+
+def test_key_gives_the_same_number_again(alias: str, databases: dict[str, str]) -> None:
+    from numbering.django import get_next_value
+
+    name = fresh()
+    first = get_next_value(name, using=alias, key="invoice:1")
+    assert get_next_value(name, using=alias, key="invoice:2") == first + 1
+    assert get_next_value(name, using=alias, key="invoice:1") == first
+    check_gapless(create_engine(databases[alias]), name, keys=["invoice:1", "invoice:2"])
+
+
+def test_delete_starts_again_and_keeps_the_ledger(alias: str, databases: dict[str, str]) -> None:
+    from numbering.django import delete, get_last_value, get_next_value
+
+    name = fresh()
+    assert delete(name, using=alias) is False
+    assert [get_next_value(name, using=alias) for _ in range(3)] == [1, 2, 3]
+    assert delete(name, using=alias) is True
+    assert get_last_value(name, using=alias) is None
+    assert get_next_value(name, using=alias) == 1
+    allocator = Allocator(databases[alias])
+    try:
+        reports = {r.sequence: r for r in allocator.audit() if r.sequence.startswith(name)}
+        [archived] = [n for n in reports if n != name]
+        assert archived.startswith(f"{name}:deleted:")
+        assert reports[archived].ok
+        assert reports[archived].values == 3
+        assert reports[name].ok
+        assert reports[name].values == 1
+    finally:
+        allocator.close()
+
+
+def test_numbers_interleave_with_numbering_own_transactions(
+    alias: str, databases: dict[str, str]
+) -> None:
+    """Django transactions and numbering's allocator on one sequence: one ledger."""
+    from numbering.django import get_next_value
+
+    name = fresh()
+    allocator = Allocator(databases[alias])
+    try:
+        got = []
+        for i in range(4):
+            got.append(get_next_value(name, using=alias))
+            got.append(allocator.next_value(name, key=f"own:{i}"))
+        assert got == list(range(1, 9))
+        check_gapless(allocator.engine, name)
+    finally:
+        allocator.close()
+
+
+# -- two connections ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_second_caller_waits_for_the_first(alias: str, outcome: str) -> None:
+    from django.db import transaction
+
+    from numbering.django import get_next_value
+
+    name = fresh()
+    assert get_next_value(name, using=alias) == 1
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> int:
+        with transaction.atomic(using=alias):
+            value = get_next_value(name, using=alias)
+            holding.set()
+            assert release.wait(WAIT)
+            if outcome == "rollback":
+                transaction.set_rollback(True, using=alias)
+            return value
+
+    thread_a, a = in_thread(first)
+    assert holding.wait(WAIT), a
+    thread_b, b = in_thread(lambda: get_next_value(name, using=alias))
+    if alias != "default":
+        wait_until(lambda: waiting_for_lock(alias), "the second caller waits for the lock")
+    assert "value" not in b  # still waiting: it can only finish after the release
+    release.set()
+    thread_a.join(WAIT)
+    thread_b.join(WAIT)
+    assert a == {"value": 2}
+    assert b == {"value": 3 if outcome == "commit" else 2}
+
+
+def test_nowait_raises_at_once(server_alias: str) -> None:
+    """(Not on SQLite: a second transaction waits in BEGIN IMMEDIATE, before any
+    statement; django-sequences ignores nowait there too.)"""
+    from django.db import OperationalError, transaction
+
+    from numbering.django import get_next_value
+
+    name = fresh()
+    get_next_value(name, using=server_alias)
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> int:
+        with transaction.atomic(using=server_alias):
+            value = get_next_value(name, using=server_alias)
+            holding.set()
+            assert release.wait(WAIT)
+            return value
+
+    thread_a, a = in_thread(first)
+    assert holding.wait(WAIT), a
+    thread_b, b = in_thread(lambda: get_next_value(name, nowait=True, using=server_alias))
+    thread_b.join(WAIT)  # returns at once, while the first still holds the sequence
+    release.set()
+    thread_a.join(WAIT)
+    assert isinstance(b.get("error"), OperationalError), b
+    assert a == {"value": 2}
+    assert get_next_value(name, using=server_alias) == 3
+
+
+def test_different_sequences_never_block_each_other(server_alias: str) -> None:
+    """(Not on SQLite: one writer at a time, whatever the sequence.)"""
+    from django.db import transaction
+
+    from numbering.django import get_next_value
+
+    one, two = fresh(), fresh()
+    get_next_value(one, using=server_alias)
+    get_next_value(two, using=server_alias)
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> int:
+        with transaction.atomic(using=server_alias):
+            value = get_next_value(one, using=server_alias)
+            holding.set()
+            assert release.wait(WAIT)
+            return value
+
+    thread_a, a = in_thread(first)
+    assert holding.wait(WAIT), a
+    # A new sequence too: creating it must not wait for the holder either.
+    thread_b, b = in_thread(
+        lambda: (
+            get_next_value(two, using=server_alias),
+            get_next_value(fresh(), using=server_alias),
+        )
+    )
+    thread_b.join(WAIT)  # were it blocked, it would wait for the release: never comes
+    finished = not thread_b.is_alive()
+    release.set()
+    thread_a.join(WAIT)
+    assert finished, "taking another sequence's number waited for the holder"
+    assert b == {"value": (2, 1)}
+    assert a == {"value": 2}
+
+
+def test_many_threads_one_sequence_gapless(alias: str, databases: dict[str, str]) -> None:
+    from django.db import transaction
+
+    from numbering.django import get_next_value
+
+    name = fresh()
+
+    def worker(n: int) -> list[int]:
+        got = []
+        for i in range(25):
+            with transaction.atomic(using=alias):
+                got.append(get_next_value(name, using=alias, key=f"t{n}:{i}"))
+        return got
+
+    threads = [in_thread(lambda n=n: worker(n)) for n in range(6)]
+    for thread, _ in threads:
+        thread.join(WAIT * 2)
+    values = []
+    for _, out in threads:
+        assert "value" in out, out
+        assert out["value"] == sorted(out["value"])
+        values += out["value"]
+    assert sorted(values) == list(range(1, 151))
+    keys = [f"t{n}:{i}" for n in range(6) for i in range(25)]
+    check_gapless(create_engine(databases[alias]), name, keys=keys)
