@@ -52,6 +52,7 @@ from numbering.validation import (
 
 __all__ = [
     "SequenceInfo",
+    "archive_all",
     "archive_sequence",
     "create_sequence",
     "get_sequence",
@@ -371,11 +372,11 @@ def delete_sequence(bind: Bind, name: str) -> SequenceInfo:
 
 def archive_sequence(bind: Bind, name: str) -> str | None:
     """Set sequence ``name`` aside so that the name starts afresh: renamed
-    ``NAME:deleted:<UTC time>`` with its counter and its ledger rows as they are (they
-    stay records, and pass the audit under the new name); a sequence that never gave a
-    number is deleted instead. Returns the new name (``name`` itself when deleted), None
-    when there is no such sequence. In the caller's transaction, under the sequence's
-    lock. Periodic sequences are refused (their period counters carry the name).
+    ``NAME:deleted:<UTC time>`` (its period counters with it) with its counters and
+    ledger rows as they are (they stay records, and pass the audit under the new name);
+    a sequence that never gave a number is deleted instead. Returns the new name
+    (``name`` itself when deleted), None when there is no such sequence. In the
+    caller's transaction, under the sequence's lock.
     """
     from numbering.store import store_for
 
@@ -383,24 +384,56 @@ def archive_sequence(bind: Bind, name: str) -> str | None:
     seq = store_for(bind).lock(name, nowait=False)
     if seq is None:
         return None
-    if seq.period is not None:
-        raise InvalidRequestError(
-            f"sequence {name!r} starts again every {seq.period}: it cannot be set aside as a whole"
-        )
+    counters = (sequences.c.id == seq.id) | (sequences.c.parent_id == seq.id)
     try:
-        used = bind.execute(select(func.count()).where(ledger.c.sequence_id == seq.id)).scalar_one()
+        used = bind.execute(
+            select(func.count()).where(
+                ledger.c.sequence_id.in_(select(sequences.c.id).where(counters).scalar_subquery())
+            )
+        ).scalar_one()
         if not used:
+            bind.execute(delete(sequences).where(sequences.c.parent_id == seq.id))
             bind.execute(delete(sequences).where(sequences.c.id == seq.id))
             return name
         now = datetime.now(UTC)
         suffix = f":deleted:{now:%Y%m%dT%H%M%S%f}"
-        archived = name[: MAX_NAME_LENGTH - len(suffix)] + suffix
+        # Room for the period counters' "/YYYY-MM-DD" after the new name.
+        room = MAX_NAME_LENGTH - len(suffix) - (11 if seq.period is not None else 0)
+        archived = name[:room] + suffix
+        children = bind.execute(
+            select(sequences.c.id, sequences.c.name).where(sequences.c.parent_id == seq.id)
+        ).all()
+        for child in children:
+            bind.execute(
+                update(sequences)
+                .where(sequences.c.id == child.id)
+                .values(name=archived + child.name[len(name) :], updated_at=now)
+            )
         bind.execute(
             update(sequences).where(sequences.c.id == seq.id).values(name=archived, updated_at=now)
         )
     except DBAPIError as exc:
         raise translate_error(exc) from exc
     return archived
+
+
+def archive_all(bind: Bind) -> list[str]:
+    """:func:`archive_sequence` for every sequence not archived yet; the names set aside.
+    What a Django ``flush`` does to numbering's tables (the ledger is append-only)."""
+    try:
+        names = (
+            bind.execute(
+                select(sequences.c.name)
+                .where(sequences.c.parent_id.is_(None))
+                .where(~sequences.c.name.contains(":deleted:"))
+                .order_by(sequences.c.name)
+            )
+            .scalars()
+            .all()
+        )
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+    return [name for name in names if archive_sequence(bind, name) is not None]
 
 
 def highest_existing(bind: Bind, table: str, column: str, allowed: Sequence[str]) -> int | None:

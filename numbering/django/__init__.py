@@ -18,8 +18,9 @@ periodic sequence's period) and ``reference=`` (stored with the number).
 
 What numbering does differently underneath (docs/django.md): the looping bounds
 (``initial_value``, ``reset_value``) are stored with the sequence by its first call and
-later calls follow them; :func:`delete` sets a sequence that gave numbers aside under
-another name, with its ledger rows, and the next call starts the name afresh.
+later calls follow them; :func:`delete` (and ``manage.py flush``, so Django's test
+runner too) sets a sequence that gave numbers aside under another name, with its ledger
+rows, and the next call starts the name afresh.
 """
 
 from __future__ import annotations

@@ -24,3 +24,19 @@ class Counter(models.Model):
 
     def __str__(self) -> str:
         return str(self.name)
+
+
+class TakeOver(models.Model):
+    """A django-sequences counter taken over by ``manage.py numbering_takeover``: its
+    values up to ``last_value`` were given by django-sequences and are not in the ledger,
+    which starts after it."""
+
+    sequence_name = models.CharField(max_length=100, unique=True)
+    last_value = models.BigIntegerField()
+    taken_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "numbering_django_takeover"
+
+    def __str__(self) -> str:
+        return f"{self.sequence_name} after {self.last_value}"

@@ -403,3 +403,32 @@ def test_many_threads_one_sequence_gapless(alias: str, databases: dict[str, str]
     assert sorted(values) == list(range(1, 151))
     keys = [f"t{n}:{i}" for n in range(6) for i in range(25)]
     check_gapless(create_engine(databases[alias]), name, keys=keys)
+
+
+def test_flush_sets_every_sequence_aside(alias: str, databases: dict[str, str]) -> None:
+    """What Django's test runner does between TransactionTestCase tests: every name
+    starts afresh, and the ledger keeps what it holds (renamed sequences), all audited
+    gapless. (django-sequences' own test suite, run against numbering.django, needs it.)"""
+    from django.core.management import call_command
+
+    from numbering.django import get_last_value, get_next_value
+
+    name, periodic = fresh(), fresh()
+    assert [get_next_value(name, using=alias) for _ in range(2)] == [1, 2]
+    allocator = Allocator(databases[alias])
+    try:
+        allocator.create_sequence(periodic, period="year", format="{period}-{number}")
+        allocator.next_value(periodic, key=f"{periodic}:1", date="2026-03-01")
+        call_command("flush", database=alias, interactive=False, verbosity=0)
+        assert get_last_value(name, using=alias) is None
+        assert get_next_value(name, using=alias) == 1
+        names = {info.name for info in allocator.sequences()}
+        assert periodic not in names
+        assert any(n.startswith(f"{periodic}:deleted:") for n in names)
+        reports = [r for r in allocator.audit() if r.sequence.startswith((name, periodic))]
+        assert all(r.ok for r in reports), reports
+        # name afresh (1), name set aside (1, 2), periodic set aside with its 2026 counter
+        assert sorted(r.values for r in reports if r.values) == [1, 1, 2]
+        assert any(r.sequence.endswith("/2026") and r.values == 1 for r in reports)
+    finally:
+        allocator.close()
