@@ -8,6 +8,7 @@ second writer waits instead of failing), each migrated by ``manage.py migrate``.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import uuid
@@ -73,7 +74,8 @@ def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
                 "postgresql": _django_database(urls["postgresql"]),
                 "mariadb": _django_database(urls["mariadb"]),
             },
-            INSTALLED_APPS=["numbering.django"],
+            # django-sequences too: the take-over test fills its table with it.
+            INSTALLED_APPS=["numbering.django", "sequences"],
             USE_TZ=True,
         )
         django.setup()
@@ -432,3 +434,46 @@ def test_flush_sets_every_sequence_aside(alias: str, databases: dict[str, str]) 
         assert any(r.sequence.endswith("/2026") and r.values == 1 for r in reports)
     finally:
         allocator.close()
+
+
+def test_take_over_django_sequences(alias: str, databases: dict[str, str]) -> None:
+    """Counters filled by the real django-sequences continue in numbering right after
+    their last value; a dry run changes nothing; a second run does nothing; a counter
+    moved on by old code after the take-over, or a name numbering cannot take, fails the
+    whole run with the reason."""
+    import sequences
+    from django.core.management import CommandError, call_command
+
+    from numbering.django import get_next_value
+
+    def takeover(*args: str) -> str:
+        out = io.StringIO()
+        call_command("numbering_takeover", "--database", alias, *args, stdout=out)
+        return out.getvalue()
+
+    a, b = fresh(), fresh()
+    for _ in range(3):
+        sequences.get_next_value(a, using=alias)
+    assert sequences.get_next_value(b, initial_value=100, using=alias) == 100
+    sequences.get_next_value("bad name", using=alias)
+    with pytest.raises(CommandError, match="'bad name': invalid sequence name"):
+        takeover()
+    sequences.delete("bad name", using=alias)
+
+    planned = takeover("--dry-run")
+    assert f"{a}: django-sequences gave up to 3; numbering gives 4 next" in planned
+    assert "dry run: nothing was changed" in planned
+    assert get_next_value(fresh(), using=alias) == 1  # (numbering works meanwhile)
+    output = takeover()
+    assert f"{b}: django-sequences gave up to 100; numbering gives 101 next" in output
+    assert get_next_value(a, using=alias) == 4
+    assert get_next_value(b, using=alias) == 101
+    assert f"{a}: already taken over after 3" in takeover()
+
+    sequences.get_next_value(a, using=alias)  # old code still running: gives 4 again
+    with pytest.raises(CommandError, match=r"values 4\.\.4 may have been given twice"):
+        takeover()
+    engine = create_engine(databases[alias])
+    check_gapless(engine, a)  # numbering's ledger: 4 only (1..3 were django-sequences')
+    check_gapless(engine, b)
+    engine.dispose()
