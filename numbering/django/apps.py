@@ -15,6 +15,8 @@ class NumberingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from numbering.django import checks  # noqa: F401  (registers the checks)
+
         post_migrate.connect(_after_flush, sender=self, dispatch_uid="numbering-flush")
 
 

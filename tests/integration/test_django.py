@@ -13,11 +13,13 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import django
 import pytest
 from conftest import MARIADB_URL, _admin, _url_for
+from integration.stack import Stack
 from ledger_check import check_gapless
 from sqlalchemy.engine import make_url
 
@@ -477,3 +479,76 @@ def test_take_over_django_sequences(alias: str, databases: dict[str, str]) -> No
     check_gapless(engine, a)  # numbering's ledger: 4 only (1..3 were django-sequences')
     check_gapless(engine, b)
     engine.dispose()
+
+
+def test_django_and_a_worker_interleave_on_one_sequence(
+    alias: str, databases: dict[str, str], redis_urls: tuple[str, str], tmp_path: Path
+) -> None:
+    """One sequence, three kinds of callers at once: client processes through a real
+    `numbering worker`, Django threads taking numbers in their own transactions, and
+    Django threads asking the worker after their commit (number_on_commit). One ledger,
+    gapless, each key one number, every client process's history checked."""
+    from django.conf import settings
+    from django.db import transaction
+
+    from numbering.django import get_next_value, queue
+
+    name = fresh()
+    assert get_next_value(name, using=alias, key=f"{name}-first") == 1
+    stack = Stack(databases[alias], *redis_urls, tmp_path)
+    settings.NUMBERING = {"BROKER_URL": redis_urls[0], "RESULT_BACKEND": redis_urls[1]}
+    queue.reset()
+    try:
+        stack.worker("--sequence", name)
+        clients = stack.start_clients([(name, f"{name}-c{c}", 40) for c in range(2)])
+
+        def django_caller(n: int) -> list[int]:
+            for i in range(20):
+                with transaction.atomic(using=alias):
+                    get_next_value(name, using=alias, key=f"{name}-d{n}:{i}")
+            answered: list[int] = []
+            for i in range(10):
+                with transaction.atomic(using=alias):
+                    queue.number_on_commit(
+                        name,
+                        key=f"{name}-q{n}:{i}",
+                        then=lambda block: answered.append(block.value),
+                        using=alias,
+                    )
+            return answered
+
+        threads = [in_thread(lambda n=n: django_caller(n)) for n in range(3)]
+        results = clients.wait()
+        for thread, out in threads:
+            thread.join(WAIT * 2)
+            assert len(out.get("value", ())) == 10, out
+            assert out["value"] == sorted(out["value"])
+        assert len(results) == 2
+        django_keys = [f"{name}-first"] + [
+            f"{name}-{kind}{n}:{i}"
+            for n in range(3)
+            for kind, count in (("d", 20), ("q", 10))
+            for i in range(count)
+        ]
+        client_keys = [f"{name}-c{c}:{i}" for c in range(2) for i in range(40)]
+        by_key = stack.check(name, client_keys + django_keys, unrecorded=django_keys)
+        assert len(by_key) == 1 + 3 * 30 + 2 * 40
+    finally:
+        stack.close()
+        del settings.NUMBERING
+        queue.reset()
+
+
+def test_manage_py_check_reports_bad_settings(databases: dict[str, str]) -> None:
+    from django.test import override_settings
+
+    from numbering.django.checks import numbering_settings, sqlite_warnings
+
+    assert numbering_settings() == []  # the tests' own settings are fine
+    with override_settings(NUMBERING={"SHARDS": "zero"}):
+        [error] = numbering_settings()
+        assert error.id == "numbering.E001"
+        assert "NUMBERING_SHARDS must be a whole number" in error.msg
+    deferred = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    [warning] = sqlite_warnings(deferred)
+    assert warning.id == "numbering.W001"

@@ -1,0 +1,56 @@
+"""``manage.py check``: numbering's settings and the databases it runs on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core import checks
+
+
+@checks.register()
+def numbering_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """numbering.E001: ``settings.NUMBERING`` (over the ``NUMBERING_*`` environment) does
+    not make valid settings. numbering.W001: an SQLite database without
+    ``transaction_mode = IMMEDIATE``, where a transaction that reads before it takes a
+    number fails with "database is locked" when another holds the sequence, instead of
+    waiting for it (measured: one that takes the number first does wait)."""
+    from django.conf import settings
+
+    from numbering.django.queue import settings as numbering_settings
+    from numbering.errors import NumberingError
+
+    found: list[checks.CheckMessage] = []
+    try:
+        numbering_settings()
+    except NumberingError as exc:
+        found.append(
+            checks.Error(
+                str(exc),
+                hint="fix settings.NUMBERING or the NUMBERING_* environment variables",
+                id="numbering.E001",
+            )
+        )
+    return found + sqlite_warnings(settings.DATABASES)
+
+
+def sqlite_warnings(databases: dict[str, Any]) -> list[checks.CheckMessage]:
+    """numbering.W001 for each SQLite database in ``databases`` (Django's setting)
+    without ``transaction_mode = IMMEDIATE``."""
+    found: list[checks.CheckMessage] = []
+    for alias, database in databases.items():
+        if not str(database.get("ENGINE", "")).endswith("sqlite3"):
+            continue
+        mode = str(database.get("OPTIONS", {}).get("transaction_mode", "")).upper()
+        if mode != "IMMEDIATE":
+            found.append(
+                checks.Warning(
+                    f"database {alias!r} (SQLite) does not start transactions IMMEDIATE: "
+                    "a transaction that reads before it takes a number fails with "
+                    "'database is locked' while another holds the sequence, instead of "
+                    "waiting for it",
+                    hint=f'set DATABASES["{alias}"]["OPTIONS"]["transaction_mode"] = '
+                    '"IMMEDIATE" (Django 5.1+)',
+                    id="numbering.W001",
+                )
+            )
+    return found
