@@ -77,7 +77,37 @@ def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
                 "mariadb": _django_database(urls["mariadb"]),
             },
             # django-sequences too: the take-over test fills its table with it.
-            INSTALLED_APPS=["numbering.django", "sequences"],
+            INSTALLED_APPS=[
+                "numbering.django",
+                "sequences",
+                "django.contrib.admin",
+                "django.contrib.auth",
+                "django.contrib.contenttypes",
+                "django.contrib.sessions",
+                "django.contrib.messages",
+            ],
+            MIDDLEWARE=[
+                "django.contrib.sessions.middleware.SessionMiddleware",
+                "django.middleware.csrf.CsrfViewMiddleware",
+                "django.contrib.auth.middleware.AuthenticationMiddleware",
+                "django.contrib.messages.middleware.MessageMiddleware",
+            ],
+            TEMPLATES=[
+                {
+                    "BACKEND": "django.template.backends.django.DjangoTemplates",
+                    "APP_DIRS": True,
+                    "OPTIONS": {
+                        "context_processors": [
+                            "django.template.context_processors.request",
+                            "django.contrib.auth.context_processors.auth",
+                            "django.contrib.messages.context_processors.messages",
+                        ]
+                    },
+                }
+            ],
+            ROOT_URLCONF="integration.django_urls",
+            SECRET_KEY="numbering-tests",
+            ALLOWED_HOSTS=["testserver"],
             USE_TZ=True,
         )
         django.setup()
@@ -552,3 +582,60 @@ def test_manage_py_check_reports_bad_settings(databases: dict[str, str]) -> None
     deferred = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
     [warning] = sqlite_warnings(deferred)
     assert warning.id == "numbering.W001"
+
+
+def test_the_admin_reads_freezes_and_voids(databases: dict[str, str]) -> None:
+    """Sequences and the ledger in the admin: read-only lists, freeze and unfreeze, void
+    with a reason (asked for first), nothing editable or deletable."""
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    from numbering.django import get_next_value
+    from numbering.django.models import Counter, LedgerEntry
+    from numbering.errors import SequenceFrozenError
+
+    name = fresh()
+    allocator = Allocator(databases["default"])
+    try:
+        allocator.create_sequence(name, format="INV-{number:04d}")
+        get_next_value(name, key=f"{name}:1")
+        get_next_value(name, key=f"{name}:2")
+        user = User.objects.create_superuser(fresh(), password="x")
+        browser = Client()
+        browser.force_login(user)
+
+        page = browser.get("/admin/numbering/counter/", {"q": name})
+        assert page.status_code == 200
+        assert name in page.content.decode()
+        assert "INV-0003" in page.content.decode()  # the preview of the next number
+        counter = Counter.objects.get(name=name)
+        assert browser.get(f"/admin/numbering/counter/{counter.pk}/delete/").status_code == 403
+        freeze = {"action": "freeze", "_selected_action": [counter.pk]}
+        assert browser.post("/admin/numbering/counter/", freeze).status_code == 302
+        with pytest.raises(SequenceFrozenError):
+            get_next_value(name)
+        unfreeze = {"action": "unfreeze", "_selected_action": [counter.pk]}
+        browser.post("/admin/numbering/counter/", unfreeze)
+        assert get_next_value(name, key=f"{name}:3") == 3
+
+        entry = LedgerEntry.objects.get(request_key=f"{name}:2")
+        assert browser.get("/admin/numbering/ledgerentry/").status_code == 200
+        void = {"action": "void", "_selected_action": [entry.pk]}
+        asked = browser.post("/admin/numbering/ledgerentry/", void)
+        assert asked.status_code == 200
+        assert "Void numbers" in asked.content.decode()  # the reason is asked first
+        assert LedgerEntry.objects.get(pk=entry.pk).status == "assigned"
+        done = browser.post(
+            "/admin/numbering/ledgerentry/", {**void, "apply": "Void", "reason": "typo"}
+        )
+        assert done.status_code == 302
+        voided = LedgerEntry.objects.get(pk=entry.pk)
+        assert (voided.status, voided.void_reason) == ("voided", "typo")
+        change = f"/admin/numbering/ledgerentry/{entry.pk}/change/"
+        assert browser.get(change).status_code == 200  # view only
+        assert browser.post(change, {"status": "assigned"}).status_code == 403
+        [report] = allocator.audit(name)
+        assert report.ok
+        assert report.voided == 1
+    finally:
+        allocator.close()

@@ -11,7 +11,12 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name="TakeOver",
             fields=[
-                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
                 ("sequence_name", models.CharField(max_length=100, unique=True)),
                 ("last_value", models.BigIntegerField()),
                 ("taken_at", models.DateTimeField(auto_now_add=True)),
