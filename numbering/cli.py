@@ -843,23 +843,12 @@ def audit(ctx: click.Context, name: str | None) -> None:
     if not reports:
         click.echo("no sequences to audit")
         return
+    from numbering.ledger import describe
+
     bad = 0
     for report in reports:
-        state = "ok" if report.ok else "PROBLEM"
-        last = "-" if report.last_value is None else report.last_value
-        click.echo(
-            f"{report.sequence}: {state}: last value {last}, cycle {report.cycle}, "
-            f"{report.values} value(s) in {report.assignments} assignment(s), "
-            f"{report.voided} voided"
-        )
-        for problem in report.problems:
-            click.echo(f"  - {problem}")
-        if report.unlisted_problems:
-            click.echo(f"  - ... and {report.unlisted_problems} more")
-        for void in report.voids:
-            click.echo(f"  voided {void}")
-        if report.voided > len(report.voids):
-            click.echo(f"  voided ... and {report.voided - len(report.voids)} more")
+        for line in describe(report):
+            click.echo(line)
         bad += not report.ok
     if bad:
         _fail(f"{bad} of {len(reports)} sequence(s) failed the audit")

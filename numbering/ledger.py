@@ -88,6 +88,24 @@ def _sequence_rows(connection: Connection, name: str | None) -> list[Any]:
     return rows
 
 
+def describe(report: AuditReport) -> list[str]:
+    """``report`` as the lines ``numbering audit`` prints for it."""
+    state = "ok" if report.ok else "PROBLEM"
+    last = "-" if report.last_value is None else report.last_value
+    lines = [
+        f"{report.sequence}: {state}: last value {last}, cycle {report.cycle}, "
+        f"{report.values} value(s) in {report.assignments} assignment(s), "
+        f"{report.voided} voided"
+    ]
+    lines += [f"  - {problem}" for problem in report.problems]
+    if report.unlisted_problems:
+        lines.append(f"  - ... and {report.unlisted_problems} more")
+    lines += [f"  voided {void}" for void in report.voids]
+    if report.voided > len(report.voids):
+        lines.append(f"  voided ... and {report.voided - len(report.voids)} more")
+    return lines
+
+
 def audit(connection: Connection, name: str | None = None) -> list[AuditReport]:
     """Audit sequence ``name``, or every sequence; one report per sequence."""
     try:

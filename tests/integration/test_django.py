@@ -639,3 +639,23 @@ def test_the_admin_reads_freezes_and_voids(databases: dict[str, str]) -> None:
         assert report.voided == 1
     finally:
         allocator.close()
+
+
+def test_manage_py_numbering_audit(alias: str) -> None:
+    from django.core.management import CommandError, call_command
+    from django.db import connections
+
+    from numbering.django import get_next_value
+
+    name = fresh()
+    get_next_value(name, using=alias)
+    get_next_value(name, using=alias)
+    out = io.StringIO()
+    call_command("numbering_audit", name, "--database", alias, stdout=out)
+    assert f"{name}: ok: last value 2, cycle 0, 2 value(s)" in out.getvalue()
+    with connections[alias].cursor() as cursor:  # a counter moved by hand
+        cursor.execute("UPDATE numbering_sequence SET last_value = 3 WHERE name = %s", [name])
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 of 1 sequence"):
+        call_command("numbering_audit", name, "--database", alias, stdout=out)
+    assert "counter disagrees with ledger" in out.getvalue()
