@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+if os.environ.get("TEST_DJANGO_WITHOUT_PSYCOPG3"):
+    # Django's PostgreSQL backend takes psycopg 3 when it can import it: hide it, so
+    # that this run covers Django on psycopg2 (test_django_on_psycopg2 below).
+    sys.modules["psycopg"] = None  # type: ignore[assignment]
 
 import django
 import pytest
@@ -659,3 +666,36 @@ def test_manage_py_numbering_audit(alias: str) -> None:
     with pytest.raises(CommandError, match="1 of 1 sequence"):
         call_command("numbering_audit", name, "--database", alias, stdout=out)
     assert "counter disagrees with ledger" in out.getvalue()
+
+
+def test_postgresql_driver_is_the_one_meant(databases: dict[str, str]) -> None:
+    from django.db import connections
+
+    from numbering.django import get_next_value
+
+    get_next_value(fresh(), using="postgresql")
+    driver = type(connections["postgresql"].connection).__module__.split(".")[0]
+    assert driver == ("psycopg2" if os.environ.get("TEST_DJANGO_WITHOUT_PSYCOPG3") else "psycopg")
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("TEST_DJANGO_WITHOUT_PSYCOPG3")), reason="(the inner run itself)"
+)
+def test_django_on_psycopg2(tmp_path: Path) -> None:
+    """This file again, in a process where Django's PostgreSQL backend cannot import
+    psycopg 3 and so runs on psycopg2 (this process's Django runs on psycopg 3)."""
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    assert is_psycopg3
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "postgresql and not psycopg2", "--basetemp", str(tmp_path / "inner")],
+        env={**os.environ, "TEST_DJANGO_WITHOUT_PSYCOPG3": "1"},
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
+    assert "skipped" not in done.stdout
