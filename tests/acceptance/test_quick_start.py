@@ -34,4 +34,4 @@ def test_make_demo_installs_numbering_without_the_extras(tmp_path: Path) -> None
 
 def test_make_test_installs_the_test_tools(tmp_path: Path) -> None:
     planned = _planned("install", tmp_path / "venv")
-    assert any("-e '.[test,bench,examples,mysql]'" in line for line in planned), planned
+    assert any("-e '.[test,bench,examples,mysql,django]'" in line for line in planned), planned

@@ -26,6 +26,7 @@ class TcpProxy:
         self.port = self.listener.getsockname()[1]
         self.latency = 0.0
         self.cuts = 0  # connections cut after the pattern, so far
+        self.resets = 0  # open connections reset, so far
         self._flowing = threading.Event()
         self._flowing.set()
         self._cut_pattern: bytes | None = None
@@ -96,6 +97,7 @@ class TcpProxy:
     def reset(self) -> None:
         with self._lock:
             pairs, self._pairs = self._pairs, []
+            self.resets += len(pairs)
         for client, server in pairs:
             _rst(client)
             _rst(server)

@@ -74,7 +74,7 @@ def test_an_assignment_is_two_round_trips(numbers: Allocator, engine: Engine) ->
     outcomes = numbers.assign("invoices", [Request("a"), Request("b", 3)])
     assert [(o.value, o.count) for o in outcomes] == [(1, 1), (2, 3)]  # type: ignore[union-attr]
     assert len(sent) == 2, sent
-    assert sent[0].startswith("BEGIN ISOLATION LEVEL READ COMMITTED;\nSELECT 1 FROM")
+    assert sent[0].startswith("BEGIN ISOLATION LEVEL READ COMMITTED;\nSELECT set_config(")
     assert "INSERT INTO numbering_ledger" in sent[1]
     assert sent[1].endswith("COMMIT")
     assert_connection_clean(engine)
