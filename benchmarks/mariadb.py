@@ -96,7 +96,7 @@ def web_and_bare(env: Env, results: Results, args: argparse.Namespace, logs: Pat
     for name in names:
         allocator.create_sequence(name)
     with allocator.engine.begin() as conn:
-        for name in ("django-web", "forupdate-web", *names):
+        for name in ("django-web", "dropin-web", "forupdate-web", *names):
             conn.exec_driver_sql(systems.documents_table(f"docs_{name.replace('-', '_')}"))
         conn.exec_driver_sql("INSERT INTO bench_counter VALUES ('forupdate-web', 0)")
     allocator.close()
@@ -121,6 +121,12 @@ def web_and_bare(env: Env, results: Results, args: argparse.Namespace, logs: Pat
                         "django-sequences",
                         lambda web=web: systems.django_sequences_op(
                             "django-web" if web else "django-bare", web
+                        ),
+                    ),
+                    (
+                        "numbering.django drop-in",
+                        lambda web=web: systems.django_sequences_op(
+                            "dropin-web" if web else "dropin-bare", web, dropin=True
                         ),
                     ),
                 ]
@@ -215,7 +221,7 @@ def audit(env: Env, results: Results, args: argparse.Namespace) -> None:
     allocator.close()
     if WEB not in args.scenarios:
         return
-    for name in ("django-web", "forupdate-web", f"{WEB}-redis"):
+    for name in ("django-web", "dropin-web", "forupdate-web", f"{WEB}-redis"):
         count, ok = systems.gapless_documents(env.database_url, name)
         results.audit.append(f"documents of {name}: {'ok' if ok else 'PROBLEMS'}, {count:,}")
         if not ok:
@@ -268,6 +274,12 @@ def render(results: Results, args: argparse.Namespace, version: str) -> str:
         "at most 0.1x",
         _ratio(web, web_django, "p99_ms"),
         lambda v: v <= 0.1,
+    )
+    target(
+        f"web x{top}: numbering.django drop-in / django-sequences throughput (lock time no worse)",
+        "at least 1x",
+        _ratio(results.point(WEB, "numbering.django drop-in", top), web_django, "throughput"),
+        lambda v: v >= 1,
     )
     target(
         f"bare x{top}: numbering / django-sequences throughput",

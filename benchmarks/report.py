@@ -117,6 +117,14 @@ def _targets(results: Results) -> list[str]:
         False,
         0.1,
     )
+    web_dropin = get("web", "numbering.django drop-in", 16)
+    target(
+        "web x16: numbering.django drop-in / django-sequences, numbers/s (lock time no worse)",
+        _ratio(attr(web_dropin, "throughput"), attr(web_dj, "throughput")),
+        ">= 1",
+        True,
+        1,
+    )
     target(
         "bare x16: numbering / django-sequences, numbers/s",
         _ratio(attr(bare_nb, "throughput"), attr(bare_dj, "throughput")),

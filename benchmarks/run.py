@@ -257,7 +257,7 @@ def web_and_bare(
     for name in names:
         allocator.create_sequence(name)
     with engine.begin() as conn:
-        for name in ("django-web", "forupdate-web", *names):
+        for name in ("django-web", "dropin-web", "forupdate-web", *names):
             conn.exec_driver_sql(systems.documents_table(f"docs_{name.replace('-', '_')}"))
         conn.exec_driver_sql("INSERT INTO bench_counter VALUES ('forupdate-web', 0)")
     engine.dispose()
@@ -307,6 +307,14 @@ def web_and_bare(
                         "django-sequences",
                         lambda web=web: systems.django_sequences_op(
                             "django-web" if web else "django-bare", web
+                        ),
+                    )
+                )
+                candidates.append(
+                    (
+                        "numbering.django drop-in",
+                        lambda web=web: systems.django_sequences_op(
+                            "dropin-web" if web else "dropin-bare", web, dropin=True
                         ),
                     )
                 )
@@ -602,7 +610,7 @@ def audit(env: Env, results: Results, args: argparse.Namespace) -> None:
     if many[0]:
         results.audit.append(f"many-*: all {many[0]} ok, {many[1]:,} values in all")
     allocator.close()
-    for name in ("django-web", "forupdate-web", f"{WEB}-redis", f"{WEB}-rabbitmq"):
+    for name in ("django-web", "dropin-web", "forupdate-web", f"{WEB}-redis", f"{WEB}-rabbitmq"):
         with contextlib.suppress(sa.exc.ProgrammingError):
             count, ok = systems.gapless_documents(env.database_url, name)
             results.audit.append(f"documents of {name}: {'ok' if ok else 'PROBLEMS'}, {count:,}")

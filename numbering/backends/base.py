@@ -209,6 +209,11 @@ class Backend:
         """An engine set up the way numbering needs it (see :func:`numbering.create_engine`)."""
         return sa.create_engine(url, **kwargs)
 
+    def assignment_preamble(self, bind: Session | Connection) -> str | None:
+        """The statement :meth:`prepare_assignment` would run, for stores that send it
+        together with their first statement (None: nothing to run)."""
+        return None
+
     def prepare_assignment(self, bind: Session | Connection) -> None:
         """Make the transaction of ``bind`` (numbering's, or a caller's) as durable as an
         assignment needs, before its first statement; runs nothing where the engine's

@@ -201,6 +201,22 @@ class AdvisoryLock(SessionLock):
         return True
 
 
+def _client_side_binding(bind: Session | Connection) -> bool:
+    """Whether ``bind`` runs on psycopg 3 with client-side binding (Django's connections
+    do), which sends several statements with parameters in one round trip as psycopg2
+    does; psycopg 3's own default, server-side binding, cannot."""
+    connection = bind.connection() if isinstance(bind, Session) else bind
+    if connection.dialect.driver != "psycopg":
+        return False
+    dbapi = connection.connection.dbapi_connection
+    factory = getattr(dbapi, "cursor_factory", None)
+    try:
+        from psycopg.client_cursor import ClientCursorMixin
+    except ImportError:  # pragma: no cover - psycopg 3 is the driver here
+        return False
+    return isinstance(factory, type) and issubclass(factory, ClientCursorMixin)
+
+
 class PostgreSQL(Backend):
     name = "postgresql"
     label = "PostgreSQL"
@@ -263,17 +279,23 @@ class PostgreSQL(Backend):
         return engine
 
     def prepare_assignment(self, bind: Session | Connection) -> None:
+        preamble = self.assignment_preamble(bind)
+        if preamble is not None:
+            bind.execute(sa.text(preamble))
+
+    def assignment_preamble(self, bind: Session | Connection) -> str | None:
+        """The statement :meth:`prepare_assignment` runs in a caller's own transaction
+        (None in numbering's own, whose sessions start so): make its COMMIT wait for the
+        synchronous standby too, unless its session already does (remote_apply is kept
+        as it is). A store that sends several statements at once sends it with its
+        first."""
         connection = bind.connection() if isinstance(bind, Session) else bind
         if connection.info.get(_OWN_LEVEL) is not None:
-            return
-        # A caller's own transaction: make its COMMIT wait for the synchronous standby
-        # too, unless its session already does (remote_apply is kept as it is).
-        bind.execute(
-            sa.text(
-                "SELECT set_config('synchronous_commit', 'on', true) "
-                "WHERE current_setting('synchronous_commit') IN :weak"
-            ).bindparams(sa.bindparam("weak", expanding=True)),
-            {"weak": list(_WEAK_LEVELS)},
+            return None
+        weak = ", ".join(f"'{level}'" for level in _WEAK_LEVELS)
+        return (
+            "SELECT set_config('synchronous_commit', 'on', true) "
+            f"WHERE current_setting('synchronous_commit') IN ({weak})"
         )
 
     def timeline(self, dbapi_connection: Any) -> int | None:
@@ -375,7 +397,7 @@ class PostgreSQL(Backend):
 
     def store(self, bind: Session | Connection) -> CoreStore:
         engine = bind.get_bind() if isinstance(bind, Session) else bind
-        if engine.dialect.driver == "psycopg2":
+        if engine.dialect.driver == "psycopg2" or _client_side_binding(bind):
             from numbering.backends.psycopg2 import Psycopg2Store
 
             return Psycopg2Store(bind, self)

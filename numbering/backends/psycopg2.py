@@ -21,6 +21,8 @@ driver errors, lost connections and pool invalidation are handled the same way.
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -97,16 +99,30 @@ _LEDGER_ARRAYS = ("sequence_id", "cycle", "value", "count", "request_key", "stat
 
 
 class Psycopg2Store(CoreStore):
-    """PostgreSQL through psycopg2: two statements to a round trip (see the module doc)."""
+    """PostgreSQL through psycopg2 (or psycopg 3 with client-side binding, as Django's
+    connections have it): two statements to a round trip (see the module doc)."""
 
     def __init__(self, bind: Session | Connection, backend: Backend) -> None:
         super().__init__(bind, backend)
+        self._preamble: str | None = None
+
+    def prepare(self) -> None:
+        # Sent in front of the lock, in its round trip.
+        self._preamble = self.backend.assignment_preamble(self.bind)
 
     def lock_and_look_up_many(
         self, names: Sequence[str], keys: Iterable[str], nowait: bool
     ) -> tuple[dict[str, Any], dict[str, Prior]]:
         sql = _LOCK_AND_LOOK_UP.format(nowait=" NOWAIT" if nowait else "")
-        found = self._execute(sql, {"names": list(names), "keys": list(keys)}).all()
+        if self._preamble is not None:
+            sql, self._preamble = f"{self._preamble};\n{sql}", None
+        result = self._execute(sql, {"names": list(names), "keys": list(keys)})
+        driver = (
+            self.bind.get_bind().dialect.driver
+            if isinstance(self.bind, Session)
+            else (self.bind.dialect.driver)
+        )
+        found = result.all() if driver == "psycopg2" else _last_result(result)
         rows = {row.name: row for row in found}
         held = found[0].numbering_priors if found else None
         priors = {item[0]: Prior(*item[1:]) for item in held or ()}
@@ -150,6 +166,22 @@ class Psycopg2Store(CoreStore):
         if isinstance(self.bind, Session):
             return self.bind.connection().exec_driver_sql(sql, params)
         return self.bind.exec_driver_sql(sql, params)
+
+
+def _last_result(result: Any) -> list[Any]:
+    """The rows of the last statement of a multi-statement ``result`` on psycopg 3 (with
+    client-side binding), which starts at the first statement's, where psycopg2 gives
+    the last one's."""
+    cursor = result.cursor
+    while cursor.nextset():
+        pass
+    row = _row_type(tuple(column.name for column in cursor.description))
+    return [row(*values) for values in cursor.fetchall()]
+
+
+@functools.lru_cache(maxsize=16)
+def _row_type(columns: tuple[str, ...]) -> Any:
+    return collections.namedtuple("row", columns)
 
 
 class Pipeline:

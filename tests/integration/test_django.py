@@ -673,9 +673,17 @@ def test_postgresql_driver_is_the_one_meant(databases: dict[str, str]) -> None:
 
     from numbering.django import get_next_value
 
+    from numbering.backends import backend_for
+    from numbering.backends.psycopg2 import Psycopg2Store
+    from numbering.django.connection import borrowed
+
     get_next_value(fresh(), using="postgresql")
     driver = type(connections["postgresql"].connection).__module__.split(".")[0]
     assert driver == ("psycopg2" if os.environ.get("TEST_DJANGO_WITHOUT_PSYCOPG3") else "psycopg")
+    # Either way the store sends several statements a round trip (Django's psycopg 3
+    # connections bind on the client side, as psycopg2 does).
+    with borrowed(connections["postgresql"]) as bind:
+        assert isinstance(backend_for(bind).store(bind), Psycopg2Store)
 
 
 @pytest.mark.skipif(
