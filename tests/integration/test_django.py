@@ -671,10 +671,9 @@ def test_manage_py_numbering_audit(alias: str) -> None:
 def test_postgresql_driver_is_the_one_meant(databases: dict[str, str]) -> None:
     from django.db import connections
 
-    from numbering.django import get_next_value
-
     from numbering.backends import backend_for
     from numbering.backends.psycopg2 import Psycopg2Store
+    from numbering.django import get_next_value
     from numbering.django.connection import borrowed
 
     get_next_value(fresh(), using="postgresql")
