@@ -99,7 +99,7 @@ def _set_transaction_level(connection: Connection) -> None:
 
     SQLAlchemy's own ``isolation_level`` option would cost four round trips a
     transaction on MySQL (``SET SESSION`` and ``COMMIT`` at checkout, both again at
-    check-in); this costs none at the server's default level and one at another.
+    check-in); this costs none at the session's level and one at another.
     The session's level is the engine's (``create_engine(isolation_level=...)``, which
     numbering's allocators pass: :meth:`MySQL.engine_options`) or else the server's,
     and SQLAlchemy reads it at first connect: SQLAlchemy puts it back after its own
