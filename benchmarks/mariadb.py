@@ -37,10 +37,11 @@ from benchmarks.run import (
     machine,
     measure_repeated,
     numbering_env,
+    prepare_database,
     worker,
 )
 from benchmarks.systems import Env, Op
-from numbering import Allocator, create_engine, init_db
+from numbering import Allocator, create_engine
 
 # InnoDB's own ceiling: each chunk is a primary-key range (its last id read first), numbered
 # by one UPDATE with a user variable, committed; the fastest set-based form measured on
@@ -70,24 +71,6 @@ while True:
     conn.commit()
     last = high
 """
-
-
-def prepare_database(admin_url: str, database: str) -> str:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{database}`")
-        conn.exec_driver_sql(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
-    admin.dispose()
-    url = make_url(admin_url).set(database=database).render_as_string(hide_password=False)
-    engine = create_engine(url)
-    init_db(engine)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE bench_counter (name VARCHAR(100) PRIMARY KEY, last BIGINT NOT NULL) "
-            "ENGINE=InnoDB"
-        )
-    engine.dispose()
-    return url
 
 
 def web_and_bare(env: Env, results: Results, args: argparse.Namespace, logs: Path) -> None:

@@ -228,20 +228,39 @@ def worker(env: Env, broker: str, args: list[str], log: Path, **extra: str) -> A
 # -- scenarios ---------------------------------------------------------------------------------
 
 
+# Per engine (SQLAlchemy's backend name): how to make the database afresh, and the
+# benchmark's own tables (the hand-written counter, and on PostgreSQL `nextval`).
+_FRESH_DATABASE = {
+    "postgresql": ('DROP DATABASE IF EXISTS "{db}" WITH (FORCE)', 'CREATE DATABASE "{db}"'),
+    "mysql": ("DROP DATABASE IF EXISTS `{db}`", "CREATE DATABASE `{db}` CHARACTER SET utf8mb4"),
+}
+_BENCH_TABLES = {
+    "postgresql": (
+        "CREATE TABLE bench_counter (name text PRIMARY KEY, last bigint NOT NULL)",
+        "CREATE SEQUENCE bench_nextval",
+    ),
+    "mysql": (
+        "CREATE TABLE bench_counter (name VARCHAR(100) PRIMARY KEY, last BIGINT NOT NULL) "
+        "ENGINE=InnoDB",
+    ),
+}
+
+
 def prepare_database(admin_url: str, database: str) -> str:
+    """A fresh database ``database`` on the server of ``admin_url`` (PostgreSQL or
+    MariaDB), with numbering's schema and the benchmark's own tables; its URL."""
+    kind = make_url(admin_url).get_backend_name().replace("mariadb", "mysql")
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        conn.exec_driver_sql(f'CREATE DATABASE "{database}"')
+        for statement in _FRESH_DATABASE[kind]:
+            conn.exec_driver_sql(statement.format(db=database))
     admin.dispose()
     url = make_url(admin_url).set(database=database).render_as_string(hide_password=False)
     engine = create_engine(url)
     init_db(engine)
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE bench_counter (name text PRIMARY KEY, last bigint NOT NULL)"
-        )
-        conn.exec_driver_sql("CREATE SEQUENCE bench_nextval")
+        for statement in _BENCH_TABLES[kind]:
+            conn.exec_driver_sql(statement)
     engine.dispose()
     return url
 
