@@ -8,6 +8,7 @@ second writer waits instead of failing), each migrated by ``manage.py migrate``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -322,14 +323,15 @@ def test_numbers_interleave_with_numbering_own_transactions(
 # -- two connections ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("outcome", ["commit", "rollback"])
-def test_a_second_caller_waits_for_the_first(alias: str, outcome: str) -> None:
+@contextlib.contextmanager
+def held(alias: str, name: str, *, rollback: bool = False) -> Iterator[dict[str, Any]]:
+    """Another thread takes the next value of ``name`` in a transaction and keeps it open
+    for the block; at the end it commits (or rolls back) and is joined. Yields its outcome
+    (the value it took, once it has finished)."""
     from django.db import transaction
 
     from numbering.django import get_next_value
 
-    name = fresh()
-    assert get_next_value(name, using=alias) == 1
     holding, release = threading.Event(), threading.Event()
 
     def first() -> int:
@@ -337,18 +339,30 @@ def test_a_second_caller_waits_for_the_first(alias: str, outcome: str) -> None:
             value = get_next_value(name, using=alias)
             holding.set()
             assert release.wait(WAIT)
-            if outcome == "rollback":
+            if rollback:
                 transaction.set_rollback(True, using=alias)
             return value
 
-    thread_a, a = in_thread(first)
-    assert holding.wait(WAIT), a
-    thread_b, b = in_thread(lambda: get_next_value(name, using=alias))
-    if alias != "default":
-        wait_until(lambda: waiting_for_lock(alias), "the second caller waits for the lock")
-    assert "value" not in b  # still waiting: it can only finish after the release
-    release.set()
-    thread_a.join(WAIT)
+    thread, out = in_thread(first)
+    assert holding.wait(WAIT), out
+    try:
+        yield out
+    finally:
+        release.set()
+        thread.join(WAIT)
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_second_caller_waits_for_the_first(alias: str, outcome: str) -> None:
+    from numbering.django import get_next_value
+
+    name = fresh()
+    assert get_next_value(name, using=alias) == 1
+    with held(alias, name, rollback=outcome == "rollback") as a:
+        thread_b, b = in_thread(lambda: get_next_value(name, using=alias))
+        if alias != "default":
+            wait_until(lambda: waiting_for_lock(alias), "the second caller waits for the lock")
+        assert "value" not in b  # still waiting: it can only finish after the release
     thread_b.join(WAIT)
     assert a == {"value": 2}
     assert b == {"value": 3 if outcome == "commit" else 2}
@@ -357,27 +371,15 @@ def test_a_second_caller_waits_for_the_first(alias: str, outcome: str) -> None:
 def test_nowait_raises_at_once(server_alias: str) -> None:
     """(Not on SQLite: a second transaction waits in BEGIN IMMEDIATE, before any
     statement; django-sequences ignores nowait there too.)"""
-    from django.db import OperationalError, transaction
+    from django.db import OperationalError
 
     from numbering.django import get_next_value
 
     name = fresh()
     get_next_value(name, using=server_alias)
-    holding, release = threading.Event(), threading.Event()
-
-    def first() -> int:
-        with transaction.atomic(using=server_alias):
-            value = get_next_value(name, using=server_alias)
-            holding.set()
-            assert release.wait(WAIT)
-            return value
-
-    thread_a, a = in_thread(first)
-    assert holding.wait(WAIT), a
-    thread_b, b = in_thread(lambda: get_next_value(name, nowait=True, using=server_alias))
-    thread_b.join(WAIT)  # returns at once, while the first still holds the sequence
-    release.set()
-    thread_a.join(WAIT)
+    with held(server_alias, name) as a:
+        thread_b, b = in_thread(lambda: get_next_value(name, nowait=True, using=server_alias))
+        thread_b.join(WAIT)  # returns at once, while the first still holds the sequence
     assert isinstance(b.get("error"), OperationalError), b
     assert a == {"value": 2}
     assert get_next_value(name, using=server_alias) == 3
@@ -385,35 +387,21 @@ def test_nowait_raises_at_once(server_alias: str) -> None:
 
 def test_different_sequences_never_block_each_other(server_alias: str) -> None:
     """(Not on SQLite: one writer at a time, whatever the sequence.)"""
-    from django.db import transaction
-
     from numbering.django import get_next_value
 
     one, two = fresh(), fresh()
     get_next_value(one, using=server_alias)
     get_next_value(two, using=server_alias)
-    holding, release = threading.Event(), threading.Event()
-
-    def first() -> int:
-        with transaction.atomic(using=server_alias):
-            value = get_next_value(one, using=server_alias)
-            holding.set()
-            assert release.wait(WAIT)
-            return value
-
-    thread_a, a = in_thread(first)
-    assert holding.wait(WAIT), a
-    # A new sequence too: creating it must not wait for the holder either.
-    thread_b, b = in_thread(
-        lambda: (
-            get_next_value(two, using=server_alias),
-            get_next_value(fresh(), using=server_alias),
+    with held(server_alias, one) as a:
+        # A new sequence too: creating it must not wait for the holder either.
+        thread_b, b = in_thread(
+            lambda: (
+                get_next_value(two, using=server_alias),
+                get_next_value(fresh(), using=server_alias),
+            )
         )
-    )
-    thread_b.join(WAIT)  # were it blocked, it would wait for the release: never comes
-    finished = not thread_b.is_alive()
-    release.set()
-    thread_a.join(WAIT)
+        thread_b.join(WAIT)  # were it blocked, it would wait for the release: never comes
+        finished = not thread_b.is_alive()
     assert finished, "taking another sequence's number waited for the holder"
     assert b == {"value": (2, 1)}
     assert a == {"value": 2}
