@@ -17,7 +17,6 @@ MySQL 8.0 is handled from its documentation (NOWAIT answered with 3572); only Ma
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -66,9 +65,25 @@ _ONLY_A_VOID = (
 )
 
 
-def _lock_name(queue: str) -> str:
-    # GET_LOCK names are at most 64 characters; queue names may be longer.
-    return "numbering:" + hashlib.sha256(queue.encode()).hexdigest()[:40]
+def _lock_name(kind: str, what: str = "''") -> str:
+    """SQL for the name of numbering's ``kind`` of lock on ``what`` (SQL) in the
+    session's database.
+
+    GET_LOCK names are server-wide (PostgreSQL's advisory locks are per database), so
+    the database is part of the name: two deployments on one server (a staging and a
+    production database, say) never wait on each other's locks. A name is at most 64
+    characters and queue names may be longer: a digest.
+    """
+    return (
+        f"CONCAT('numbering-{kind}:', "
+        f"LEFT(SHA2(CONCAT(IFNULL(DATABASE(), ''), '/', {what}), 256), 40))"
+    )
+
+
+#: The consumer lock of the queue bound as ``:queue``.
+CONSUMER_LOCK = _lock_name("consumer", ":queue")
+#: The lock ``init-db`` holds while it migrates.
+MIGRATION_LOCK = _lock_name("migrations")
 
 
 class NamedLock(SessionLock):
@@ -76,14 +91,14 @@ class NamedLock(SessionLock):
 
     def take(self, connection: Connection) -> bool:
         got = connection.execute(
-            sa.text("SELECT GET_LOCK(:name, 0)"), {"name": _lock_name(self.queue)}
+            sa.text(f"SELECT GET_LOCK({CONSUMER_LOCK}, 0)"), {"queue": self.queue}
         ).scalar_one()
         return bool(got == 1)
 
     def holds(self, connection: Connection) -> bool:
         mine = connection.execute(
-            sa.text("SELECT IS_USED_LOCK(:name) = CONNECTION_ID()"),
-            {"name": _lock_name(self.queue)},
+            sa.text(f"SELECT IS_USED_LOCK({CONSUMER_LOCK}) = CONNECTION_ID()"),
+            {"queue": self.queue},
         ).scalar_one()
         return bool(mine)
 
@@ -287,23 +302,21 @@ class MySQL(Backend):
         # Looks without taking, as on PostgreSQL.
         with engine.connect() as connection:
             holder = connection.execute(
-                sa.text("SELECT IS_USED_LOCK(:name)"), {"name": _lock_name(queue)}
+                sa.text(f"SELECT IS_USED_LOCK({CONSUMER_LOCK})"), {"queue": queue}
             ).scalar_one()
         return holder is not None
 
     def migration_lock(self, connection: Connection) -> None:
         # DDL commits implicitly here, so a transaction-scoped lock would not hold: a
         # session lock, which a second `init-db` waits for; released by migration_unlock.
-        got = connection.execute(
-            sa.text("SELECT GET_LOCK('numbering-migrations', 600)")
-        ).scalar_one()
+        got = connection.execute(sa.text(f"SELECT GET_LOCK({MIGRATION_LOCK}, 600)")).scalar_one()
         if got != 1:
             raise errors.DatabaseError(
                 "timed out waiting for another `numbering init-db` to finish"
             )
 
     def migration_unlock(self, connection: Connection) -> None:
-        connection.execute(sa.text("SELECT RELEASE_LOCK('numbering-migrations')"))
+        connection.execute(sa.text(f"SELECT RELEASE_LOCK({MIGRATION_LOCK})"))
 
     def durability(self, engine: Engine, *, allow_async_standby: bool = False) -> Durability:
         with engine.connect() as connection:

@@ -47,7 +47,13 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
-                self._pairs.append((client, server))
+                closed = self._closed  # close() ran while this one connected: end it
+                if not closed:
+                    self._pairs.append((client, server))
+            if closed:
+                _rst(client)
+                _rst(server)
+                return
             muted = threading.Event()  # set: the server's answers are dropped
             for args in ((client, server, True, muted), (server, client, False, muted)):
                 threading.Thread(target=self._pump, args=args, daemon=True).start()
@@ -103,7 +109,8 @@ class TcpProxy:
             _rst(server)
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
         self.heal()
         self.reset()
         self.listener.close()

@@ -20,8 +20,10 @@ from sqlalchemy.engine import make_url
 from together import at_once
 
 from numbering import Allocator, Request, allocate, create_engine, init_db
+from numbering.backends.mysql import MIGRATION_LOCK
 from numbering.errors import LockNotAvailable
 from numbering.migrations import current_revision, head_revision
+from numbering.tasks.guard import consumer_alive, consumer_lock
 from numbering.tasks.preflight import check_database
 
 pytestmark = pytest.mark.integration
@@ -171,7 +173,7 @@ def test_concurrent_init_db_from_an_empty_database(mariadb_url: str) -> None:
         engine = create_engine(url)
         assert current_revision(engine) == head_revision()
         with engine.connect() as conn:  # released: another session takes it at once
-            taken = conn.execute(sa.text("SELECT GET_LOCK('numbering-migrations', 0)"))
+            taken = conn.execute(sa.text(f"SELECT GET_LOCK({MIGRATION_LOCK}, 0)"))
             assert taken.scalar() == 1
         engine.dispose()
     finally:
@@ -287,3 +289,36 @@ def test_transactions_run_at_the_level_asked(mariadb_url: str, sessions: str, le
     finally:
         numbers.close()
         other.dispose()
+
+
+def test_consumer_locks_are_per_database(mariadb_url: str) -> None:
+    """GET_LOCK names are server-wide: a worker of another database on the same server
+    (staging beside production) must not hold this database's queues on standby. Seen in
+    CI before the lock names held the database: a test's worker stood by for ever on a
+    lock that some session of another database still held."""
+    base = make_url(mariadb_url)
+    other = base.set(database=f"{base.database}_other")
+    admin = create_engine(base.set(database=""), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{other.database}` CHARACTER SET utf8mb4")
+    engines = [create_engine(url) for url in (base, other)]
+    try:
+        locks = [consumer_lock(engine, "numbering.invoices") for engine in engines]
+        assert [lock.try_acquire() for lock in locks] == [True, True]
+        assert consumer_alive(engines[1], "numbering.invoices")
+        rival = consumer_lock(engines[0], "numbering.invoices")
+        assert not rival.try_acquire()  # the same database: one consumer
+        credit_notes = consumer_lock(engines[0], "numbering.credit-notes")
+        assert credit_notes.try_acquire()  # another queue of the same database
+        credit_notes.release()
+        locks[0].release()
+        assert not consumer_alive(engines[0], "numbering.invoices")
+        assert rival.try_acquire()
+        rival.release()
+        locks[1].release()
+    finally:
+        for engine in engines:
+            engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{other.database}`")
+        admin.dispose()
