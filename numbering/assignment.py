@@ -221,6 +221,18 @@ def allocate(
     request = Request(
         new_key() if key is None else key, 1 if count is None else count, reference, day
     )
+    if key is None and not nowait:
+        # A fresh key has nothing to look up: a plain counter takes the one-step path,
+        # with nothing between its lock and the writes (the caller's transaction holds
+        # that lock until it ends, so this is the lock time every caller waits on).
+        name = check_sequence_name(sequence)
+        try:
+            taken = store_for(bind).take_plain(name, request, datetime.now(timezone.utc))
+        except DBAPIError as exc:
+            raise translate_error(exc) from exc
+        if taken is not None:
+            first = taken[0]
+            return first if count is None or count == 1 else range(first, first + count)
     [outcome] = assign(bind, sequence, [request], nowait=nowait)
     if isinstance(outcome, NumberingError):
         raise outcome

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
 from numbering.errors import SequenceNotFoundError
-from numbering.plan import CounterUpdate, Prior
+from numbering.plan import CounterUpdate, Prior, Request
 from numbering.policies import period_name
 from numbering.schema import ledger, sequences
 
@@ -120,6 +120,30 @@ class CoreStore:
         if self.backend.locking_look_up:
             query = query.with_for_update(read=True)
         return {row.request_key: Prior(*row[1:]) for row in self.bind.execute(query)}
+
+    def take_plain(self, name: str, request: Request, now: datetime) -> tuple[int, int] | None:
+        """Give ``request`` (its key fresh: nothing to look up) its block from counter
+        ``name`` in one step when the counter is plain (see
+        :meth:`~numbering.backends.base.Backend.take_plain`); the block's first value
+        and cycle, or None when the general path must serve it (nothing was written)."""
+        engine = self.bind.get_bind() if isinstance(self.bind, Session) else self.bind
+        statements = self.backend.take_plain(engine.dialect)
+        if statements is None:
+            return None
+        self.prepare()
+        params = {
+            "name": name,
+            "count": request.count,
+            "key": request.key,
+            "reference": request.reference,
+            "now": now,
+        }
+        *writes, last = statements
+        for statement in writes:
+            if self.bind.execute(statement, params).rowcount != 1:  # type: ignore[attr-defined]
+                return None
+        row = self.bind.execute(last, params).one_or_none()
+        return None if row is None else (int(row.value), int(row.cycle))
 
     def create_counter(self, values: dict[str, Any]) -> None:
         """Insert a counter row unless one of that name exists (a period's, on first use)."""

@@ -18,7 +18,8 @@ does differently. A new engine is one module with a subclass, listed in
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -71,6 +72,16 @@ class ConsumerLock(Protocol):
         """False once the lock was lost (its database session died)."""
 
     def release(self) -> None: ...
+
+
+@contextmanager
+def connected(database: Engine | Connection) -> Iterator[Connection]:
+    """``database`` itself when it is a connection, else a connection of its own."""
+    if isinstance(database, Connection):
+        yield database
+        return
+    with database.connect() as connection:
+        yield connection
 
 
 @dataclass(frozen=True)
@@ -262,6 +273,20 @@ class Backend:
         one returns the row (none: no such counter)."""
         return [sa.select(sequences).where(sequences.c.name == name).with_for_update(nowait=nowait)]
 
+    def take_plain(self, dialect: sa.Dialect) -> list[Executable] | None:
+        """Statements that give one request with a fresh key its block from a *plain*
+        counter (a sequence with no period, format or freeze, and room for the block
+        before its maximum; looping ones for one value at a time), writing the counter
+        and the ledger row with no planning between the counter's lock and the writes.
+
+        Parameters: ``name``, ``count``, ``key``, ``reference`` and ``now``. Every
+        statement but the last changes the counter row (no row: the counter is not
+        plain or not there, and nothing was written); the last returns the block's
+        ``value`` and ``cycle`` (no row: as before). None: the engine has no such path
+        and every request takes the general one (lock, look up, plan, write).
+        """
+        return None
+
     def insert_if_absent(
         self, table: Table, values: Mapping[str, Any], unique: Sequence[str] | None = None
     ) -> Executable:
@@ -288,8 +313,10 @@ class Backend:
     def consumer_lock(self, engine: Engine, queue: str) -> ConsumerLock:
         raise NotImplementedError(f"{self.label}: consumer_lock")
 
-    def consumer_alive(self, engine: Engine, queue: str) -> bool:
-        """True when some process holds ``queue``'s consumer lock."""
+    def consumer_alive(self, database: Engine | Connection, queue: str) -> bool:
+        """True when some process holds ``queue``'s consumer lock (asked on a connection
+        of ``database``'s own, or on ``database`` itself when it is a connection)."""
+        engine = database.engine if isinstance(database, Connection) else database
         probe = self.consumer_lock(engine, queue)
         if probe.try_acquire():  # free: nobody consumes
             probe.release()

@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Executable
@@ -35,6 +36,7 @@ from numbering.backends.base import (
     Durability,
     SessionLock,
     SessionOptions,
+    connected,
     driver_error,
 )
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT
@@ -154,6 +156,48 @@ def _errno(orig: BaseException | None) -> int | None:
     return args[0] if args and isinstance(args[0], int) else None
 
 
+# Backend.take_plain on MariaDB and MySQL (see PostgreSQL's TAKE_PLAIN). MySQL has no
+# data-modifying CTE and no UPDATE ... RETURNING: the UPDATE keeps the new counter in
+# session variables (its assignments run left to right unless SIMULTANEOUS_ASSIGNMENT,
+# so cycle, which reads the old last_value, goes first: the same either way) and the
+# INSERT reads them. Two round trips between lock and commit, as django-sequences'
+# upsert and SELECT on MySQL.
+_FIRST = "COALESCE(last_value + 1, initial_value)"
+_WRAPS = f"reset_value IS NOT NULL AND {_FIRST} >= reset_value"
+_TAKE_PLAIN_UPDATE = f"""\
+UPDATE numbering_sequence
+   SET cycle = (@numbering_cycle := CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END),
+       last_value = (@numbering_last := CASE WHEN {_WRAPS} THEN initial_value
+                                             ELSE {_FIRST} + (:count - 1) END),
+       updated_at = :now
+ WHERE name = :name AND parent_id IS NULL AND period IS NULL AND format IS NULL
+   AND NOT frozen
+   AND CASE WHEN reset_value IS NULL
+            THEN COALESCE(CAST(last_value AS DECIMAL(20)),
+                          CAST(initial_value AS DECIMAL(20)) - 1) + :count
+                 <= COALESCE(max_value, 9223372036854775807)
+            ELSE :count = 1 END"""
+_TAKE_PLAIN_INSERT = """\
+INSERT INTO numbering_ledger
+       (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
+        formatted)
+SELECT id, @numbering_cycle, @numbering_last - :count + 1, :count, :key, :reference,
+       'assigned', :now, NULL
+  FROM numbering_sequence WHERE name = :name"""
+_NOW = sa.bindparam("now", type_=mysql.DATETIME(fsp=6))
+_REFERENCE = sa.bindparam("reference", type_=sa.JSON())
+_TAKE_PLAIN_MARIADB: list[Executable] = [
+    sa.text(_TAKE_PLAIN_UPDATE).bindparams(_NOW),
+    # MariaDB 10.5+ returns what it inserted.
+    sa.text(f"{_TAKE_PLAIN_INSERT}\nRETURNING value, cycle").bindparams(_NOW, _REFERENCE),
+]
+_TAKE_PLAIN_MYSQL: list[Executable] = [
+    _TAKE_PLAIN_MARIADB[0],
+    sa.text(_TAKE_PLAIN_INSERT).bindparams(_NOW, _REFERENCE),
+    sa.text("SELECT @numbering_last - :count + 1 AS value, @numbering_cycle AS cycle"),
+]
+
+
 class MySQL(Backend):
     name = "mysql"
     label = "MariaDB/MySQL"
@@ -241,6 +285,9 @@ class MySQL(Backend):
             )
         return errors.DatabaseError(f"database error: {detail}")
 
+    def take_plain(self, dialect: sa.Dialect) -> list[Executable] | None:
+        return _TAKE_PLAIN_MARIADB if getattr(dialect, "is_mariadb", False) else _TAKE_PLAIN_MYSQL
+
     def insert_if_absent(
         self, table: Table, values: Mapping[str, Any], unique: Sequence[str] | None = None
     ) -> Executable:
@@ -298,9 +345,9 @@ class MySQL(Backend):
     def consumer_lock(self, engine: Engine, queue: str) -> NamedLock:
         return NamedLock(engine, queue)
 
-    def consumer_alive(self, engine: Engine, queue: str) -> bool:
+    def consumer_alive(self, database: Engine | Connection, queue: str) -> bool:
         # Looks without taking, as on PostgreSQL.
-        with engine.connect() as connection:
+        with connected(database) as connection:
             holder = connection.execute(
                 sa.text(f"SELECT IS_USED_LOCK({CONSUMER_LOCK})"), {"queue": queue}
             ).scalar_one()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine, Table, event
-from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
@@ -30,6 +31,7 @@ from numbering.backends.base import (
     Pipelined,
     SessionLock,
     SessionOptions,
+    connected,
 )
 from numbering.errors import (
     ConnectionLost,
@@ -184,6 +186,47 @@ def _constraint(orig: BaseException | None) -> str | None:
     diag = getattr(orig, "diag", None)
     name = getattr(diag, "constraint_name", None)
     return name if isinstance(name, str) else None
+
+
+# Where the block starts and whether it loops back first (plan.next_block, in SQL).
+_FIRST = "coalesce(last_value + 1, initial_value)"
+_WRAPS = f"reset_value IS NOT NULL AND {_FIRST} >= reset_value"
+
+#: Backend.take_plain on PostgreSQL, one statement: the counter's UPDATE takes its lock
+#: and the ledger row goes in with it, so nothing runs between lock and write
+#: (django-sequences' upsert holds its lock as briefly). A counter that is not plain is
+#: not updated and nothing is inserted. The block's bounds are compared in numeric, so
+#: that a counter at the end of bigint's range is refused by the general path, with
+#: numbering's error, not by an overflow. pyformat (psycopg2's style).
+TAKE_PLAIN = f"""\
+WITH counter AS (
+  UPDATE numbering_sequence
+     SET cycle = CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END,
+         last_value = CASE WHEN {_WRAPS} THEN initial_value
+                           ELSE {_FIRST} + (%(count)s - 1) END,
+         updated_at = %(now)s
+   WHERE name = %(name)s AND parent_id IS NULL AND period IS NULL AND format IS NULL
+     AND NOT frozen
+     AND CASE WHEN reset_value IS NULL
+              THEN coalesce(last_value::numeric, initial_value::numeric - 1) + %(count)s
+                   <= coalesce(max_value, 9223372036854775807)
+              ELSE %(count)s = 1 END
+  RETURNING id, cycle, last_value
+)
+INSERT INTO numbering_ledger
+       (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
+        formatted)
+SELECT id, cycle, last_value - %(count)s + 1, CAST(%(count)s AS bigint),
+       CAST(%(key)s AS text), CAST(%(reference)s AS jsonb), 'assigned',
+       CAST(%(now)s AS timestamptz), NULL
+  FROM counter
+RETURNING value, cycle"""
+
+# The same for other drivers, with SQLAlchemy's binding (and the columns' types).
+_TAKE_PLAIN_TEXT = sa.text(re.sub(r"%\((\w+)\)s", r":\1", TAKE_PLAIN)).bindparams(
+    sa.bindparam("now", type_=sa.DateTime(timezone=True)),
+    sa.bindparam("reference", type_=JSONB()),
+)
 
 
 class AdvisoryLock(SessionLock):
@@ -395,6 +438,9 @@ class PostgreSQL(Backend):
     ) -> Executable:
         return pg_insert(table).values(dict(values)).on_conflict_do_nothing(index_elements=unique)
 
+    def take_plain(self, dialect: sa.Dialect) -> list[Executable] | None:
+        return [_TAKE_PLAIN_TEXT]
+
     def store(self, bind: Session | Connection) -> CoreStore:
         engine = bind.get_bind() if isinstance(bind, Session) else bind
         if engine.dialect.driver == "psycopg2" or _client_side_binding(bind):
@@ -418,11 +464,11 @@ class PostgreSQL(Backend):
     def consumer_lock(self, engine: Engine, queue: str) -> AdvisoryLock:
         return AdvisoryLock(engine, queue)
 
-    def consumer_alive(self, engine: Engine, queue: str) -> bool:
+    def consumer_alive(self, database: Engine | Connection, queue: str) -> bool:
         # Looks without taking: a probe that took the lock for a moment would make a
         # standby that asks at that moment wait a turn.
         key = _lock_key(queue) & 0xFFFFFFFFFFFFFFFF  # pg_locks shows the key as two oids
-        with engine.connect() as connection:
+        with connected(database) as connection:
             found = connection.execute(
                 sa.text(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "

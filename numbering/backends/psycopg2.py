@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session
 
+from numbering.backends.postgresql import TAKE_PLAIN
 from numbering.errors import DatabaseError
-from numbering.plan import CounterUpdate, Prior
+from numbering.plan import CounterUpdate, Prior, Request
 from numbering.store import CoreStore
 
 if TYPE_CHECKING:
@@ -117,16 +118,27 @@ class Psycopg2Store(CoreStore):
         if self._preamble is not None:
             sql, self._preamble = f"{self._preamble};\n{sql}", None
         result = self._execute(sql, {"names": list(names), "keys": list(keys)})
-        driver = (
-            self.bind.get_bind().dialect.driver
-            if isinstance(self.bind, Session)
-            else (self.bind.dialect.driver)
-        )
-        found = result.all() if driver == "psycopg2" else _last_result(result)
+        found = self._rows(result)
         rows = {row.name: row for row in found}
         held = found[0].numbering_priors if found else None
         priors = {item[0]: Prior(*item[1:]) for item in held or ()}
         return rows, priors
+
+    def take_plain(self, name: str, request: Request, now: datetime) -> tuple[int, int] | None:
+        sql = TAKE_PLAIN
+        preamble = self.backend.assignment_preamble(self.bind)
+        if preamble is not None:
+            sql = f"{preamble};\n{sql}"
+        reference = None if request.reference is None else json.dumps(request.reference)
+        params = {
+            "name": name,
+            "count": request.count,
+            "key": request.key,
+            "reference": reference,
+            "now": now,
+        }
+        found = self._rows(self._execute(sql, params))
+        return (found[0].value, found[0].cycle) if found else None
 
     def write(
         self, updates: Sequence[CounterUpdate], rows: Sequence[dict[str, Any]], now: datetime
@@ -161,6 +173,14 @@ class Psycopg2Store(CoreStore):
         else:  # held back, to go with the next statement or with COMMIT
             assert isinstance(self.bind, Connection)
             pipeline.hold(_mogrify(self.bind, sql, params))
+
+    def _rows(self, result: Any) -> list[Any]:
+        """The rows of the last statement of ``result`` (psycopg2 gives those; psycopg 3
+        starts at the first statement's)."""
+        engine = self.bind.get_bind() if isinstance(self.bind, Session) else self.bind
+        if engine.dialect.driver == "psycopg2":
+            return list(result.all())
+        return _last_result(result)
 
     def _execute(self, sql: str, params: dict[str, Any]) -> Any:
         if isinstance(self.bind, Session):

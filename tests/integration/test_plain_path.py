@@ -1,0 +1,210 @@
+"""allocate()'s one-step path: a request with a fresh key on a plain counter.
+
+The counter's UPDATE takes its lock and the ledger row goes in with it (PostgreSQL: one
+statement; MariaDB: two), so nothing runs between the lock and the writes. What is not
+plain (a period, a format, a frozen sequence, a block past the maximum or across the
+loop) must reach the general path and end exactly as before, and every result must
+satisfy the gapless invariant read from the raw tables.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from ledger_check import check_gapless
+from sqlalchemy.engine import Engine
+from together import at_once
+
+from numbering import (
+    Allocator,
+    SequenceExhaustedError,
+    allocate,
+    create_engine,
+    create_sequence,
+)
+from numbering.errors import InvalidCountError, SequenceFrozenError
+from numbering.validation import MAX_INT64
+
+#: Statements the one-step path sends, by engine (SQLite has none: general path).
+ONE_STEP = {"postgresql": 1, "mysql": 2}
+
+
+class Counted:
+    """The statements sent on ``engine`` (each cursor execute), from a listener."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.statements: list[str] = []
+        sa.event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.statements.append(statement)
+
+
+@pytest.fixture
+def counted(engine: Engine) -> Iterator[Counted]:
+    seen = Counted(engine)
+    yield seen
+    sa.event.remove(engine, "before_cursor_execute", seen._seen)
+
+
+def take(engine: Engine, counted: Counted, name: str, **kwargs: Any) -> tuple[Any, int]:
+    """allocate() in a transaction of its own: what it returned and how many statements
+    it sent (BEGIN and COMMIT are not statements here)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT 1"))  # the connection's own set-up is done
+        before = len(counted.statements)
+        taken = allocate(conn, name, **kwargs)
+        return taken, len(counted.statements) - before
+
+
+def ledger(engine: Engine, name: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        count = conn.dialect.identifier_preparer.quote_identifier("count")
+        rows = conn.execute(
+            sa.text(
+                f"SELECT l.cycle, l.value, l.{count}, l.status, l.formatted, l.reference "
+                "FROM numbering_ledger l JOIN numbering_sequence s ON s.id = l.sequence_id "
+                "WHERE s.name = :name ORDER BY l.id"
+            ),
+            {"name": name},
+        )
+        return [tuple(row) for row in rows]
+
+
+def one_step(engine: Engine) -> int | None:
+    return ONE_STEP.get(engine.dialect.name)
+
+
+def test_a_plain_counter_takes_one_step(engine: Engine, counted: Counted) -> None:
+    Allocator(engine).create_sequence("invoices", initial_value=1000)
+    first, sent = take(engine, counted, "invoices", reference={"total": "9.90"})
+    assert first == 1000
+    if one_step(engine):
+        assert sent == one_step(engine), counted.statements[-sent:]
+    block, _ = take(engine, counted, "invoices", count=3)
+    assert block == range(1001, 1004)
+    assert take(engine, counted, "invoices", count=1)[0] == 1004
+    rows = ledger(engine, "invoices")
+    assert [row[:5] for row in rows] == [
+        (0, 1000, 1, "assigned", None),
+        (0, 1001, 3, "assigned", None),
+        (0, 1004, 1, "assigned", None),
+    ]
+    reference = rows[0][5]  # a dict, or JSON text where the driver leaves it so
+    assert (json.loads(reference) if isinstance(reference, str) else reference) == {"total": "9.90"}
+    assert len(check_gapless(engine, "invoices")) == 3
+    assert Allocator(engine).last_value("invoices") == 1004
+
+
+def test_a_looping_counter_wraps_into_the_next_cycle(engine: Engine, counted: Counted) -> None:
+    Allocator(engine).create_sequence("seconds", initial_value=0, reset_value=3)
+    taken = [take(engine, counted, "seconds") for _ in range(7)]
+    assert [value for value, _ in taken] == [0, 1, 2, 0, 1, 2, 0]
+    if one_step(engine):
+        assert {sent for _, sent in taken} == {one_step(engine)}
+    assert [row[:2] for row in ledger(engine, "seconds")] == [
+        (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)
+    ]  # fmt: skip
+    check_gapless(engine, "seconds")
+    # Blocks on a looping counter take the general path, with its refusals.
+    assert take(engine, counted, "seconds", count=2)[0] == range(1, 3)
+    assert take(engine, counted, "seconds", count=2)[0] == range(0, 2)  # cycle 3
+    with pytest.raises(InvalidCountError, match="does not fit in the 1 value"):
+        take(engine, counted, "seconds", count=2)
+    assert take(engine, counted, "seconds")[0] == 2
+    check_gapless(engine, "seconds")
+
+
+def test_the_maximum_is_enforced_with_numbering_s_error(engine: Engine, counted: Counted) -> None:
+    Allocator(engine).create_sequence("small", max_value=3)
+    assert take(engine, counted, "small", count=2)[0] == range(1, 3)
+    with pytest.raises(SequenceExhaustedError, match="sequence exhausted"):
+        take(engine, counted, "small", count=2)
+    assert take(engine, counted, "small")[0] == 3
+    with pytest.raises(SequenceExhaustedError):
+        take(engine, counted, "small")
+    Allocator(engine).create_sequence("huge", initial_value=MAX_INT64 - 1)
+    assert take(engine, counted, "huge")[0] == MAX_INT64 - 1
+    assert take(engine, counted, "huge")[0] == MAX_INT64
+    with pytest.raises(SequenceExhaustedError, match=str(MAX_INT64)):  # not an overflow
+        take(engine, counted, "huge")
+    check_gapless(engine, "small")
+    check_gapless(engine, "huge")
+
+
+def test_what_is_not_plain_takes_the_general_path(engine: Engine, counted: Counted) -> None:
+    numbers = Allocator(engine)
+    numbers.create_sequence("inv", format="INV-{year}-{number:04d}")
+    numbers.create_sequence("monthly", period="month")
+    numbers.create_sequence("closed")
+    numbers.freeze("closed")
+    assert take(engine, counted, "inv", date="2026-03-01")[0] == 1
+    assert ledger(engine, "inv")[0][4] == "INV-2026-0001"
+    assert take(engine, counted, "monthly", date="2026-03-01")[0] == 1
+    assert take(engine, counted, "monthly", date="2026-04-01")[0] == 1
+    with pytest.raises(SequenceFrozenError):
+        take(engine, counted, "closed")
+    assert ledger(engine, "closed") == []
+    check_gapless(engine, "inv")
+
+
+def test_a_transaction_holds_the_counter_until_it_ends(server_url: str) -> None:
+    """The caller's transaction keeps the counter's lock: a second caller waits for it,
+    then gets the next value after a commit and the same one after a rollback. (On
+    SQLite the lock is the database's write lock: test_concurrency.)"""
+    engine = create_engine(server_url)
+    Allocator(engine).create_sequence("invoices")
+    for ending in ("commit", "rollback"):
+        got: list[int] = []
+        with engine.connect() as conn:
+            trans = conn.begin()
+            mine = allocate(conn, "invoices")
+            second = threading.Thread(target=lambda got=got: got.append(_one(engine)))
+            second.start()
+            second.join(0.5)
+            assert second.is_alive()  # waiting for this transaction
+            assert not got
+            trans.commit() if ending == "commit" else trans.rollback()
+        second.join(30)
+        assert got == [mine + 1 if ending == "commit" else mine]
+    assert len(check_gapless(engine, "invoices")) == 3  # 1, 2 and the second 3
+    engine.dispose()
+
+
+def _one(engine: Engine) -> int:
+    with engine.begin() as conn:
+        value: int = allocate(conn, "invoices")
+        return value
+
+
+def test_threads_on_one_counter_stay_gapless(engine: Engine) -> None:
+    """Eight threads, each taking values and blocks in transactions of its own, some
+    rolled back; the ledger ends gapless and holds exactly the committed ones."""
+    with engine.begin() as conn:
+        create_sequence(conn, "invoices", initial_value=0)
+    kept: list[int] = []
+    lock = threading.Lock()
+
+    def work(thread: int) -> None:
+        for turn in range(15):
+            count = 1 + (thread + turn) % 3
+            with engine.connect() as conn:
+                trans = conn.begin()
+                taken = allocate(conn, "invoices", count=count)
+                values = list(taken) if isinstance(taken, range) else [taken]
+                if turn % 5 == 4:
+                    trans.rollback()
+                    continue
+                trans.commit()
+            with lock:
+                kept.extend(values)
+
+    at_once(8, work, timeout=180)
+    assert sorted(kept) == list(range(len(kept)))
+    by_key = check_gapless(engine, "invoices")
+    assert sorted(v for values in by_key.values() for v in values) == sorted(kept)
