@@ -736,7 +736,7 @@ def status(ctx: click.Context, as_json: bool, check: bool) -> None:
     from numbering.tasks.status import collect
 
     settings, allocator = _settings(ctx), _allocator(ctx)
-    statuses = collect(settings, allocator)
+    statuses = collect(settings, allocator.engine)
     database = check_database(
         allocator.engine, allow_async_standby=settings.allow_reissue_after_failover
     )

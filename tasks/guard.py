@@ -10,7 +10,7 @@ this: the database serialises assignments regardless.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from numbering.backends import ConsumerLock, backend_for
 
@@ -22,6 +22,7 @@ def consumer_lock(engine: Engine, queue: str) -> ConsumerLock:
     return backend_for(engine).consumer_lock(engine, queue)
 
 
-def consumer_alive(engine: Engine, queue: str) -> bool:
-    """True when some process holds ``queue``'s consumer lock (is its active consumer)."""
-    return backend_for(engine).consumer_alive(engine, queue)
+def consumer_alive(database: Engine | Connection, queue: str) -> bool:
+    """True when some process holds ``queue``'s consumer lock (is its active consumer),
+    asked on ``database`` (an engine, or a connection to ask on)."""
+    return backend_for(database).consumer_alive(database, queue)

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import DBAPIError
 
-from numbering.allocator import Allocator
+from numbering.backends.base import connected
 from numbering.brokers import dead_letter_list
 from numbering.database import translate_error
 from numbering.routing import queue_for
@@ -56,10 +56,11 @@ class SequenceStatus:
         return {**asdict(self), "problems": self.problems}
 
 
-def collect(settings: Settings, allocator: Allocator) -> list[SequenceStatus]:
-    """The status of every sequence (period counters folded into their sequence)."""
+def collect(settings: Settings, database: Engine | Connection) -> list[SequenceStatus]:
+    """The status of every sequence (period counters folded into their sequence), read
+    on ``database`` (an engine, or a connection to read on: Django's, say)."""
     try:
-        rows = _counters(allocator)
+        rows = _counters(database)
     except DBAPIError as exc:  # no tables yet, no server: said as numbering says it
         raise translate_error(exc) from exc
     parents = [row for row in rows if row.parent_id is None]
@@ -87,7 +88,7 @@ def collect(settings: Settings, allocator: Allocator) -> list[SequenceStatus]:
                     waiting=state.waiting,
                     in_flight=state.in_flight,
                     quarantined=quarantined,
-                    consumer=_alive(allocator, broker, queue),
+                    consumer=_alive(database, broker, queue),
                     oldest_waiting_seconds=state.oldest_seconds,
                 )
             )
@@ -96,8 +97,8 @@ def collect(settings: Settings, allocator: Allocator) -> list[SequenceStatus]:
         broker.close()
 
 
-def _counters(allocator: Allocator) -> Sequence[Any]:
-    with allocator.engine.connect() as conn:
+def _counters(database: Engine | Connection) -> Sequence[Any]:
+    with connected(database) as conn:
         return conn.execute(
             select(
                 sequences.c.id,
@@ -111,8 +112,8 @@ def _counters(allocator: Allocator) -> Sequence[Any]:
         ).all()
 
 
-def _alive(allocator: Allocator, broker: Broker, queue: str) -> bool:
+def _alive(database: Engine | Connection, broker: Broker, queue: str) -> bool:
     consumers = broker.consumers(queue)
     if consumers is None:  # the active consumer holds a lock in the database
-        return consumer_alive(allocator.engine, queue)
+        return consumer_alive(database, queue)
     return consumers > 0
