@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import django
 from django.core import checks
 
 
@@ -33,6 +34,16 @@ def numbering_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
     return found + sqlite_warnings(settings.DATABASES)
 
 
+# Django 5.1 added the option; before it, sqlite3.connect() refuses it.
+_IMMEDIATE_HINT = (
+    'set DATABASES["{alias}"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"'
+    if django.VERSION >= (5, 1)
+    else "upgrade to Django 5.1+ and set DATABASES[\"{alias}\"][\"OPTIONS\"]"
+    '["transaction_mode"] = "IMMEDIATE", or take the number before the transaction '
+    "reads anything"
+)
+
+
 def sqlite_warnings(databases: dict[str, Any]) -> list[checks.CheckMessage]:
     """numbering.W001 for each SQLite database in ``databases`` (Django's setting)
     without ``transaction_mode = IMMEDIATE``."""
@@ -48,8 +59,7 @@ def sqlite_warnings(databases: dict[str, Any]) -> list[checks.CheckMessage]:
                     "a transaction that reads before it takes a number fails with "
                     "'database is locked' while another holds the sequence, instead of "
                     "waiting for it",
-                    hint=f'set DATABASES["{alias}"]["OPTIONS"]["transaction_mode"] = '
-                    '"IMMEDIATE" (Django 5.1+)',
+                    hint=_IMMEDIATE_HINT.format(alias=alias),
                     id="numbering.W001",
                 )
             )
