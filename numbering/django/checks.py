@@ -38,7 +38,7 @@ def numbering_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
 _IMMEDIATE_HINT = (
     'set DATABASES["{alias}"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"'
     if django.VERSION >= (5, 1)
-    else "upgrade to Django 5.1+ and set DATABASES[\"{alias}\"][\"OPTIONS\"]"
+    else 'upgrade to Django 5.1+ and set DATABASES["{alias}"]["OPTIONS"]'
     '["transaction_mode"] = "IMMEDIATE", or take the number before the transaction '
     "reads anything"
 )

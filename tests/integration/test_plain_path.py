@@ -208,3 +208,54 @@ def test_threads_on_one_counter_stay_gapless(engine: Engine) -> None:
     assert sorted(kept) == list(range(len(kept)))
     by_key = check_gapless(engine, "invoices")
     assert sorted(v for values in by_key.values() for v in values) == sorted(kept)
+
+
+def test_mariadb_reads_only_the_named_counter(mariadb_url: str) -> None:
+    """InnoDB locks every row its UPDATE reads through the index it picks: the one-step
+    UPDATE must offer it the name's unique index alone (with "parent_id IS NULL" in its
+    WHERE, MariaDB picked that index on a small table and locked every sequence:
+    deadlocks in `make bench-mariadb`)."""
+    from numbering.backends.mysql import _TAKE_PLAIN_UPDATE
+
+    engine = create_engine(mariadb_url)
+    numbers = Allocator(engine)
+    for i in range(5):
+        numbers.create_sequence(f"s{i}")
+    with engine.connect() as conn:
+        [plan] = conn.execute(
+            sa.text(f"EXPLAIN {_TAKE_PLAIN_UPDATE}"),
+            {"name": "s0", "count": 1, "now": "2026-12-07 00:00:00"},
+        ).mappings()
+    assert (plan["possible_keys"], plan["key"]) == ("uq_numbering_sequence_name",) * 2
+    engine.dispose()
+
+
+def test_different_counters_never_wait_for_each_other(server_url: str) -> None:
+    """A transaction holding one sequence does not hold another: a caller of the other
+    gets its number while the first is still open."""
+    engine = create_engine(server_url)
+    numbers = Allocator(engine)
+    for i in range(12):
+        numbers.create_sequence(f"s{i:02d}")
+    numbers.create_sequence("monthly", period="month")  # a row with a parent_id too
+    numbers.next_value("monthly")
+    with engine.connect() as conn, conn.begin():
+        assert allocate(conn, "s05") == 1
+        others: list[int] = []
+        thread = threading.Thread(
+            target=lambda: others.extend(_take_each(engine, ["s00", "s07", "s11"]))
+        )
+        thread.start()
+        thread.join(60)
+        assert others == [1, 1, 1]  # done while s05's transaction is still open
+    for name in ("s00", "s05", "s07", "s11"):
+        check_gapless(engine, name)
+    engine.dispose()
+
+
+def _take_each(engine: Engine, names: list[str]) -> list[int]:
+    taken = []
+    for name in names:
+        with engine.begin() as conn:
+            taken.append(allocate(conn, name))
+    return taken
