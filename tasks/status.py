@@ -17,9 +17,10 @@ from sqlalchemy.exc import DBAPIError
 from numbering.backends.base import connected
 from numbering.brokers import dead_letter_list
 from numbering.database import translate_error
+from numbering.errors import NumberingError
 from numbering.routing import queue_for
 from numbering.schema import sequences
-from numbering.settings import Settings
+from numbering.settings import Settings, mask_url
 from numbering.tasks.guard import consumer_alive
 from numbering.tasks.transport import Broker, open_broker
 
@@ -70,6 +71,20 @@ def collect(settings: Settings, database: Engine | Connection) -> list[SequenceS
             seen = latest.get(row.parent_id)
             if seen is None or row.updated_at > seen.updated_at:
                 latest[row.parent_id] = row
+    try:
+        return _statuses(settings, database, parents, latest)
+    except (NumberingError, DBAPIError):
+        raise
+    except Exception as exc:  # redis, kombu, amqp, sockets: the broker's side
+        raise NumberingError(
+            f"cannot read the queues: the broker at {mask_url(settings.broker_url)} did not "
+            f"answer ({type(exc).__name__}: {exc}); is it running?"
+        ) from exc
+
+
+def _statuses(
+    settings: Settings, database: Engine | Connection, parents: list[Any], latest: dict[int, Any]
+) -> list[SequenceStatus]:
     broker = open_broker(settings)
     try:
         statuses = []

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -674,7 +675,7 @@ def test_manage_py_numbering_status(
     """Last and next value of every sequence; with the queue path set up, the queue and
     whether a worker consumes it (alive while one runs, NONE once it is killed)."""
     from django.conf import settings
-    from django.core.management import call_command
+    from django.core.management import CommandError, call_command
 
     from numbering.django import get_next_value, queue
 
@@ -708,6 +709,12 @@ def test_manage_py_numbering_status(
         assert header[3:] == ["WAITING", "IN", "FLIGHT", "QUARANTINED", "CONSUMER", "OLDEST"]
         worker.kill()
         wait_until(lambda: status()["consumer"] is False, "the killed worker's lock released")
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        settings.NUMBERING = {"BROKER_URL": f"redis://127.0.0.1:{closed}/0"}
+        with pytest.raises(CommandError, match=f"the broker at redis://127.0.0.1:{closed}/0 did"):
+            call_command("numbering_status", "--database", alias, stdout=io.StringIO())
     finally:
         stack.close()
         del settings.NUMBERING
