@@ -80,6 +80,17 @@ def _take(
         _django_errors(),
         borrowed(connection) as bind,
     ):
+        if reset_value is not None:  # a looping call: its bounds must be the stored ones
+            from numbering.django.bounds import agree
+
+            agree(
+                bind,
+                sequence_name,
+                initial_value,
+                reset_value,
+                lambda: _taken_over(alias, sequence_name),
+                nowait,
+            )
         arguments: dict[str, Any] = {
             "key": key,
             "count": count,
@@ -102,6 +113,12 @@ def _take(
             )
         taken = allocate(bind, sequence_name, **arguments)
         return taken
+
+
+def _taken_over(alias: str, sequence_name: str) -> bool:
+    from numbering.django.models import TakeOver
+
+    return bool(TakeOver.objects.using(alias).filter(sequence_name=sequence_name).exists())
 
 
 class _django_errors:

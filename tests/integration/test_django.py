@@ -512,6 +512,52 @@ def test_take_over_django_sequences(alias: str, databases: dict[str, str]) -> No
     check_gapless(engine, a)  # numbering's ledger: 4 only (1..3 were django-sequences')
     check_gapless(engine, b)
     engine.dispose()
+    sequences.delete(a, using=alias)  # so that later take-overs here do not fail on it
+
+
+def test_looping_calls_agree_with_the_stored_bounds(alias: str, databases: dict[str, str]) -> None:
+    """A looping call on a sequence that does not loop yet starts it looping at its
+    bounds; a looping sequence taken over from django-sequences loops exactly where
+    django-sequences would have, with its earlier values in the ledger as one block;
+    bounds that cannot agree are refused, naming both."""
+    import sequences
+    from django.core.management import call_command
+    from django.db import connections
+
+    from numbering.django import get_next_value
+    from numbering.errors import InvalidRequestError
+
+    plain = fresh()
+    assert [get_next_value(plain, using=alias) for _ in range(3)] == [1, 2, 3]
+    got = [get_next_value(plain, 1, 5, using=alias) for _ in range(4)]
+    assert got == [4, 1, 2, 3]
+    with pytest.raises(
+        InvalidRequestError, match=r"reset_value=5 .* asks for initial_value=1, reset_value=7"
+    ):
+        get_next_value(plain, 1, 7, using=alias)
+
+    # The real django-sequences gives three values; numbering takes the counter over. (Its
+    # looping path ignores `using`, so the values are taken by its upsert path, which
+    # leaves the same row: last = 3.)
+    ours, theirs = fresh(), fresh()
+    for name in (ours, theirs):
+        assert [sequences.get_next_value(name, using=alias) for _ in range(3)] == [1, 2, 3]
+    call_command("numbering_takeover", "--database", alias, stdout=io.StringIO())
+    # What django-sequences gives next at bounds 1..4: 4, then back to 1.
+    expected = [4, 1, 2, 3, 4, 1]
+    if alias == "default":  # there its looping path runs on the right database: check it
+        assert [sequences.get_next_value(theirs, 1, 5) for _ in range(6)] == expected
+    assert [get_next_value(ours, 1, 5, using=alias) for _ in range(6)] == expected
+    engine = create_engine(databases[alias])
+    by_key = check_gapless(engine, ours)
+    assert by_key[next(key for key in by_key if key.startswith("takeover:"))] == [1, 2, 3]
+    check_gapless(engine, plain)
+    engine.dispose()
+    out = io.StringIO()
+    call_command("numbering_audit", ours, "--database", alias, stdout=out)
+    assert f"{ours}: ok" in out.getvalue()
+    with connections[alias].cursor() as cursor:  # (later take-overs here)
+        cursor.execute("DELETE FROM sequences_sequence WHERE name = %s", [theirs])
 
 
 def test_django_and_a_worker_interleave_on_one_sequence(
