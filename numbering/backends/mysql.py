@@ -21,6 +21,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,6 +29,7 @@ from sqlalchemy import Connection, Engine, Table
 from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
 from numbering import errors
@@ -39,7 +41,9 @@ from numbering.backends.base import (
     connected,
     driver_error,
 )
+from numbering.plan import Request
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT
+from numbering.store import CoreStore
 
 __all__ = ["MySQL", "NamedLock"]
 
@@ -168,6 +172,13 @@ def _errno(orig: BaseException | None) -> int | None:
 # index reads the one row.
 _FIRST = "COALESCE(last_value + 1, initial_value)"
 _WRAPS = f"reset_value IS NOT NULL AND {_FIRST} >= reset_value"
+# Whether the counter is plain and has room for the block (see the comment above).
+_PLAIN = """\
+CASE WHEN parent_id IS NOT NULL OR period IS NOT NULL OR format IS NOT NULL OR frozen THEN 0
+     WHEN reset_value IS NULL
+     THEN COALESCE(CAST(last_value AS DECIMAL(20)), CAST(initial_value AS DECIMAL(20)) - 1)
+          + %(count)s <= COALESCE(max_value, 9223372036854775807)
+     ELSE %(count)s = 1 END"""
 _TAKE_PLAIN_UPDATE = f"""\
 UPDATE numbering_sequence
    SET cycle = (@numbering_cycle := CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END),
@@ -175,13 +186,7 @@ UPDATE numbering_sequence
                                              ELSE {_FIRST} + (:count - 1) END),
        updated_at = :now
  WHERE name = :name
-   AND CASE WHEN parent_id IS NOT NULL OR period IS NOT NULL OR format IS NOT NULL
-                 OR frozen THEN 0
-            WHEN reset_value IS NULL
-            THEN COALESCE(CAST(last_value AS DECIMAL(20)),
-                          CAST(initial_value AS DECIMAL(20)) - 1) + :count
-                 <= COALESCE(max_value, 9223372036854775807)
-            ELSE :count = 1 END"""
+   AND {_PLAIN.replace("%(count)s", ":count")}"""
 _TAKE_PLAIN_INSERT = """\
 INSERT INTO numbering_ledger
        (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
@@ -201,6 +206,70 @@ _TAKE_PLAIN_MYSQL: list[Executable] = [
     sa.text(_TAKE_PLAIN_INSERT).bindparams(_NOW, _REFERENCE),
     sa.text("SELECT @numbering_last - :count + 1 AS value, @numbering_cycle AS cycle"),
 ]
+
+
+# MariaDB through mysqlclient, one round trip: mysqlclient enables multi-statements by
+# default (Django's MySQL connections too), so the INSERT, which reads and locks the
+# counter (FOR UPDATE) and returns the block, travels with the counter's UPDATE. The
+# INSERT leaves its key in a session variable, and the UPDATE changes the counter only
+# when that is this request's key: a counter that is not plain gets no ledger row and
+# no update (a stale variable from an earlier request holds another, fresh key).
+# (ROW_COUNT() cannot be the guard: it is -1 after a statement that returned rows.)
+_TAKE_PLAIN_ONE_TRIP = f"""\
+INSERT INTO numbering_ledger
+       (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
+        formatted)
+SELECT id, (@numbering_cycle := CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END),
+       CASE WHEN {_WRAPS} THEN initial_value ELSE {_FIRST} END,
+       %(count)s, (@numbering_key := %(key)s), %(reference)s, 'assigned', %(now)s, NULL
+  FROM numbering_sequence
+ WHERE name = %(name)s
+   AND {_PLAIN}
+   FOR UPDATE
+RETURNING value, cycle;
+UPDATE numbering_sequence
+   SET cycle = @numbering_cycle,
+       last_value = CASE WHEN {_WRAPS} THEN initial_value ELSE {_FIRST} + (%(count)s - 1) END,
+       updated_at = %(now)s
+ WHERE name = %(name)s AND @numbering_key = %(key)s"""
+
+
+class MysqldbStore(CoreStore):
+    """:class:`CoreStore`, with :meth:`take_plain` in one round trip (MariaDB through
+    mysqlclient with multi-statements, its default)."""
+
+    def take_plain(self, name: str, request: Request, now: datetime) -> tuple[int, int] | None:
+        self.prepare()
+        connection = self.bind.connection() if isinstance(self.bind, Session) else self.bind
+        reference = None if request.reference is None else json.dumps(request.reference)
+        params = {
+            "name": name,
+            "count": request.count,
+            "key": request.key,
+            "reference": reference,
+            "now": now,
+        }
+        result = connection.exec_driver_sql(_TAKE_PLAIN_ONE_TRIP, params)
+        cursor = result.cursor
+        try:
+            rows = cursor.fetchall()  # the INSERT's: the block, or nothing
+            cursor.nextset()  # the UPDATE's (raises if it failed)
+            updated = cursor.rowcount
+            while cursor.nextset():  # none: nothing may stay unread on the connection
+                pass
+        except connection.dialect.loaded_dbapi.Error as exc:
+            raise driver_error(connection.dialect, exc) from exc
+        finally:
+            result.close()
+        if not rows:
+            return None
+        if updated != 1:
+            raise errors.DatabaseError(
+                f"sequence {name!r}: a ledger row was written but its counter was not "
+                "updated; roll the transaction back"
+            )
+        value, cycle = rows[0]
+        return int(value), int(cycle)
 
 
 class MySQL(Backend):
@@ -289,6 +358,13 @@ class MySQL(Backend):
                 f"numbering's tables are missing; run `numbering init-db` first ({detail})"
             )
         return errors.DatabaseError(f"database error: {detail}")
+
+    def store(self, bind: Session | Connection) -> CoreStore:
+        engine = bind.get_bind() if isinstance(bind, Session) else bind
+        dialect = engine.dialect
+        if getattr(dialect, "is_mariadb", False) and dialect.driver == "mysqldb":
+            return MysqldbStore(bind, self)
+        return super().store(bind)
 
     def take_plain(self, dialect: sa.Dialect) -> list[Executable] | None:
         return _TAKE_PLAIN_MARIADB if getattr(dialect, "is_mariadb", False) else _TAKE_PLAIN_MYSQL

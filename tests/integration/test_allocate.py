@@ -318,7 +318,11 @@ def test_batch_rows_are_stored_exactly_by_either_store(numbers: Allocator, engin
 
     with engine.connect() as conn:
         store = store_for(conn)
-    expected_store = Psycopg2Store if engine.dialect.name == "postgresql" else CoreStore
+    from numbering.backends.mysql import MysqldbStore
+
+    expected_store = {"postgresql": Psycopg2Store, "mysql": MysqldbStore}.get(
+        engine.dialect.name, CoreStore
+    )
     assert type(store) is expected_store
 
     numbers.create_sequence("invoices", format="INV-{number:04d}", initial_value=7)

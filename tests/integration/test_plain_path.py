@@ -1,10 +1,10 @@
 """allocate()'s one-step path: a request with a fresh key on a plain counter.
 
-The counter's UPDATE takes its lock and the ledger row goes in with it (PostgreSQL: one
-statement; MariaDB: two), so nothing runs between the lock and the writes. What is not
-plain (a period, a format, a frozen sequence, a block past the maximum or across the
-loop) must reach the general path and end exactly as before, and every result must
-satisfy the gapless invariant read from the raw tables.
+The counter is locked and written together with the ledger row (PostgreSQL: one
+statement; MariaDB: two, in one round trip), so nothing runs between the lock and the
+writes. What is not plain (a period, a format, a frozen sequence, a block past the
+maximum or across the loop) must reach the general path and end exactly as before, and
+every result must satisfy the gapless invariant read from the raw tables.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from numbering import (
 from numbering.errors import InvalidCountError, SequenceFrozenError
 from numbering.validation import MAX_INT64
 
-#: Statements the one-step path sends, by engine (SQLite has none: general path).
-ONE_STEP = {"postgresql": 1, "mysql": 2}
+#: Round trips the one-step path makes, by engine (SQLite has none: general path). On
+#: MariaDB through mysqlclient its two statements travel together.
+ONE_STEP = {"postgresql": 1, "mysql": 1}
 
 
 class Counted:
@@ -99,6 +100,23 @@ def test_a_plain_counter_takes_one_step(engine: Engine, counted: Counted) -> Non
     assert (json.loads(reference) if isinstance(reference, str) else reference) == {"total": "9.90"}
     assert len(check_gapless(engine, "invoices")) == 3
     assert Allocator(engine).last_value("invoices") == 1004
+
+
+def test_references_of_every_kind_are_stored_as_given(engine: Engine, counted: Counted) -> None:
+    """The one-step path binds the reference itself (as JSON text on MariaDB through
+    mysqlclient): read back through the column's type, each is what was given."""
+    from numbering.schema import ledger as ledger_table
+
+    Allocator(engine).create_sequence("invoices")
+    references = [{"invoice": 1, "lines": [1, 2]}, [1, "two"], "text with 'quotes'", 3.5, None]
+    for reference in references:
+        take(engine, counted, "invoices", reference=reference)
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(ledger_table.c.reference).order_by(ledger_table.c.value)
+        ).scalars()
+        assert list(stored) == references
+    check_gapless(engine, "invoices")
 
 
 def test_a_looping_counter_wraps_into_the_next_cycle(engine: Engine, counted: Counted) -> None:
@@ -215,18 +233,25 @@ def test_mariadb_reads_only_the_named_counter(mariadb_url: str) -> None:
     UPDATE must offer it the name's unique index alone (with "parent_id IS NULL" in its
     WHERE, MariaDB picked that index on a small table and locked every sequence:
     deadlocks in `make bench-mariadb`)."""
-    from numbering.backends.mysql import _TAKE_PLAIN_UPDATE
+    from numbering.backends.mysql import _TAKE_PLAIN_ONE_TRIP, _TAKE_PLAIN_UPDATE
 
     engine = create_engine(mariadb_url)
     numbers = Allocator(engine)
     for i in range(5):
         numbers.create_sequence(f"s{i}")
+    params = {"name": "s0", "count": 1, "now": "2026-12-07 00:00:00", "key": "k"}
+    insert, update = _TAKE_PLAIN_ONE_TRIP.split(";\n")
     with engine.connect() as conn:
-        [plan] = conn.execute(
-            sa.text(f"EXPLAIN {_TAKE_PLAIN_UPDATE}"),
-            {"name": "s0", "count": 1, "now": "2026-12-07 00:00:00"},
-        ).mappings()
-    assert (plan["possible_keys"], plan["key"]) == ("uq_numbering_sequence_name",) * 2
+        conn.exec_driver_sql("SET @numbering_key = 'k'")  # as the INSERT leaves it
+        inserting = conn.exec_driver_sql(f"EXPLAIN {insert}", {**params, "reference": None})
+        plans = [
+            conn.execute(sa.text(f"EXPLAIN {_TAKE_PLAIN_UPDATE}"), params).mappings().one(),
+            conn.exec_driver_sql(f"EXPLAIN {update}", params).mappings().one(),
+            *(plan for plan in inserting.mappings() if plan["table"] == "numbering_sequence"),
+        ]
+    assert len(plans) == 3
+    for plan in plans:
+        assert (plan["possible_keys"], plan["key"]) == ("uq_numbering_sequence_name",) * 2
     engine.dispose()
 
 
