@@ -62,9 +62,13 @@ def agree(
         or info.initial_value < initial_value
         or (info.initial_value != initial_value and not taken_over())
     ):
+        stored = (
+            f"does not loop (initial_value={info.initial_value})"
+            if info.reset_value is None
+            else f"loops at initial_value={info.initial_value}, reset_value={info.reset_value}"
+        )
         raise InvalidRequestError(
-            f"sequence {name!r} loops at initial_value={info.initial_value}, "
-            f"reset_value={info.reset_value} (stored with it; last value {info.last_value}, "
+            f"sequence {name!r} {stored} (stored with it; last value {info.last_value}, "
             f"cycle {info.cycle}); this call asks for initial_value={initial_value}, "
             f"reset_value={reset_value}. numbering keeps one definition per sequence "
             "(docs/django.md, 'The bounds are stored with the sequence')"

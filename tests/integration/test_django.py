@@ -535,6 +535,10 @@ def test_looping_calls_agree_with_the_stored_bounds(alias: str, databases: dict[
         InvalidRequestError, match=r"reset_value=5 .* asks for initial_value=1, reset_value=7"
     ):
         get_next_value(plain, 1, 7, using=alias)
+    late = fresh()  # a plain sequence already past the call's reset_value
+    assert [get_next_value(late, using=alias) for _ in range(5)] == [1, 2, 3, 4, 5]
+    with pytest.raises(InvalidRequestError, match=r"does not loop \(initial_value=1\)"):
+        get_next_value(late, 1, 5, using=alias)
 
     # The real django-sequences gives three values; numbering takes the counter over. (Its
     # looping path ignores `using`, so the values are taken by its upsert path, which
