@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import redis
 from sqlalchemy import desc, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
@@ -35,12 +36,14 @@ from numbering.errors import ConfigurationError
 from numbering.migrations import current_revision, head_revision
 from numbering.routing import Shard
 from numbering.schema import ledger, sequences
+from numbering.settings import mask_url
 from numbering.tasks.transport import Broker
 
 __all__ = [
     "check_celery_config",
     "check_database",
     "check_ledgers",
+    "check_redis_servers",
     "run_preflight",
 ]
 
@@ -143,6 +146,28 @@ def check_ledgers(
     return problems
 
 
+def check_redis_servers(urls: Iterable[str]) -> list[str]:
+    """Problems with the Redis servers at ``urls`` (the broker's, the replies'): a
+    Redis Cluster node. Neither kombu nor Celery speaks Redis Cluster (a key on another
+    node's slots answers MOVED), so numbering refuses it rather than fail per request."""
+    problems = []
+    for url in dict.fromkeys(urls):  # each once, in order
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            enabled = client.info("cluster").get("cluster_enabled")
+        except redis.ResponseError:  # INFO disabled (managed Redis): nothing to say
+            continue
+        finally:
+            client.close()
+        if enabled:
+            problems.append(
+                f"{mask_url(url)} is a Redis Cluster node (cluster_enabled:1): Celery and "
+                "kombu do not support Redis Cluster; use a standalone Redis (with "
+                "replicas for availability)"
+            )
+    return problems
+
+
 def run_preflight(
     conf: Mapping[str, Any],
     engine: Engine,
@@ -152,9 +177,10 @@ def run_preflight(
     sequences: Iterable[str] = (),
     shards: Iterable[Shard] = (),
     allow_async_standby: bool = False,
+    redis_urls: Iterable[str] = (),
 ) -> list[str]:
     """Refuse to start (ConfigurationError listing every problem); return warnings."""
-    problems = check_celery_config(conf, concurrency)
+    problems = check_celery_config(conf, concurrency) + check_redis_servers(redis_urls)
     try:
         database = check_database(engine, allow_async_standby=allow_async_standby)
         problems += database.problems + check_ledgers(engine, sequences, shards)

@@ -171,6 +171,9 @@ def build_worker(
             sequences=sequences,
             shards=shards,
             allow_async_standby=settings.allow_reissue_after_failover,
+            redis_urls=[
+                url for url in (settings.broker_url, settings.result_backend) if is_redis(url)
+            ],
         )
     finally:
         broker.close()

@@ -162,3 +162,42 @@ def test_workers_run_with_the_documented_least_privileges(stack: Stack) -> None:
             conn.exec_driver_sql(f"DROP OWNED BY {role}")
             conn.exec_driver_sql(f"DROP ROLE {role}")
         admin.dispose()
+
+
+def test_refuses_a_redis_cluster_node(stack: Stack, tmp_path: Path) -> None:
+    """Celery and kombu do not speak Redis Cluster: a broker or reply URL that points at
+    a cluster node is refused at start, by name, instead of failing request by request.
+    A cluster-enabled redis-server of the test's own, on a free port."""
+    import socket
+    import time
+
+    import redis
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+         "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 30
+        while True:  # a condition, bounded: the server answers
+            try:
+                assert client.info("cluster")["cluster_enabled"] == 1
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the cluster-enabled redis never answered"
+                time.sleep(0.05)
+        client.close()
+        setup_sequences(stack, "invoices")
+        stack.env["NUMBERING_RESULT_BACKEND"] = url  # the replies on the cluster node
+        done = start_worker(stack, "--sequence", "invoices")
+        assert_refused(done, f"{url} is a Redis Cluster node", "do not support Redis Cluster")
+    finally:
+        server.terminate()
+        server.wait(30)
