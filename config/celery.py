@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from numbering.brokers import is_sentinel
 from numbering.routing import QUEUE_PREFIX
 from numbering.settings import Settings
 
@@ -28,8 +29,15 @@ CONTROL_QUEUE = QUEUE_PREFIX + "control"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for ``settings``' broker and result backend."""
+    transport: dict[str, Any] = {"visibility_timeout": VISIBILITY_TIMEOUT}
+    backend: dict[str, Any] = {}
+    if is_sentinel(settings.broker_url):
+        transport["master_name"] = settings.sentinel_master
+    if is_sentinel(settings.result_backend):
+        backend["master_name"] = settings.sentinel_master
     return {
         "broker_url": settings.broker_url,
+        "result_backend_transport_options": backend,
         "result_backend": settings.result_backend,
         # JSON only: the broker is not trusted, and pickle would run code from it.
         "task_serializer": "json",
@@ -44,7 +52,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # One message reserved at a time by Celery's own consumer: nothing waits in a
         # dead worker's buffer.
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "broker_transport_options": transport,
         "task_time_limit": TASK_TIME_LIMIT,
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
         "task_default_queue": CONTROL_QUEUE,

@@ -9,7 +9,11 @@ status`` and ``numbering quarantine`` read them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import redis
+import redis.sentinel
 
 __all__ = [
     "REDIS_SCHEMES",
@@ -21,6 +25,8 @@ __all__ = [
     "dead_letter_list",
     "inflight_list",
     "is_redis",
+    "is_sentinel",
+    "redis_client",
 ]
 
 BrokerKind = Literal["redis", "amqp", "memory"]
@@ -29,6 +35,9 @@ BrokerKind = Literal["redis", "amqp", "memory"]
 _SCHEMES: dict[str, BrokerKind] = {
     "redis": "redis",
     "rediss": "redis",
+    # Redis Sentinel: the sentinels' addresses, ';'-separated as kombu and Celery take
+    # them; the master's name is a setting (NUMBERING_SENTINEL_MASTER).
+    "sentinel": "redis",
     "amqp": "amqp",
     "amqps": "amqp",
     "pyamqp": "amqp",
@@ -54,8 +63,50 @@ def broker_kind(url: str) -> BrokerKind | None:
 
 
 def is_redis(url: str) -> bool:
-    """Whether ``url`` names a Redis server (``redis://`` or ``rediss://``)."""
+    """Whether ``url`` names a Redis server (``redis://``, ``rediss://``, ``sentinel://``)."""
     return broker_kind(url) == "redis"
+
+
+def is_sentinel(url: str) -> bool:
+    """Whether ``url`` names Redis through its sentinels (``sentinel://h1:26379;...``)."""
+    return scheme_of(url) == "sentinel"
+
+
+def redis_client(url: str, sentinel_master: str | None = None, **kwargs: Any) -> redis.Redis:
+    """A redis-py client for ``url``: ``redis://``/``rediss://`` as redis-py reads them;
+    ``sentinel://h1:26379;sentinel://h2:26379/DB`` (kombu's and Celery's form) as the
+    current master of ``sentinel_master``, found through those sentinels and found again
+    after a failover (redis-py's ``Sentinel.master_for``). A password in the URL is the
+    master's, as in Celery; ``kwargs`` go to the master's connections."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **kwargs)
+    if not sentinel_master:
+        from numbering.errors import ConfigurationError
+
+        raise ConfigurationError(
+            "a sentinel:// URL needs the master's name: set NUMBERING_SENTINEL_MASTER (the "
+            "NAME of `sentinel monitor NAME host port quorum`)"
+        )
+    sentinels: list[tuple[str, int]] = []
+    master: dict[str, Any] = {"db": 0}
+    for part in url.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        where = urlsplit(part if "://" in part else f"sentinel://{part}")
+        sentinels.append((where.hostname or "127.0.0.1", where.port or 26379))
+        if where.path.strip("/"):
+            master["db"] = int(where.path.strip("/"))
+        if where.password is not None:
+            master["password"] = unquote(where.password)
+            if where.username:
+                master["username"] = unquote(where.username)
+    timeout = kwargs.get("socket_timeout")
+    finder = redis.sentinel.Sentinel(
+        sentinels, socket_timeout=timeout, sentinel_kwargs={"socket_timeout": timeout}
+    )
+    client: redis.Redis = finder.master_for(sentinel_master, **master, **kwargs)
+    return client
 
 
 def inflight_list(queue: str) -> str:

@@ -43,7 +43,7 @@ import redis
 from celery import Celery
 
 from numbering.assignment import Assignment, Request, new_key
-from numbering.brokers import is_redis
+from numbering.brokers import is_redis, redis_client
 from numbering.config.celery import celery_config
 from numbering.errors import (
     BrokerUnavailable,
@@ -175,6 +175,7 @@ class Client:
         shards: int | None = None,
         timeout: float = 10.0,
         resend_after: float | None = None,
+        sentinel_master: str | None = None,
     ) -> None:
         if not is_redis(reply_url):
             raise ConfigurationError(
@@ -184,6 +185,8 @@ class Client:
         self.broker_url = broker_url
         self.reply_url = reply_url
         self.shards = shards
+        #: The Redis master's name, for sentinel:// URLs (NUMBERING_SENTINEL_MASTER).
+        self.sentinel_master = sentinel_master
         self.timeout = check_seconds(timeout, "timeout")
         self.resend_after = (
             None if resend_after is None else check_seconds(resend_after, "resend_after")
@@ -199,6 +202,7 @@ class Client:
             settings.result_backend,
             shards=settings.shards,
             timeout=settings.request_timeout,
+            sentinel_master=settings.sentinel_master,
         )
 
     @classmethod
@@ -223,14 +227,18 @@ class Client:
         return state
 
     def _open(self) -> _ProcessState:
-        settings = Settings(broker_url=self.broker_url, result_backend=self.reply_url)
+        settings = Settings(
+            broker_url=self.broker_url,
+            result_backend=self.reply_url,
+            sentinel_master=self.sentinel_master,
+        )
         app = Celery("numbering-client", set_as_current=False)
         app.conf.update(celery_config(settings))
         app.conf.result_backend = None  # answers come on the reply list, not the backend
-        replies = redis.Redis.from_url(self.reply_url)
+        replies = redis_client(self.reply_url, self.sentinel_master)
         broker = None
         if is_redis(self.broker_url):
-            broker = redis.Redis.from_url(self.broker_url)
+            broker = redis_client(self.broker_url, self.sentinel_master)
             if same_database(broker, replies):
                 # One client: a request and the wait for its answer share a round trip.
                 broker = replies

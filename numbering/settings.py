@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from numbering.brokers import REDIS_SCHEMES, SCHEMES, is_redis, scheme_of
+from numbering.brokers import REDIS_SCHEMES, SCHEMES, is_redis, is_sentinel, scheme_of
 from numbering.errors import ConfigurationError, NumberingError
 from numbering.retry import (
     DEFAULT_ATTEMPTS,
@@ -87,6 +87,7 @@ ENV = {
     "log_format": "NUMBERING_LOG_FORMAT",
     "synchronous_commit": "NUMBERING_SYNCHRONOUS_COMMIT",
     "allow_reissue_after_failover": "NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER",
+    "sentinel_master": "NUMBERING_SENTINEL_MASTER",
 }
 
 # NUMBERING_* variables read elsewhere, which are not settings.
@@ -153,6 +154,9 @@ class Settings:
     #: Let a worker start while only asynchronous standbys replicate the database. A
     #: failover to one of them can then hand out numbers already answered (docs/ha.md).
     allow_reissue_after_failover: bool = False
+    #: The Redis master's name for ``sentinel://`` broker and result backend URLs (the
+    #: NAME of the sentinels' ``sentinel monitor NAME ...``).
+    sentinel_master: str | None = None
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -164,6 +168,18 @@ class Settings:
             default = self.broker_url if on_redis else DEFAULT_RESULT_BACKEND
             object.__setattr__(self, "result_backend", default)
         _check_url("result_backend", self.result_backend, _BACKEND_SCHEMES)
+        on_sentinel = [u for u in (self.broker_url, self.result_backend) if is_sentinel(u)]
+        if on_sentinel and not self.sentinel_master:
+            raise ConfigurationError(
+                f"{mask_url(on_sentinel[0])} names Redis through its sentinels: set "
+                f"{ENV['sentinel_master']} to the master's name (the NAME of `sentinel "
+                "monitor NAME host port quorum`)"
+            )
+        if self.sentinel_master and not on_sentinel:
+            raise ConfigurationError(
+                f"{ENV['sentinel_master']} is set, but neither {ENV['broker_url']} nor "
+                f"{ENV['result_backend']} is a sentinel:// URL"
+            )
         try:
             level = check_isolation_level(self.isolation_level)
             self.retry_policy()

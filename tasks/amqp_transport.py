@@ -26,7 +26,7 @@ from kombu.connection import Connection
 from kombu.message import Message
 from kombu.messaging import Consumer
 
-from numbering.brokers import attempts_hash, dead_letter_list
+from numbering.brokers import attempts_hash, dead_letter_list, redis_client
 from numbering.errors import InvalidRequestError, NumberingError
 from numbering.messages import MAX_MESSAGE_BYTES, BadMessage, Job, envelope, parse_task
 from numbering.routing import kombu_queue
@@ -186,10 +186,10 @@ class AmqpBroker:
     counts (by passive declaration), and replay, publishing dead letters back. Dead
     letters and attempt counts are kept in the reply Redis."""
 
-    def __init__(self, url: str, replies_url: str) -> None:
+    def __init__(self, url: str, replies_url: str, sentinel_master: str | None = None) -> None:
         self.connection = Connection(url, connect_timeout=5)
         #: Where attempt counts and dead letters are kept: the reply Redis.
-        self.kept: redis.Redis = redis.Redis.from_url(replies_url, socket_timeout=5)
+        self.kept: redis.Redis = redis_client(replies_url, sentinel_master, socket_timeout=5)
 
     def _declared(self, queue: str) -> Any:
         """RabbitMQ's counts for ``queue``, or None if it was never declared."""

@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError
 
 from numbering.backends import backend_for
 from numbering.backends.base import Durability
+from numbering.brokers import redis_client
 from numbering.config.celery import VISIBILITY_TIMEOUT
 from numbering.database import translate_error
 from numbering.errors import ConfigurationError
@@ -146,13 +147,13 @@ def check_ledgers(
     return problems
 
 
-def check_redis_servers(urls: Iterable[str]) -> list[str]:
+def check_redis_servers(urls: Iterable[str], sentinel_master: str | None = None) -> list[str]:
     """Problems with the Redis servers at ``urls`` (the broker's, the replies'): a
     Redis Cluster node. Neither kombu nor Celery speaks Redis Cluster (a key on another
     node's slots answers MOVED), so numbering refuses it rather than fail per request."""
     problems = []
     for url in dict.fromkeys(urls):  # each once, in order
-        client = redis.Redis.from_url(url, socket_timeout=5)
+        client = redis_client(url, sentinel_master, socket_timeout=5)
         try:
             enabled = client.info("cluster").get("cluster_enabled")
         except redis.ResponseError:  # INFO disabled (managed Redis): nothing to say
@@ -178,9 +179,12 @@ def run_preflight(
     shards: Iterable[Shard] = (),
     allow_async_standby: bool = False,
     redis_urls: Iterable[str] = (),
+    sentinel_master: str | None = None,
 ) -> list[str]:
     """Refuse to start (ConfigurationError listing every problem); return warnings."""
-    problems = check_celery_config(conf, concurrency) + check_redis_servers(redis_urls)
+    problems = check_celery_config(conf, concurrency) + check_redis_servers(
+        redis_urls, sentinel_master
+    )
     try:
         database = check_database(engine, allow_async_standby=allow_async_standby)
         problems += database.problems + check_ledgers(engine, sequences, shards)

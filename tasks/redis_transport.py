@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from numbering.brokers import attempts_hash, dead_letter_list, inflight_list
+from numbering.brokers import attempts_hash, dead_letter_list, inflight_list, redis_client
 from numbering.errors import NumberingError
 from numbering.messages import BadMessage, Job, decode_redis_message, parse_task
 from numbering.tasks.consumer import OUTAGE_BACKOFF_SECONDS
@@ -321,9 +321,9 @@ class RedisBroker:
     """What the operator commands and the start-up check ask of a Redis broker: its
     queues' lengths, where dead letters are kept (here, beside the queues), replay."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sentinel_master: str | None = None) -> None:
         self.url = url
-        self.client: redis.Redis = redis.Redis.from_url(url, socket_timeout=5)
+        self.client: redis.Redis = redis_client(url, sentinel_master, socket_timeout=5)
         #: Where attempt counts and dead letters are kept: the broker itself.
         self.kept = self.client
 

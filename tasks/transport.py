@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from numbering.brokers import broker_kind
+from numbering.brokers import broker_kind, redis_client
 from numbering.errors import ConfigurationError
 from numbering.messages import SENT_AT_HEADER, BadMessage, Job
 
@@ -186,13 +186,13 @@ def open_transport(
     RabbitMQ attempt counts and dead letters are kept in ``replies``."""
     kind = broker_kind(settings.broker_url)
     if kind == "redis":
-        import redis as redis_py
-
         from numbering.tasks.guard import consumer_lock
         from numbering.tasks.redis_transport import RedisTransport
 
         locks = {queue: consumer_lock(engine, queue) for queue in queues}
-        return RedisTransport(redis_py.Redis.from_url(settings.broker_url), locks, stop=stop)
+        return RedisTransport(
+            redis_client(settings.broker_url, settings.sentinel_master), locks, stop=stop
+        )
     if kind == "amqp":
         from numbering.tasks.amqp_transport import AmqpTransport
 
@@ -208,11 +208,11 @@ def open_broker(settings: Settings) -> Broker:
     if kind == "redis":
         from numbering.tasks.redis_transport import RedisBroker
 
-        return RedisBroker(settings.broker_url)
+        return RedisBroker(settings.broker_url, settings.sentinel_master)
     if kind == "amqp":
         from numbering.tasks.amqp_transport import AmqpBroker
 
-        return AmqpBroker(settings.broker_url, settings.result_backend)
+        return AmqpBroker(settings.broker_url, settings.result_backend, settings.sentinel_master)
     raise _no_queues(settings)
 
 

@@ -15,11 +15,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import redis
 from celery import Celery, bootsteps
 
 from numbering.allocator import Allocator
-from numbering.brokers import is_redis
+from numbering.brokers import is_redis, redis_client
 from numbering.config.celery import CONTROL_QUEUE
 from numbering.errors import ConfigurationError
 from numbering.routing import Shard, sequence_queue
@@ -71,7 +70,7 @@ class NumberingWorker:
         # and takes another for each batch: room for both, so that a worker serving many
         # queues never waits on its own pool.
         self.allocator = Allocator.from_settings(settings, pool_size=2 * len(queues) + 1)
-        self.replies = redis.Redis.from_url(settings.result_backend)
+        self.replies = redis_client(settings.result_backend, settings.sentinel_master)
         self.stop = threading.Event()
         self.metrics = WorkerMetrics(self.allocator.stats)
         if isinstance(shards, Shard):
@@ -174,6 +173,7 @@ def build_worker(
             redis_urls=[
                 url for url in (settings.broker_url, settings.result_backend) if is_redis(url)
             ],
+            sentinel_master=settings.sentinel_master,
         )
     finally:
         broker.close()

@@ -158,6 +158,7 @@ class Stack:
             settings.result_backend,
             shards=settings.shards,
             timeout=kwargs.pop("timeout", 30),
+            sentinel_master=settings.sentinel_master,
             **kwargs,
         )
         self.clients.append(client)
