@@ -19,6 +19,7 @@ import redis
 from integration.stack import Stack
 from test_queue import setup_sequences
 
+from numbering import create_engine
 from numbering.brokers import redis_client
 from numbering.errors import ConfigurationError
 from numbering.settings import Settings
@@ -111,5 +112,90 @@ def test_numbers_through_sentinel(pg_url: str, sentinel_url: str, tmp_path: Path
         assert done.returncode == 0, done.stderr
         assert "invoices" in done.stdout
         assert "alive" in done.stdout
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[dict[str, object]]:
+    """A master, a replica and three sentinels (quorum 2), the test's own: what a
+    failover needs. Yields the sentinel URL and the processes by role."""
+    ports = {name: _free_port() for name in ("master", "replica", "s1", "s2", "s3")}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for role in ("master", "replica"):
+        (tmp_path / role).mkdir()
+        extra = ["--replicaof", "127.0.0.1", str(ports["master"])] if role == "replica" else []
+        procs[role] = subprocess.Popen(
+            ["redis-server", "--port", str(ports[role]), "--bind", "127.0.0.1",
+             "--dir", str(tmp_path / role), "--save", "", "--appendonly", "yes", *extra],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    for name in ("s1", "s2", "s3"):
+        (tmp_path / name).mkdir()
+        config = tmp_path / name / "sentinel.conf"
+        config.write_text(
+            f"port {ports[name]}\nbind 127.0.0.1\ndir {tmp_path / name}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {ports['master']} 2\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 5000\n"
+        )
+        procs[name] = subprocess.Popen(
+            ["redis-server", str(config), "--sentinel"], stdout=subprocess.DEVNULL
+        )
+    try:
+        sentinel = redis.Redis(port=ports["s1"], decode_responses=True)
+        _wait(
+            lambda: (
+                int(sentinel.sentinel_master(MASTER)["num-other-sentinels"]) == 2
+                and int(sentinel.sentinel_master(MASTER)["num-slaves"]) == 1
+            ),
+            "the sentinels know each other and the replica",
+        )
+        urls = ";".join(f"sentinel://127.0.0.1:{ports[name]}" for name in ("s1", "s2", "s3"))
+        yield {"url": f"{urls}/0", "procs": procs, "ports": ports, "sentinel": sentinel}
+        sentinel.close()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            proc.wait(30)
+
+
+@pytest.mark.slow
+def test_a_failover_under_load(
+    pg_url: str, sentinel_group: dict[str, object], tmp_path: Path
+) -> None:
+    """The master is SIGKILLed while four client processes ask for numbers: the sentinels
+    promote the replica, the worker and the clients find it, and every request ends with
+    one number; what the old master had not replicated is resent by its key. Gapless."""
+    url = str(sentinel_group["url"])
+    procs: dict[str, subprocess.Popen[bytes]] = sentinel_group["procs"]  # type: ignore[assignment]
+    ports: dict[str, int] = sentinel_group["ports"]  # type: ignore[assignment]
+    sentinel: redis.Redis = sentinel_group["sentinel"]  # type: ignore[assignment]
+    stack = Stack(pg_url, url, url, tmp_path)
+    stack.env["NUMBERING_SENTINEL_MASTER"] = MASTER
+    stack.env["NUMBERING_REQUEST_TIMEOUT"] = "120"
+    try:
+        setup_sequences(stack, "invoices")
+        stack.worker("--sequence", "invoices")
+        run = stack.start_clients([("invoices", f"c{c}", 300) for c in range(4)])
+        engine = create_engine(pg_url)
+
+        def numbered() -> int:
+            with engine.connect() as conn:
+                return int(conn.exec_driver_sql("SELECT count(*) FROM numbering_ledger").scalar())
+
+        _wait(lambda: numbered() >= 100, "numbers flowing before the fault", 120)
+        engine.dispose()
+        procs["master"].kill()
+        _wait(
+            lambda: sentinel.sentinel_get_master_addr_by_name(MASTER)[1] == ports["replica"],
+            "the replica promoted",
+            60,
+        )
+        results = run.wait(300)
+        stack.check("invoices", [f"c{c}:{i}" for c in range(4) for i in range(300)])
+        assert sorted(v for values in results for v in values) == list(range(1, 1201))
     finally:
         stack.close()
