@@ -173,11 +173,16 @@ def test_refuses_a_redis_cluster_node(stack: Stack, tmp_path: Path) -> None:
 
     import redis
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    ports = []
+    for _ in range(2):  # the client port and the cluster bus port (else port + 10000,
+        with socket.socket() as probe:  # past 65535 for a high free port: seen in CI)
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    port, bus = ports
+    log = tmp_path / "redis.log"
     server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+        ["redis-server", "--port", str(port), "--cluster-port", str(bus),
+         "--bind", "127.0.0.1", "--dir", str(tmp_path), "--logfile", str(log),
          "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
          "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -191,6 +196,8 @@ def test_refuses_a_redis_cluster_node(stack: Stack, tmp_path: Path) -> None:
                 assert client.info("cluster")["cluster_enabled"] == 1
                 break
             except redis.ConnectionError:
+                alive = server.poll() is None
+                assert alive, f"the cluster-enabled redis stopped:\n{log.read_text()[-2000:]}"
                 assert time.monotonic() < deadline, "the cluster-enabled redis never answered"
                 time.sleep(0.05)
         client.close()
