@@ -15,6 +15,7 @@ that works on a connection.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -131,13 +132,7 @@ class CoreStore:
         if statements is None:
             return None
         self.prepare()
-        params = {
-            "name": name,
-            "count": request.count,
-            "key": request.key,
-            "reference": request.reference,
-            "now": now,
-        }
+        params = plain_params(name, request, now, json_text=False)
         *writes, last = statements
         for statement in writes:
             if self.bind.execute(statement, params).rowcount != 1:  # type: ignore[attr-defined]
@@ -161,6 +156,21 @@ class CoreStore:
             )
         if rows:
             self.bind.execute(insert(ledger), list(rows))
+
+
+def plain_params(name: str, request: Request, now: datetime, *, json_text: bool) -> dict[str, Any]:
+    """The parameters of the one-step statements (``Backend.take_plain``); the reference
+    as JSON text when the statement binds it without the column's type."""
+    reference = request.reference
+    if json_text and reference is not None:
+        reference = json.dumps(reference)
+    return {
+        "name": name,
+        "count": request.count,
+        "key": request.key,
+        "reference": reference,
+        "now": now,
+    }
 
 
 def store_for(bind: Session | Connection) -> CoreStore:

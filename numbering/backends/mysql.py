@@ -43,7 +43,7 @@ from numbering.backends.base import (
 )
 from numbering.plan import Request
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT
-from numbering.store import CoreStore
+from numbering.store import CoreStore, plain_params
 
 __all__ = ["MySQL", "NamedLock"]
 
@@ -241,14 +241,7 @@ class MysqldbStore(CoreStore):
     def take_plain(self, name: str, request: Request, now: datetime) -> tuple[int, int] | None:
         self.prepare()
         connection = self.bind.connection() if isinstance(self.bind, Session) else self.bind
-        reference = None if request.reference is None else json.dumps(request.reference)
-        params = {
-            "name": name,
-            "count": request.count,
-            "key": request.key,
-            "reference": reference,
-            "now": now,
-        }
+        params = plain_params(name, request, now, json_text=True)
         result = connection.exec_driver_sql(_TAKE_PLAIN_ONE_TRIP, params)
         cursor = result.cursor
         try:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from numbering.backends.postgresql import TAKE_PLAIN
 from numbering.errors import DatabaseError
 from numbering.plan import CounterUpdate, Prior, Request
-from numbering.store import CoreStore
+from numbering.store import CoreStore, plain_params
 
 if TYPE_CHECKING:
     from numbering.backends.base import Backend, Pipelined
@@ -129,14 +129,7 @@ class Psycopg2Store(CoreStore):
         preamble = self.backend.assignment_preamble(self.bind)
         if preamble is not None:
             sql = f"{preamble};\n{sql}"
-        reference = None if request.reference is None else json.dumps(request.reference)
-        params = {
-            "name": name,
-            "count": request.count,
-            "key": request.key,
-            "reference": reference,
-            "now": now,
-        }
+        params = plain_params(name, request, now, json_text=True)
         found = self._rows(self._execute(sql, params))
         return (found[0].value, found[0].cycle) if found else None
 

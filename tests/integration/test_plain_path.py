@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from numbering import (
     create_sequence,
 )
 from numbering.errors import InvalidCountError, SequenceFrozenError
+from numbering.plan import new_key
 from numbering.validation import MAX_INT64
 
 #: Round trips the one-step path makes, by engine (SQLite has none: general path). On
@@ -284,3 +286,30 @@ def _take_each(engine: Engine, names: list[str]) -> list[int]:
         with engine.begin() as conn:
             taken.append(allocate(conn, name))
     return taken
+
+
+def test_mariadb_separate_statements_agree(mariadb_url: str) -> None:
+    """Through drivers without multi-statements (PyMySQL) the one-step path sends the
+    UPDATE and the INSERT as two statements: the same blocks, loops and refusals."""
+    from numbering.backends import backend_for
+    from numbering.plan import Request
+    from numbering.store import CoreStore
+
+    engine = create_engine(mariadb_url)
+    numbers = Allocator(engine)
+    numbers.create_sequence("plain", initial_value=10)
+    numbers.create_sequence("loop", initial_value=0, reset_value=2)
+    numbers.create_sequence("small", max_value=1)
+
+    def take(name: str, count: int = 1) -> tuple[int, int] | None:
+        with engine.begin() as conn:
+            store = CoreStore(conn, backend_for(conn))  # not the mysqlclient store
+            return store.take_plain(name, Request(new_key(), count), datetime.now(timezone.utc))
+
+    assert [take("plain"), take("plain", 3), take("plain")] == [(10, 0), (11, 0), (14, 0)]
+    assert [take("loop") for _ in range(3)] == [(0, 0), (1, 0), (0, 1)]
+    assert take("small") == (1, 0)
+    assert take("small") is None  # exhausted: the general path says so
+    for name in ("plain", "loop", "small"):
+        check_gapless(engine, name)
+    engine.dispose()
