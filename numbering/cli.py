@@ -879,7 +879,7 @@ def export(ctx: click.Context, name: str, fmt: str, period: str | None, output: 
     """Write sequence NAME's ledger for auditors, one row per assignment, in value order.
 
     NAME/PERIOD (invoices/2025) is the same as NAME --period PERIOD."""
-    from numbering.policies import PERIOD_SEPARATOR
+    from numbering.validation import PERIOD_SEPARATOR
 
     if PERIOD_SEPARATOR in name:
         name, _, named = name.partition(PERIOD_SEPARATOR)

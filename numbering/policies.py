@@ -29,6 +29,7 @@ from datetime import date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from numbering.errors import InvalidPolicyError
+from numbering.validation import PERIOD_SEPARATOR
 
 __all__ = [
     "FIELDS",
@@ -54,8 +55,6 @@ PERIODS = ("year", "month", "day")
 FIELDS = frozenset({"number", "year", "yy", "month", "day", "period"})
 MAX_FORMAT_LENGTH = 200
 MAX_FORMATTED_LENGTH = 255
-# A period counter's name: the sequence's name, then "/" (never in a user's name).
-PERIOD_SEPARATOR = "/"
 
 
 def check_format(text: str | None) -> str | None:

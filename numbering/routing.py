@@ -5,10 +5,16 @@ thousands of sequences can map them instead onto K shard queues,
 ``numbering.shard.<i>-of-<K>``, by a stable hash of the name (CRC-32, the same in every
 process and every Python version), still with one consumer per queue, so each sequence's
 requests stay in order.
+
+A queue name longer than 200 bytes of UTF-8 (a sequence name of long non-ASCII text) is
+cut there and ends in ``~`` and 16 hex digits of its SHA-256: RabbitMQ refuses names of
+more than 255 bytes, and the rest leaves room for the names numbering derives from a
+queue's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_TASK_NAME",
     "FREEZE_TASK_NAME",
+    "MAX_QUEUE_BYTES",
     "VOID_TASK_NAME",
     "QUEUE_PREFIX",
     "REPLY_HEADER",
@@ -45,11 +52,25 @@ QUEUE_PREFIX = "numbering."
 REPLY_HEADER = "numbering_reply"
 # The most shard queues a deployment may use.
 MAX_SHARDS = 4096
+# The longest queue name in bytes of UTF-8 (RabbitMQ's limit is 255; see the module doc).
+MAX_QUEUE_BYTES = 200
 
 
 def sequence_queue(sequence: str) -> str:
-    """The queue of ``sequence`` when it has its own: ``numbering.<sequence>``."""
-    return QUEUE_PREFIX + check_sequence_name(sequence)
+    """The queue of ``sequence`` when it has its own: ``numbering.<sequence>``.
+
+    >>> sequence_queue("invoices")
+    'numbering.invoices'
+    >>> len(sequence_queue("\u00e9" * 100).encode()) <= MAX_QUEUE_BYTES
+    True
+    """
+    name = QUEUE_PREFIX + check_sequence_name(sequence)
+    raw = name.encode()
+    if len(raw) <= MAX_QUEUE_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: MAX_QUEUE_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
 
 
 @dataclass(frozen=True)

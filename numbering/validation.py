@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 from numbering.errors import (
@@ -27,6 +26,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "MAX_NAME_LENGTH",
     "MAX_REFERENCE_BYTES",
+    "PERIOD_SEPARATOR",
     "check_count",
     "check_int64",
     "check_isolation_level",
@@ -38,7 +38,7 @@ __all__ = [
 
 # Largest value a BIGINT column (and so a sequence) can hold.
 MAX_INT64 = 2**63 - 1
-# Sequence names become queue names, so they stay short and plain ASCII.
+# django-sequences' limit (its name column is 100 characters); names become queue names.
 MAX_NAME_LENGTH = 100
 # Request keys are usually document ids or UUIDs; 200 characters leaves room for prefixes.
 MAX_KEY_LENGTH = 200
@@ -49,9 +49,9 @@ MAX_REFERENCE_BYTES = 4096
 
 ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 
-# ASCII letters and digits first, then letters, digits and . _ : -. No spaces, quotes,
-# semicolons or look-alike Unicode letters: the name ends up in queue names and logs.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*\Z")
+# A periodic sequence's period counters are named NAME/PERIOD, so a user's name never
+# holds it: "inv/2026" could otherwise name the period counter of sequence "inv".
+PERIOD_SEPARATOR = "/"
 
 
 def _check_text(value: object, what: str, limit: int, error: type[ValueError]) -> str:
@@ -68,14 +68,28 @@ def _check_text(value: object, what: str, limit: int, error: type[ValueError]) -
 def check_sequence_name(name: object) -> str:
     """Return ``name`` if it is a valid sequence name, else raise InvalidSequenceNameError.
 
+    Any text django-sequences takes, but ``/``: 1 to 100 characters, printable (no line
+    breaks, tabs, control or invisible format characters, which would make log lines and
+    command output lie), without leading or trailing whitespace. Names compare exactly,
+    code point by code point (no case folding or Unicode normalization).
+
     >>> check_sequence_name("invoices-2026")
     'invoices-2026'
+    >>> check_sequence_name("Factures clients 2026")
+    'Factures clients 2026'
     """
     name = _check_text(name, "sequence name", MAX_NAME_LENGTH, InvalidSequenceNameError)
-    if not _NAME_RE.match(name):
+    if name != name.strip():
         raise InvalidSequenceNameError(
-            f"invalid sequence name {name!r}: use ASCII letters, digits and . _ : - "
-            "(starting with a letter or digit)"
+            f"invalid sequence name {name!r}: leading or trailing whitespace"
+        )
+    if not name.isprintable():
+        raise InvalidSequenceNameError(
+            f"invalid sequence name {name!r}: control, line-break or invisible characters"
+        )
+    if PERIOD_SEPARATOR in name:
+        raise InvalidSequenceNameError(
+            f"invalid sequence name {name!r}: '/' is kept for period counters (NAME/PERIOD)"
         )
     return name
 

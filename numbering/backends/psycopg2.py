@@ -49,14 +49,14 @@ PIPELINE_OPTION = "numbering_pipeline"
 
 # Lock (in name order, bytewise as Python sorts), then look up in a second statement of
 # the same round trip (see the module doc). The look-up's result rides on the first row.
-# The second statement returns only the counters the first one locked (their names pass
+# The second statement returns only the counters the first one locked (their ids pass
 # through a transaction-local setting): a counter committed by another transaction
 # between the two statements would otherwise come back unlocked, and be assigned from
 # without its lock (seen: two first callers of a sequence created meanwhile took the
 # same value, refused by the ledger's unique index).
 _LOCK_AND_LOOK_UP = """\
-SELECT set_config('numbering.locked', coalesce(string_agg(name, ' '), ''), true)
-  FROM (SELECT name FROM numbering_sequence WHERE name = ANY(%(names)s)
+SELECT set_config('numbering.locked', coalesce(string_agg(id::text, ','), ''), true)
+  FROM (SELECT id FROM numbering_sequence WHERE name = ANY(%(names)s)
          ORDER BY name COLLATE "C" FOR UPDATE{nowait}) AS locked;
 SELECT s.*, CASE WHEN row_number() OVER () = 1 THEN (
     SELECT json_agg(json_build_array(
@@ -66,7 +66,7 @@ SELECT s.*, CASE WHEN row_number() OVER () = 1 THEN (
      WHERE l.request_key = ANY(%(keys)s)
 ) END AS numbering_priors
   FROM numbering_sequence s
- WHERE s.name = ANY(string_to_array(current_setting('numbering.locked'), ' '))"""
+ WHERE s.id = ANY(string_to_array(current_setting('numbering.locked'), ',')::bigint[])"""
 
 _UPDATE_COUNTER = (
     "UPDATE numbering_sequence SET last_value = %(counter_last)s, "

@@ -139,7 +139,7 @@ def test_bad_input_is_one_clear_line(cli: CLI) -> None:
     cli("sequence", "create", "invoices")
     cases = {
         ("sequence", "create", "invoices"): "already exists",
-        ("sequence", "create", "bad name"): "invalid sequence name",
+        ("sequence", "create", "bad/name"): "invalid sequence name",
         ("sequence", "create", "loop", "--initial-value", "5", "--reset-value", "5"): (
             "must be greater than initial_value"
         ),

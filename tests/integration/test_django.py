@@ -486,14 +486,14 @@ def test_take_over_django_sequences(alias: str, databases: dict[str, str]) -> No
         call_command("numbering_takeover", "--database", alias, *args, stdout=out)
         return out.getvalue()
 
-    a, b = fresh(), fresh()
+    a, b = fresh(), f"Facture n\u00b0 {fresh()}"  # any text but "/" is a name
     for _ in range(3):
         sequences.get_next_value(a, using=alias)
     assert sequences.get_next_value(b, initial_value=100, using=alias) == 100
-    sequences.get_next_value("bad name", using=alias)
-    with pytest.raises(CommandError, match="'bad name': invalid sequence name"):
+    sequences.get_next_value("bad/name", using=alias)
+    with pytest.raises(CommandError, match="'bad/name': invalid sequence name"):
         takeover()
-    sequences.delete("bad name", using=alias)
+    sequences.delete("bad/name", using=alias)
 
     planned = takeover("--dry-run")
     assert f"{a}: django-sequences gave up to 3; numbering gives 4 next" in planned

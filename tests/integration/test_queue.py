@@ -27,7 +27,14 @@ from numbering.errors import (
     SequenceNotFoundError,
 )
 from numbering.messages import encode_redis_message
-from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, queue_for, sequence_queue
+from numbering.routing import (
+    MAX_QUEUE_BYTES,
+    REPLY_HEADER,
+    TASK_NAME,
+    Shard,
+    queue_for,
+    sequence_queue,
+)
 from numbering.tasks.consumer import BatchProcessor, Consumer
 from numbering.tasks.guard import consumer_lock
 from numbering.tasks.redis_transport import RedisTransport
@@ -68,6 +75,32 @@ def test_two_sequences_on_two_workers(stack: Stack) -> None:
     for seq in ("invoices", "credit-notes"):
         keys = [f"{seq}-{c}:{i}" for c in range(2) for i in range(100)]
         assert len(stack.check(seq, keys)) == 200
+
+
+# A name with spaces and accents, and one whose queue name is cut and digested (over 255
+# bytes of UTF-8 with the prefix, which RabbitMQ would refuse).
+WIDE_NAMES = ("Factures clients n\u00b0 7", "Avoirs " + "\u8acb\u6c42\u66f8" * 31)
+
+
+def serve_wide_names(stack: Stack, suffix: str = "") -> None:
+    """A worker serves sequences named with any text; clients reach them by name."""
+    names = [name[: 100 - len(suffix)] + suffix for name in WIDE_NAMES]
+    cut = sequence_queue(names[1]).encode()
+    assert len(cut) <= MAX_QUEUE_BYTES < len(f"numbering.{names[1]}".encode())
+    setup_sequences(stack, *names)
+    worker = stack.worker(*(arg for name in names for arg in ("--sequence", name)))
+    client = stack.client()
+    for n, name in enumerate(names):
+        assert [client.next_value(name, key=f"{n}:{i}") for i in range(5)] == [1, 2, 3, 4, 5]
+        assert client.next_block(name, key=f"{n}:2").resent
+    worker.wait_for(f"active consumer of {sequence_queue(names[1])}")
+    for n, name in enumerate(names):
+        keys = [f"{n}:{i}" for i in range(5)]
+        stack.check(name, keys, unrecorded=keys)  # (taken here, not by client processes)
+
+
+def test_sequences_named_with_any_text(stack: Stack) -> None:
+    serve_wide_names(stack)
 
 
 def test_sequences_on_shard_queues(stack: Stack) -> None:
@@ -548,7 +581,7 @@ def test_cli_next_goes_through_the_queue(stack: Stack) -> None:
         (("worker",), "give at least one --sequence NAME or a --shard I/K"),
         (("worker", "--shard", "9/4"), "shard index must be 0..3"),
         (("worker", "--shard", "0/2", "--shard", "1/4"), "must have the same count K"),
-        (("worker", "--sequence", "bad name"), "invalid sequence name"),
+        (("worker", "--sequence", "bad/name"), "invalid sequence name"),
     ]:
         done = cli(*args)
         assert done.returncode == 1, args

@@ -10,7 +10,7 @@ import uuid
 from celery import Celery
 from integration.stack import Stack
 from ledger_check import check_gapless
-from test_queue import assert_increasing, read_replies, setup_sequences
+from test_queue import assert_increasing, read_replies, serve_wide_names, setup_sequences
 
 from numbering import Allocator, Client, create_engine
 from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, kombu_queue
@@ -30,6 +30,10 @@ def test_four_client_processes_on_one_sequence(amqp_stack: Stack) -> None:
     assert_increasing(results)
     keys = [f"c{c}:{i}" for c in range(4) for i in range(250)]
     amqp_stack.check(seq, keys)
+
+
+def test_sequences_named_with_any_text(amqp_stack: Stack) -> None:
+    serve_wide_names(amqp_stack, suffix=unique(" "))
 
 
 def test_standby_consumer_takes_over_when_the_active_one_is_killed(amqp_stack: Stack) -> None:

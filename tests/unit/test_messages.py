@@ -113,7 +113,7 @@ def test_undecodable_messages_are_refused(raw: str | bytes, message: str) -> Non
         ([["invoices", "k"], {}, {}], {}, "keyword arguments"),
         ([[], {"sequence": "invoices"}, {}], {}, "request key is required"),
         ([[], {"sequence": "invoices", "key": "k", "extra": 1}, {}], {}, "unknown task argument"),
-        ([[], {"sequence": "a;DROP", "key": "k"}, {}], {}, "invalid sequence name"),
+        ([[], {"sequence": "a\nDROP", "key": "k"}, {}], {}, "invalid sequence name"),
         ([[], {"sequence": "invoices", "key": 5}, {}], {}, "must be a string"),
         ([[], {"sequence": "invoices", "key": "k", "count": True}, {}], {}, "integer"),
         ([[], {"sequence": "invoices", "key": "k", "count": 2**63}, {}], {}, "at most"),
