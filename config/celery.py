@@ -59,5 +59,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Results are a convenience for plain Celery callers; the ledger is the record.
         "result_expires": 3600,
         "broker_connection_retry_on_startup": True,
+        # A broker error on a channel is passing, not fatal: a Redis master that lost its
+        # replicas answers NOREPLICAS (min-replicas-to-write), one demoted by a failover
+        # READONLY or UNBLOCKED. Without this, Celery's consumer stopped the whole worker
+        # ("Unrecoverable error: ResponseError"); with it, it reconnects, through the
+        # sentinels to the new master.
+        "broker_channel_error_retry": True,
         "worker_hijack_root_logger": False,
     }

@@ -41,6 +41,7 @@ import kombu.exceptions
 import kombu.pools
 import redis
 from celery import Celery
+from redis.sentinel import MasterNotFoundError
 
 from numbering.assignment import Assignment, Request, new_key
 from numbering.brokers import is_redis, redis_client
@@ -382,9 +383,16 @@ class Client:
     ) -> RequestTimeout:  # fmt: skip
         """The error for a request with no answer in time, saying what is known of why."""
         if not out.sent and not out.maybe_sent:
-            return BrokerUnavailable(
-                request.key, out.sequence, wait, mask_url(self.broker_url), failure
-            )
+            broker = mask_url(self.broker_url)
+            if isinstance(failure, redis.ResponseError):  # it answered, refusing the write
+                hint = (
+                    "the broker refused the write; NOREPLICAS: no replica is in sync with "
+                    "the master (min-replicas-to-write), as during a failover or a partition"
+                    if str(failure).startswith("NOREPLICAS")
+                    else "the broker refused the write"
+                )
+                return BrokerUnavailable(request.key, out.sequence, wait, broker, failure, hint)
+            return BrokerUnavailable(request.key, out.sequence, wait, broker, failure)
         detail = None
         try:
             if state.broker is not None and state.still_queued is not None:
@@ -544,7 +552,7 @@ class Client:
         except (redis.RedisError, OSError, *_KOMBU_ERRORS) as exc:
             if _permanent(exc):
                 raise _refused("NUMBERING_BROKER_URL", self.broker_url, exc) from exc
-            if not _before_connecting(exc):
+            if not _nothing_sent(exc):
                 out.maybe_sent = True  # the connection broke mid-way: it may have arrived
             state.outage.failed(f"sending requests to {mask_url(self.broker_url)}", exc)
             return exc
@@ -675,14 +683,18 @@ class _Outgoing:
     maybe_sent: bool = False
 
 
-def _before_connecting(exc: BaseException) -> bool:
-    """True when ``exc`` says the connection to the broker could not even be opened
-    (refused, unreachable, timed out while connecting): then nothing was sent."""
-    if isinstance(exc, ConnectionRefusedError):
+def _nothing_sent(exc: BaseException) -> bool:
+    """True when ``exc`` says the request cannot have reached the broker: the connection
+    could not even be opened (refused, unreachable, timed out while connecting; no
+    master known to the sentinels), or the server answered and refused the write (a
+    replica's READONLY, NOREPLICAS, out of memory)."""
+    if isinstance(exc, (ConnectionRefusedError, MasterNotFoundError, redis.ResponseError)):
         return True
     text = str(exc)
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return "connecting to" in text  # redis-py's words for a failed connect
+        # redis-py's words for a failed connect, and for a reply of READONLY through a
+        # sentinel-managed connection (the command was refused by a demoted master)
+        return "connecting to" in text or text == "The previous master is now a slave"
     return isinstance(exc, kombu.exceptions.OperationalError) and "Connection refused" in text
 
 

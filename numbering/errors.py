@@ -297,12 +297,13 @@ class BrokerUnavailable(RequestTimeout):
         timeout: float,
         broker: str,
         cause: BaseException | None,
+        hint: str = "is the broker running? check NUMBERING_BROKER_URL",
     ) -> None:
         NumberingError.__init__(
             self,
             f"could not send request key {key!r} on sequence {sequence!r} to the broker at "
             f"{broker} within {timeout:g}s: {cause or 'no answer'}; nothing was sent, so "
-            "nothing was assigned (is the broker running? check NUMBERING_BROKER_URL)",
+            f"nothing was assigned ({hint})",
         )
         self.key = key
         self.sequence = sequence

@@ -17,12 +17,16 @@ from pathlib import Path
 import pytest
 import redis
 from integration.stack import Stack
+from ledger_check import check_gapless
 from test_queue import setup_sequences
 
 from numbering import create_engine
 from numbering.brokers import redis_client
-from numbering.errors import ConfigurationError
+from numbering.config.celery import CONTROL_QUEUE
+from numbering.errors import BrokerUnavailable, ConfigurationError
+from numbering.routing import FREEZE_TASK_NAME
 from numbering.settings import Settings
+from numbering.tasks.app import create_app
 
 MASTER = "numbering"
 
@@ -163,12 +167,15 @@ def sentinel_group(tmp_path: Path) -> Iterator[dict[str, object]]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill", "switchover"])
 def test_a_failover_under_load(
-    pg_url: str, sentinel_group: dict[str, object], tmp_path: Path
+    pg_url: str, sentinel_group: dict[str, object], tmp_path: Path, fault: str
 ) -> None:
-    """The master is SIGKILLed while four client processes ask for numbers: the sentinels
-    promote the replica, the worker and the clients find it, and every request ends with
-    one number; what the old master had not replicated is resent by its key. Gapless."""
+    """The master is SIGKILLed (or demoted by SENTINEL FAILOVER: blocked commands on it
+    then fail with UNBLOCKED, writes with READONLY) while four client processes ask for
+    numbers: the sentinels promote the replica, the worker and the clients find it, and
+    every request ends with one number; what the old master had not replicated is resent
+    by its key. Gapless."""
     url = str(sentinel_group["url"])
     procs: dict[str, subprocess.Popen[bytes]] = sentinel_group["procs"]  # type: ignore[assignment]
     ports: dict[str, int] = sentinel_group["ports"]  # type: ignore[assignment]
@@ -178,7 +185,7 @@ def test_a_failover_under_load(
     stack.env["NUMBERING_REQUEST_TIMEOUT"] = "120"
     try:
         setup_sequences(stack, "invoices")
-        stack.worker("--sequence", "invoices")
+        worker = stack.worker("--sequence", "invoices")
         run = stack.start_clients([("invoices", f"c{c}", 300) for c in range(4)])
         engine = create_engine(pg_url)
 
@@ -188,14 +195,65 @@ def test_a_failover_under_load(
 
         _wait(lambda: numbered() >= 100, "numbers flowing before the fault", 120)
         engine.dispose()
-        procs["master"].kill()
+        if fault == "kill":
+            procs["master"].kill()
+        else:
+            sentinel.sentinel_failover(MASTER)
         _wait(
             lambda: sentinel.sentinel_get_master_addr_by_name(MASTER)[1] == ports["replica"],
             "the replica promoted",
             60,
         )
         results = run.wait(300)
+        assert worker.proc.poll() is None, worker.output()  # it carried on
         stack.check("invoices", [f"c{c}:{i}" for c in range(4) for i in range(300)])
         assert sorted(v for values in results for v in values) == list(range(1, 1201))
     finally:
+        stack.close()
+
+
+def test_a_master_without_its_replicas_refuses_writes_and_the_worker_waits(
+    pg_url: str, sentinel_url: str, tmp_path: Path
+) -> None:
+    """min-replicas-to-write: a master that has lost its replicas answers NOREPLICAS to
+    every write (here set by hand on a master without replicas). A caller is told at
+    once that nothing was sent; the worker, Celery's consumer of the control queue
+    included, keeps running and serves again when writes are taken; gapless."""
+    stack = Stack(pg_url, sentinel_url, sentinel_url, tmp_path)
+    stack.env["NUMBERING_SENTINEL_MASTER"] = MASTER
+    master = redis_client(sentinel_url, MASTER)
+    try:
+        setup_sequences(stack, "invoices")
+        worker = stack.worker("--sequence", "invoices")
+        client = stack.client()
+        assert client.next_value("invoices", key="before") == 1
+        master.config_set("min-replicas-to-write", 1)
+        with pytest.raises(BrokerUnavailable, match=r"NOREPLICAS.*nothing was sent") as info:
+            client.next_value("invoices", key="during", timeout=2)
+        assert "min-replicas-to-write" in str(info.value)
+
+        def refused(line: str) -> bool:
+            return "NOREPLICAS" in line
+
+        _wait(  # both of the worker's consumers met the refusal, and carried on
+            lambda: (
+                any(refused(line) and "celery" in line for line in worker.output().splitlines())
+                and any(
+                    refused(line) and "consumer of numbering.invoices" in line
+                    for line in worker.output().splitlines()
+                )
+            ),
+            "the worker met NOREPLICAS",
+        )
+        master.config_set("min-replicas-to-write", 0)
+        assert client.next_value("invoices", key="during") == 2
+        app = create_app(stack.settings)
+        frozen = app.send_task(
+            FREEZE_TASK_NAME, kwargs={"sequence": "invoices"}, queue=CONTROL_QUEUE
+        )
+        assert frozen.get(timeout=60) == {"sequence": "invoices", "frozen": True}
+        assert worker.proc.poll() is None, worker.output()
+        check_gapless(create_engine(pg_url), "invoices", keys=["before", "during"])
+    finally:
+        master.close()
         stack.close()

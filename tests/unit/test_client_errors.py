@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import kombu.exceptions
 import redis
+from redis.sentinel import MasterNotFoundError
 
-from numbering.client import _before_connecting, _permanent
+from numbering.client import _nothing_sent, _permanent
 
 
-def test_only_a_failed_connect_proves_that_nothing_was_sent() -> None:
+def test_only_a_failed_connect_or_a_refusal_proves_that_nothing_was_sent() -> None:
     refused = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
-    assert _before_connecting(refused)
-    assert _before_connecting(redis.TimeoutError("Timeout connecting to server"))
-    assert _before_connecting(ConnectionRefusedError(111, "Connection refused"))
-    assert _before_connecting(kombu.exceptions.OperationalError("[Errno 111] Connection refused"))
+    assert _nothing_sent(refused)
+    assert _nothing_sent(redis.TimeoutError("Timeout connecting to server"))
+    assert _nothing_sent(ConnectionRefusedError(111, "Connection refused"))
+    assert _nothing_sent(kombu.exceptions.OperationalError("[Errno 111] Connection refused"))
+    # The server answered, refusing the write: nothing of it was kept.
+    assert _nothing_sent(redis.ResponseError("NOREPLICAS Not enough good replicas to write."))
+    assert _nothing_sent(redis.ReadOnlyError("You can't write against a read only replica."))
+    assert _nothing_sent(redis.ConnectionError("The previous master is now a slave"))
+    assert _nothing_sent(MasterNotFoundError("No master found for 'numbering'"))
     # Broken mid-way: the request may have reached the broker before the connection died.
-    assert not _before_connecting(redis.ConnectionError("Connection closed by server."))
-    assert not _before_connecting(redis.TimeoutError("Timeout reading from socket"))
-    assert not _before_connecting(kombu.exceptions.OperationalError("Socket closed"))
+    assert not _nothing_sent(redis.ConnectionError("Connection closed by server."))
+    assert not _nothing_sent(redis.TimeoutError("Timeout reading from socket"))
+    assert not _nothing_sent(kombu.exceptions.OperationalError("Socket closed"))
 
 
 def test_errors_no_wait_can_cure_are_told_apart_from_passing_ones() -> None:
