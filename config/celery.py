@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from numbering.brokers import is_sentinel
+from numbering.brokers import broker_kind, is_sentinel
 from numbering.routing import QUEUE_PREFIX
 from numbering.settings import Settings
 
@@ -33,6 +33,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     backend: dict[str, Any] = {}
     if is_sentinel(settings.broker_url):
         transport["master_name"] = settings.sentinel_master
+    if broker_kind(settings.broker_url) == "amqp":
+        # Publisher confirms: a request counts as sent once RabbitMQ has it (on a quorum
+        # queue, once a majority of its nodes have it), so a message lost at a node's
+        # failure is sent again at once rather than after the caller's resend interval.
+        transport["confirm_publish"] = True
     if is_sentinel(settings.result_backend):
         backend["master_name"] = settings.sentinel_master
     return {

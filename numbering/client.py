@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import amqp.exceptions
 import kombu.exceptions
 import kombu.pools
 import redis
@@ -55,8 +56,8 @@ from numbering.errors import (
 from numbering.messages import encode_redis_message
 from numbering.policies import DateLike
 from numbering.replies import error_from_reply, new_reply_list, same_database
-from numbering.routing import REPLY_HEADER, TASK_NAME, kombu_queue, queue_for
-from numbering.settings import Settings, mask_url
+from numbering.routing import REPLY_HEADER, TASK_NAME, declared_otherwise, kombu_queue, queue_for
+from numbering.settings import Settings, check_queue_type, mask_url
 from numbering.validation import check_count, check_seconds, check_sequence_name
 
 __all__ = ["Client"]
@@ -69,10 +70,12 @@ _LISTEN_SECONDS = 1.0
 _REPLY_BATCH = 200
 # Shortest wait worth a BRPOP (its timeout is in seconds; 0 would block for ever).
 _MIN_BLOCK_SECONDS = 0.001
+# The shortest wait for RabbitMQ to confirm a message.
+_MIN_CONFIRM_SECONDS = 0.05
 # Seconds before sending again after the broker refused a message.
 _PUBLISH_RETRY_SECONDS = 0.2
-# What kombu raises when RabbitMQ cannot take a message.
-_KOMBU_ERRORS = (kombu.exceptions.OperationalError,)
+# What kombu raises when RabbitMQ cannot take a message (a nack: publisher confirms).
+_KOMBU_ERRORS = (kombu.exceptions.OperationalError, amqp.exceptions.MessageNacked)
 
 Waiter = Callable[[dict[str, Any]], None]
 
@@ -177,6 +180,7 @@ class Client:
         timeout: float = 10.0,
         resend_after: float | None = None,
         sentinel_master: str | None = None,
+        queue_type: str = "classic",
     ) -> None:
         if not is_redis(reply_url):
             raise ConfigurationError(
@@ -188,6 +192,8 @@ class Client:
         self.shards = shards
         #: The Redis master's name, for sentinel:// URLs (NUMBERING_SENTINEL_MASTER).
         self.sentinel_master = sentinel_master
+        #: RabbitMQ's type of the queues (NUMBERING_QUEUE_TYPE), as the workers declare them.
+        self.queue_type = check_queue_type(queue_type, broker_url)
         self.timeout = check_seconds(timeout, "timeout")
         self.resend_after = (
             None if resend_after is None else check_seconds(resend_after, "resend_after")
@@ -204,6 +210,7 @@ class Client:
             shards=settings.shards,
             timeout=settings.request_timeout,
             sentinel_master=settings.sentinel_master,
+            queue_type=settings.queue_type,
         )
 
     @classmethod
@@ -232,6 +239,7 @@ class Client:
             broker_url=self.broker_url,
             result_backend=self.reply_url,
             sentinel_master=self.sentinel_master,
+            queue_type=self.queue_type,
         )
         app = Celery("numbering-client", set_as_current=False)
         app.conf.update(celery_config(settings))
@@ -366,11 +374,17 @@ class Client:
         # RabbitMQ: nothing can look into the queue, so a resend (never the first copy,
         # which waits for a worker however long that takes) expires when its caller
         # gives up; the broker drops expired copies unread.
-        options = {} if not out.sent or expires is None else {"expiration": max(expires, 0.001)}
+        options: dict[str, float] = {}
+        if expires is not None:
+            # The broker confirms each message (publisher confirms); no longer than the
+            # caller waits.
+            options["confirm_timeout"] = max(expires, _MIN_CONFIRM_SECONDS)
+            if out.sent:
+                options["expiration"] = max(expires, 0.001)
         state.app.send_task(
             TASK_NAME,
             kwargs=out.kwargs,
-            queue=kombu_queue(out.queue),
+            queue=kombu_queue(out.queue, self.queue_type),
             headers={REPLY_HEADER: state.reply_list},
             ignore_result=True,
             **options,
@@ -549,6 +563,9 @@ class Client:
         that cannot pass (a wrong password, a missing database index) at once."""
         try:
             self._publish(state, out, read, expires)
+        except amqp.exceptions.PreconditionFailed as exc:
+            mismatch = declared_otherwise(exc, out.queue, self.queue_type)
+            raise ConfigurationError(mismatch or str(exc)) from exc
         except (redis.RedisError, OSError, *_KOMBU_ERRORS) as exc:
             if _permanent(exc):
                 raise _refused("NUMBERING_BROKER_URL", self.broker_url, exc) from exc
@@ -687,8 +704,16 @@ def _nothing_sent(exc: BaseException) -> bool:
     """True when ``exc`` says the request cannot have reached the broker: the connection
     could not even be opened (refused, unreachable, timed out while connecting; no
     master known to the sentinels), or the server answered and refused the write (a
-    replica's READONLY, NOREPLICAS, out of memory)."""
-    if isinstance(exc, (ConnectionRefusedError, MasterNotFoundError, redis.ResponseError)):
+    replica's READONLY, NOREPLICAS, out of memory; RabbitMQ's nack of a message)."""
+    if isinstance(
+        exc,
+        (
+            ConnectionRefusedError,
+            MasterNotFoundError,
+            redis.ResponseError,
+            amqp.exceptions.MessageNacked,
+        ),
+    ):
         return True
     text = str(exc)
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):

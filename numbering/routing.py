@@ -15,6 +15,7 @@ queue's.
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,13 +28,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_TASK_NAME",
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
+    "DELIVERY_LIMIT",
     "FREEZE_TASK_NAME",
     "MAX_QUEUE_BYTES",
     "VOID_TASK_NAME",
     "QUEUE_PREFIX",
+    "QUEUE_TYPES",
     "REPLY_HEADER",
     "TASK_NAME",
     "Shard",
+    "dead_letter_queue",
+    "declared_otherwise",
     "kombu_queue",
     "queue_for",
     "sequence_queue",
@@ -54,6 +61,17 @@ REPLY_HEADER = "numbering_reply"
 MAX_SHARDS = 4096
 # The longest queue name in bytes of UTF-8 (RabbitMQ's limit is 255; see the module doc).
 MAX_QUEUE_BYTES = 200
+# RabbitMQ queue types numbering declares (NUMBERING_QUEUE_TYPE).
+QUEUE_TYPES = ("classic", "quorum")
+# A quorum queue dead-letters a message delivered more than this many times. The worker
+# quarantines a request on its MAX_DELIVERIES + 1st delivery (numbering.tasks.redelivery:
+# 3), answering its caller; this backstop is above that, so it only catches a message
+# that stops the worker before it is counted.
+DELIVERY_LIMIT = 5
+# Where quorum queues dead-letter: an exchange and a queue whose names no sequence's
+# queue can take ("/" is never in a sequence name).
+DEAD_LETTER_EXCHANGE = "numbering/quarantine"
+DEAD_LETTER_QUEUE = "numbering/quarantine"
 
 
 def sequence_queue(sequence: str) -> str:
@@ -128,23 +146,74 @@ def queue_for(sequence: str, shards: int | None = None) -> str:
     return Shard.of(sequence, shards).queue
 
 
-def kombu_queue(name: str) -> Queue:
+def kombu_queue(name: str, queue_type: str = "classic") -> Queue:
     """The kombu declaration of numbering queue ``name``, the same for every party.
 
     On RabbitMQ the queue is durable and single-active-consumer, so a standby worker
     consumes only when the active one is gone. RabbitMQ refuses a second declaration with
     different arguments, so plain Celery callers should publish with this object
-    (``send_task(..., queue=kombu_queue(queue_for("invoices")))``). Redis ignores the
-    arguments.
+    (``send_task(..., queue=kombu_queue(queue_for("invoices"), settings.queue_type))``).
+    Redis ignores the arguments.
+
+    ``queue_type="quorum"``: a quorum queue (replicated over the cluster's nodes by Raft)
+    that counts deliveries and, past :data:`DELIVERY_LIMIT`, dead-letters a message to
+    :data:`DEAD_LETTER_QUEUE` (at least once: the message leaves the queue only once the
+    dead-letter queue has it). The worker quarantines a request that keeps stopping it
+    before that limit; the limit catches what stops the worker before it can count.
     """
     # Imported here: `import numbering` (allocate in one's own transaction) loads no
     # kombu or Celery.
     from kombu.entity import Exchange, Queue
 
+    arguments: dict[str, object] = {"x-single-active-consumer": True}
+    if queue_type == "quorum":
+        arguments |= {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",  # what at-least-once dead-lettering requires
+        }
+    elif queue_type != "classic":
+        raise InvalidValueError(
+            f"queue type must be {' or '.join(QUEUE_TYPES)}, got {queue_type!r}"
+        )
     return Queue(
         name,
         Exchange(name, type="direct", durable=True),
         routing_key=name,
         durable=True,
-        queue_arguments={"x-single-active-consumer": True},
+        queue_arguments=arguments,
+    )
+
+
+def declared_otherwise(exc: BaseException, queue: str, queue_type: str) -> str | None:
+    """What to tell when RabbitMQ refused to declare ``queue`` because it exists with
+    other arguments (406 PRECONDITION_FAILED "inequivalent arg"), else None. A queue's
+    type and arguments cannot change in place."""
+    text = str(exc)
+    found = re.search(r"inequivalent arg '([^']+)'", text)
+    if found is None:
+        return None
+    detail = text[text.find("received", found.end()) :] if "received" in text else ""
+    return (
+        f"RabbitMQ queue {queue} exists with other arguments than NUMBERING_QUEUE_TYPE="
+        f"{queue_type} declares ({found.group(1)}: {detail or 'differs'}): a queue's type "
+        "cannot change in place. Give every client and worker the same "
+        "NUMBERING_QUEUE_TYPE, or migrate the queue (docs/deployment.md, RabbitMQ: "
+        "changing the queue type)"
+    )
+
+
+def dead_letter_queue() -> Queue:
+    """The kombu declaration of :data:`DEAD_LETTER_QUEUE` and its fanout exchange, where
+    quorum queues dead-letter the requests quarantined (one queue for all: each message
+    names its queue in its ``x-death`` header)."""
+    from kombu.entity import Exchange, Queue
+
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        Exchange(DEAD_LETTER_EXCHANGE, type="fanout", durable=True),
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
     )

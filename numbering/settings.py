@@ -16,7 +16,14 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from numbering.brokers import REDIS_SCHEMES, SCHEMES, is_redis, is_sentinel, scheme_of
+from numbering.brokers import (
+    REDIS_SCHEMES,
+    SCHEMES,
+    broker_kind,
+    is_redis,
+    is_sentinel,
+    scheme_of,
+)
 from numbering.errors import ConfigurationError, NumberingError
 from numbering.retry import (
     DEFAULT_ATTEMPTS,
@@ -25,7 +32,7 @@ from numbering.retry import (
     DEFAULT_WAIT_MAX,
     RetryPolicy,
 )
-from numbering.routing import Shard
+from numbering.routing import QUEUE_TYPES, Shard
 from numbering.validation import check_isolation_level, check_seconds
 
 __all__ = [
@@ -88,6 +95,7 @@ ENV = {
     "synchronous_commit": "NUMBERING_SYNCHRONOUS_COMMIT",
     "allow_reissue_after_failover": "NUMBERING_ALLOW_REISSUE_AFTER_FAILOVER",
     "sentinel_master": "NUMBERING_SENTINEL_MASTER",
+    "queue_type": "NUMBERING_QUEUE_TYPE",
 }
 
 # NUMBERING_* variables read elsewhere, which are not settings.
@@ -103,7 +111,14 @@ def mask_url(url: str) -> str:
 
     >>> mask_url("postgresql://app:s3cret@db/numbers")
     'postgresql://app:***@db/numbers'
+
+    Each of several ``;``-separated URLs (RabbitMQ cluster nodes, Redis sentinels):
+
+    >>> mask_url("amqp://u:pw@h1//;amqp://u:pw@h2//")
+    'amqp://u:***@h1//;amqp://u:***@h2//'
     """
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -157,6 +172,10 @@ class Settings:
     #: The Redis master's name for ``sentinel://`` broker and result backend URLs (the
     #: NAME of the sentinels' ``sentinel monitor NAME ...``).
     sentinel_master: str | None = None
+    #: RabbitMQ's type for numbering's queues: ``classic`` or ``quorum`` (replicated over
+    #: the cluster's nodes, with a delivery limit and a dead-letter queue). Clients and
+    #: workers must agree: RabbitMQ refuses a queue declared with the other type.
+    queue_type: str = "classic"
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -180,6 +199,7 @@ class Settings:
                 f"{ENV['sentinel_master']} is set, but neither {ENV['broker_url']} nor "
                 f"{ENV['result_backend']} is a sentinel:// URL"
             )
+        check_queue_type(self.queue_type, self.broker_url)
         try:
             level = check_isolation_level(self.isolation_level)
             self.retry_policy()
@@ -264,6 +284,22 @@ class Settings:
             else:
                 shown[ENV[f.name]] = "" if value is None else str(value)
         return shown
+
+
+def check_queue_type(queue_type: object, broker_url: str) -> str:
+    """``queue_type`` if it is one of :data:`~numbering.routing.QUEUE_TYPES` and fits the
+    broker (a quorum queue is RabbitMQ's), else raise ConfigurationError."""
+    if queue_type not in QUEUE_TYPES:
+        raise ConfigurationError(
+            f"{ENV['queue_type']} must be {' or '.join(QUEUE_TYPES)}, got {queue_type!r}"
+        )
+    assert isinstance(queue_type, str)
+    if queue_type != "classic" and broker_kind(broker_url) != "amqp":
+        raise ConfigurationError(
+            f"{ENV['queue_type']}={queue_type} is a RabbitMQ queue type, but the broker "
+            f"{mask_url(broker_url)} is not RabbitMQ (amqp://)"
+        )
+    return queue_type
 
 
 def _check_positive_int(value: object, what: str, maximum: int) -> None:

@@ -6,9 +6,13 @@ prefetch), and a turn takes everything already delivered from all of the worker'
 as one batch. A consumer that dies leaves its messages unacknowledged and RabbitMQ
 delivers them again, marked redelivered. Queues are declared single-active-consumer (see
 :func:`numbering.routing.kombu_queue`): RabbitMQ itself keeps standby consumers idle and
-hands the queue to one of them when the active consumer goes away. Attempt counts and
-dead letters live in the reply Redis (RabbitMQ has no place for them that a replay could
-use).
+hands the queue to one of them when the active consumer goes away.
+
+Classic queues: attempt counts and dead letters live in the reply Redis. Quorum queues
+(``NUMBERING_QUEUE_TYPE=quorum``) count deliveries themselves (``x-delivery-count``), and a
+quarantined request is rejected into RabbitMQ's dead-letter queue ``numbering/quarantine``
+(at least once: it leaves its queue only once the dead-letter queue has it), where
+``numbering quarantine list`` reads it and ``replay`` takes it back.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -29,9 +33,14 @@ from kombu.messaging import Consumer
 from numbering.brokers import attempts_hash, dead_letter_list, redis_client
 from numbering.errors import InvalidRequestError, NumberingError
 from numbering.messages import MAX_MESSAGE_BYTES, BadMessage, Job, envelope, parse_task
-from numbering.routing import kombu_queue
-from numbering.tasks.redelivery import RedisAttempts
-from numbering.tasks.transport import Delivery, QueueState, consumer_name
+from numbering.routing import (
+    DEAD_LETTER_QUEUE,
+    dead_letter_queue,
+    declared_otherwise,
+    kombu_queue,
+)
+from numbering.tasks.redelivery import RedisAttempts, redis_dead_letters, redis_quarantined
+from numbering.tasks.transport import AttemptStore, Delivery, QueueState, consumer_name
 
 __all__ = ["AmqpBroker", "AmqpTransport", "parse_amqp"]
 
@@ -63,6 +72,29 @@ def parse_amqp(message: Message) -> Job | BadMessage:
     return parse_task(headers, decoded)
 
 
+def _delivery_count(message: Message) -> int:
+    """How many times a quorum queue handed ``message`` back to a consumer so far
+    (``x-delivery-count``: absent on the first delivery, 1 on the first redelivery)."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    count = headers.get("x-delivery-count")
+    # Read only for a redelivered message, which has come back at least once.
+    return count if isinstance(count, int) and count >= 1 else 1
+
+
+class RabbitMQKeeps:
+    """The attempt store of quorum queues: RabbitMQ counts deliveries and keeps the dead
+    letters (rejected into its dead-letter queue when acknowledged)."""
+
+    def count(self, queue: str, tag: str) -> int:
+        raise AssertionError("quorum queues count deliveries themselves")
+
+    def forget(self, queue: str, tag: str) -> None:
+        """Nothing to forget: the count goes with the message."""
+
+    def keep(self, queue: str, stored: bytes | str) -> str:
+        return f"RabbitMQ's dead-letter queue {DEAD_LETTER_QUEUE}"
+
+
 def _body(message: Message) -> bytes:
     body = message.body
     return body if isinstance(body, bytes) else str(body).encode()
@@ -75,12 +107,20 @@ class AmqpTransport:
     on others."""
 
     def __init__(
-        self, broker_url: str, queues: Sequence[str], *, replies: redis.Redis, batch_size: int
+        self,
+        broker_url: str,
+        queues: Sequence[str],
+        *,
+        replies: redis.Redis,
+        batch_size: int,
+        queue_type: str = "classic",
     ) -> None:
         self.name = consumer_name(queues)
         self.broker_url = broker_url
         self.queues = list(queues)
-        self.attempts = RedisAttempts(replies)
+        self.queue_type = queue_type
+        self.quorum = queue_type == "quorum"
+        self.attempts: AttemptStore = RabbitMQKeeps() if self.quorum else RedisAttempts(replies)
         self.batch_size = batch_size
         probe = Connection(broker_url)
         self.errors: tuple[type[BaseException], ...] = (
@@ -106,10 +146,15 @@ class AmqpTransport:
         def receiver(queue: str) -> Callable[[Message], None]:
             return lambda message: self._delivered.append((queue, message))
 
+        if self.quorum:
+            dead_letter_queue()(channel).declare()
         for queue in self.queues:
             consumers.enter_context(
                 Consumer(
-                    channel, queues=[kombu_queue(queue)], on_message=receiver(queue), no_ack=False
+                    channel,
+                    queues=[kombu_queue(queue, self.queue_type)],
+                    on_message=receiver(queue),
+                    no_ack=False,
                 )
             )
         log.info(
@@ -138,7 +183,13 @@ class AmqpTransport:
                 self._active.add(queue)
                 log.info("active consumer of %s (RabbitMQ delivers to this worker)", queue)
         return [
-            Delivery(queue, parse_amqp(m), bool(m.delivery_info.get("redelivered")), m)
+            Delivery(
+                queue,
+                parse_amqp(m),
+                bool(m.delivery_info.get("redelivered")),
+                m,
+                redeliveries=_delivery_count(m) if self.quorum else None,
+            )
             for queue, m in batch
         ]
 
@@ -159,6 +210,10 @@ class AmqpTransport:
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:
+            if delivery.quarantined and self.quorum:
+                # Dead-lettered by RabbitMQ, at least once, into numbering/quarantine.
+                delivery.raw.reject(requeue=False)
+                continue
             delivery.raw.ack()
             if delivery.redelivered:
                 self.attempts.forget(delivery.queue, self.tag(delivery))
@@ -183,24 +238,56 @@ class AmqpTransport:
 
 class AmqpBroker:
     """What the operator commands and the start-up check ask of RabbitMQ: its queues'
-    counts (by passive declaration), and replay, publishing dead letters back. Dead
-    letters and attempt counts are kept in the reply Redis."""
+    counts (by passive declaration), the dead letters and their replay (publishing them
+    back, confirmed). Classic queues keep dead letters and attempt counts in the reply
+    Redis; quorum queues in RabbitMQ's dead-letter queue."""
 
-    def __init__(self, url: str, replies_url: str, sentinel_master: str | None = None) -> None:
-        self.connection = Connection(url, connect_timeout=5)
-        #: Where attempt counts and dead letters are kept: the reply Redis.
+    def __init__(
+        self,
+        url: str,
+        replies_url: str,
+        sentinel_master: str | None = None,
+        *,
+        queue_type: str = "classic",
+    ) -> None:
+        self.connection = Connection(
+            url, connect_timeout=5, transport_options={"confirm_publish": True}
+        )
+        self.queue_type = queue_type
+        self.quorum = queue_type == "quorum"
+        #: Where classic queues' attempt counts and dead letters are kept: the reply Redis.
         self.kept: redis.Redis = redis_client(replies_url, sentinel_master, socket_timeout=5)
 
     def _declared(self, queue: str) -> Any:
         """RabbitMQ's counts for ``queue``, or None if it was never declared."""
         channel = self.connection.channel()
         try:
-            return kombu_queue(queue)(channel).queue_declare(passive=True)
+            return kombu_queue(queue, self.queue_type)(channel).queue_declare(passive=True)
         except self.connection.channel_errors:  # 404: no such queue yet
             return None
         finally:
             with contextlib.suppress(Exception):
                 channel.close()
+
+    def declare(self, queues: Sequence[str]) -> list[str]:
+        problems = []
+        for queue in queues:
+            channel = self.connection.channel()
+            try:
+                kombu_queue(queue, self.queue_type)(channel).declare()
+            except self.connection.channel_errors as exc:
+                problems.append(declared_otherwise(exc, queue, self.queue_type) or str(exc))
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+        if self.quorum:
+            channel = self.connection.channel()
+            try:
+                dead_letter_queue()(channel).declare()
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+        return problems
 
     def queue_state(self, queue: str) -> QueueState:
         declared = self._declared(queue)
@@ -214,11 +301,64 @@ class AmqpBroker:
     def warnings(self) -> list[str]:
         return []
 
+    def dead_letters(self, queue: str | None = None) -> list[tuple[str, bytes | str]]:
+        if not self.quorum:
+            return list(redis_dead_letters(self.kept, queue))
+        found: list[tuple[str, bytes | str]] = []
+        with self._dead_lettered() as messages:
+            for source, message in messages:
+                if queue is None or source == queue:
+                    found.append((source, _enveloped(source, message)))
+        return found  # the channel closed unacknowledged: every message is back
+
+    def quarantined(self, queues: Sequence[str]) -> dict[str, int]:
+        if not self.quorum:
+            return redis_quarantined(self.kept, queues)
+        counts = dict.fromkeys(queues, 0)
+        with self._dead_lettered() as messages:
+            for source, _ in messages:
+                if source in counts:
+                    counts[source] += 1
+        return counts
+
+    @contextlib.contextmanager
+    def _dead_lettered(self) -> Iterator[Iterator[tuple[str, Message]]]:
+        """The messages of the dead-letter queue, each with the queue it left, taken
+        unacknowledged on a channel of their own: they all go back, in their order, when
+        it closes (what a message the caller acknowledges on it does not)."""
+        channel = self.connection.channel()
+        dead = dead_letter_queue()(channel)
+        try:
+            dead.declare()
+
+            def taken() -> Iterator[tuple[str, Message]]:
+                while (message := dead.get(no_ack=False)) is not None:
+                    yield _dead_lettered_from(message), message
+
+            yield taken()
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
     def requeue(self, queue: str) -> int:
-        dead, attempts = dead_letter_list(queue), attempts_hash(queue)
-        declared = kombu_queue(queue)
+        declared = kombu_queue(queue, self.queue_type)
         moved = 0
         with self.connection.Producer() as producer:
+            if self.quorum:
+                with self._dead_lettered() as messages:
+                    for source, message in messages:
+                        if source != queue:
+                            continue
+                        headers = {
+                            name: value
+                            for name, value in (message.headers or {}).items()
+                            if not name.startswith("x-")  # RabbitMQ's: x-death, counts
+                        }
+                        self._publish(producer, declared, _body(message), headers, message)
+                        message.ack()  # once RabbitMQ confirmed the copy in its queue
+                        moved += 1
+                return moved
+            dead, attempts = dead_letter_list(queue), attempts_hash(queue)
             while True:
                 raw = self.kept.lindex(dead, -1)  # the oldest
                 if raw is None:
@@ -244,6 +384,47 @@ class AmqpBroker:
                 self.kept.hdel(attempts, tag)
                 moved += 1
 
+    @staticmethod
+    def _publish(
+        producer: Any, declared: Any, body: bytes, headers: dict[str, Any], message: Message
+    ) -> None:
+        producer.publish(
+            body,
+            exchange=declared.exchange,
+            routing_key=declared.routing_key,
+            declare=[declared],
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            correlation_id=message.properties.get("correlation_id"),
+            delivery_mode=2,
+            retry=True,
+        )
+
     def close(self) -> None:
         self.kept.close()
         self.connection.release()
+
+
+def _dead_lettered_from(message: Message) -> str:
+    """The queue a dead-lettered message left (its first ``x-death`` entry's)."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    first = headers.get("x-first-death-queue")
+    if isinstance(first, str):
+        return first
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[-1], dict):
+        return str(deaths[-1].get("queue", ""))
+    return ""
+
+
+def _enveloped(queue: str, message: Message) -> str:
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    return envelope(
+        queue,
+        {name: value for name, value in headers.items() if not name.startswith("x-")},
+        _body(message),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        correlation_id=message.properties.get("correlation_id"),
+    )

@@ -273,11 +273,14 @@ class Consumer:
 
     def _alone(self, delivery: Delivery) -> bool:
         """Process a redelivered message alone; quarantine it after too many tries."""
-        tries = self.redelivery.count(delivery.queue, self.transport.tag(delivery))
+        tries = self.redelivery.count(
+            delivery.queue, self.transport.tag(delivery), delivery.redeliveries
+        )
         item = delivery.item
         if self.redelivery.exhausted(tries):
             stored = self.transport.dead_letter(delivery)
             item = self.redelivery.quarantine(delivery.queue, item, stored, tries)
+            delivery.quarantined = True
         shard = self.shards.get(delivery.queue)
         if not self.processor.process_until_done([item], self.stop, delivery.queue, [shard]):
             return False

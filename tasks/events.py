@@ -39,12 +39,14 @@ log = logging.getLogger("numbering.worker")
 
 # The queues the bulk consumers of this process serve, for ``active_queues``.
 _SERVED: list[str] = []
+_QUEUE_TYPE = ["classic"]  # as the worker declares them (NUMBERING_QUEUE_TYPE)
 _CELERY_ACTIVE_QUEUES = control.Panel.data["active_queues"]
 
 
-def show_queues(queues: Sequence[str]) -> None:
+def show_queues(queues: Sequence[str], queue_type: str = "classic") -> None:
     """Make ``celery inspect active_queues`` list ``queues`` beside Celery's own."""
     _SERVED[:] = list(queues)
+    _QUEUE_TYPE[0] = queue_type
     control.inspect_command(name="active_queues")(_active_queues)
 
 
@@ -53,7 +55,9 @@ def _active_queues(state: Any) -> list[dict[str, Any]]:
     own: list[dict[str, Any]] = _CELERY_ACTIVE_QUEUES(state)
     named = {queue.get("name") for queue in own}
     return own + [
-        dict(kombu_queue(queue).as_dict(recurse=True)) for queue in _SERVED if queue not in named
+        dict(kombu_queue(queue, _QUEUE_TYPE[0]).as_dict(recurse=True))
+        for queue in _SERVED
+        if queue not in named
     ]
 
 

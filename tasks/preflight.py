@@ -20,7 +20,7 @@ by clients under the same keys, so nothing is numbered twice, but callers wait.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -180,11 +180,14 @@ def run_preflight(
     allow_async_standby: bool = False,
     redis_urls: Iterable[str] = (),
     sentinel_master: str | None = None,
+    queues: Sequence[str] = (),
 ) -> list[str]:
-    """Refuse to start (ConfigurationError listing every problem); return warnings."""
+    """Refuse to start (ConfigurationError listing every problem); return warnings.
+    ``queues`` are declared on the broker as the worker will consume them."""
     problems = check_celery_config(conf, concurrency) + check_redis_servers(
         redis_urls, sentinel_master
     )
+    problems += broker.declare(queues)
     try:
         database = check_database(engine, allow_async_standby=allow_async_standby)
         problems += database.problems + check_ledgers(engine, sequences, shards)

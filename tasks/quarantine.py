@@ -2,9 +2,11 @@
 
 A request that stopped the worker ``MAX_DELIVERIES`` times is kept in the Redis list
 ``_numbering.dead.<queue>`` (on the broker's Redis, or on the reply Redis when the broker
-is RabbitMQ), as a kombu Redis envelope whatever the broker, and answered with
-``QuarantinedError``. After the cause is fixed, ``replay`` moves such requests back to
-their queue with a fresh count of attempts (on RabbitMQ: publishes them again). Replaying
+is RabbitMQ with classic queues), or in RabbitMQ's dead-letter queue
+``numbering/quarantine`` (quorum queues), and answered with ``QuarantinedError``. Either
+way it is listed in one format, a kombu Redis envelope. After the cause is fixed,
+``replay`` moves such requests back to their queue with a fresh count of attempts (on
+RabbitMQ: publishes them again, confirmed, before it drops the dead letter). Replaying
 is safe for the ledger: a request that was in fact assigned gets its number back by key.
 """
 
@@ -13,16 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from numbering.brokers import dead_letter_list
 from numbering.errors import NumberingError
 from numbering.messages import SENT_AT_HEADER, Job, decode_redis_message, parse_task
-from numbering.routing import QUEUE_PREFIX, queue_for
+from numbering.routing import queue_for
 from numbering.settings import Settings
 from numbering.tasks.transport import open_broker
 
 __all__ = ["Quarantined", "list_quarantined", "replay"]
-
-_DEAD_PREFIX = dead_letter_list("")
 
 
 @dataclass(frozen=True)
@@ -38,20 +37,9 @@ class Quarantined:
 def list_quarantined(settings: Settings, sequence: str | None = None) -> list[Quarantined]:
     """Every quarantined request (of ``sequence``'s queue only, if given), oldest first."""
     broker = open_broker(settings)
-    client = broker.kept
     try:
-        if sequence is not None:
-            lists = [dead_letter_list(queue_for(sequence, settings.shards))]
-        else:
-            lists = sorted(
-                key.decode() for key in client.scan_iter(match=f"{_DEAD_PREFIX}{QUEUE_PREFIX}*")
-            )
-        found = []
-        for name in lists:
-            queue = name[len(_DEAD_PREFIX) :]
-            for raw in reversed(client.lrange(name, 0, -1)):  # LPUSHed: oldest at the right
-                found.append(_describe(queue, raw))
-        return found
+        only = None if sequence is None else queue_for(sequence, settings.shards)
+        return [_describe(queue, raw) for queue, raw in broker.dead_letters(only)]
     finally:
         broker.close()
 

@@ -14,6 +14,7 @@ keeps flowing. The consumer loop (:mod:`numbering.tasks.consumer`) is the one ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -24,7 +25,14 @@ from numbering.messages import BadMessage, Job
 from numbering.tasks.metrics import WorkerMetrics
 from numbering.tasks.transport import AttemptStore
 
-__all__ = ["ATTEMPTS_TTL", "MAX_DELIVERIES", "RedisAttempts", "Redelivery"]
+__all__ = [
+    "ATTEMPTS_TTL",
+    "MAX_DELIVERIES",
+    "RedisAttempts",
+    "Redelivery",
+    "redis_dead_letters",
+    "redis_quarantined",
+]
 
 log = logging.getLogger("numbering.worker")
 
@@ -60,6 +68,29 @@ class RedisAttempts:
         return dead
 
 
+def redis_dead_letters(client: redis.Redis, queue: str | None) -> list[tuple[str, bytes | str]]:
+    """The dead letters kept in ``client`` (of ``queue`` only, if given), oldest first,
+    each with its queue."""
+    prefix = dead_letter_list("")
+    if queue is not None:
+        lists = [dead_letter_list(queue)]
+    else:
+        lists = sorted(key.decode() for key in client.scan_iter(match=f"{prefix}*"))
+    return [
+        (name[len(prefix) :], raw)
+        for name in lists
+        for raw in reversed(client.lrange(name, 0, -1))  # LPUSHed: the oldest at the right
+    ]
+
+
+def redis_quarantined(client: redis.Redis, queues: Sequence[str]) -> dict[str, int]:
+    """How many dead letters ``client`` keeps for each of ``queues``."""
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.llen(dead_letter_list(queue))
+    return {queue: int(n) for queue, n in zip(queues, pipe.execute(), strict=True)}
+
+
 class Redelivery:
     """The policy, over the store that keeps the counts and dead letters."""
 
@@ -67,8 +98,11 @@ class Redelivery:
         self.store = store
         self.metrics = metrics
 
-    def count(self, queue: str, tag: str) -> int:
-        """Count one more try of the request ``tag`` on ``queue``; how many so far."""
+    def count(self, queue: str, tag: str, redeliveries: int | None = None) -> int:
+        """Count one more try of the request ``tag`` on ``queue``; how many so far
+        (``redeliveries``: the broker's own count, where it keeps one)."""
+        if redeliveries is not None:
+            return redeliveries
         return self.store.count(queue, tag)
 
     def exhausted(self, tries: int) -> bool:

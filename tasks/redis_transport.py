@@ -34,7 +34,7 @@ from numbering.errors import NumberingError
 from numbering.messages import BadMessage, Job, decode_redis_message, parse_task
 from numbering.tasks.consumer import OUTAGE_BACKOFF_SECONDS
 from numbering.tasks.guard import ConsumerLock
-from numbering.tasks.redelivery import RedisAttempts
+from numbering.tasks.redelivery import RedisAttempts, redis_dead_letters, redis_quarantined
 from numbering.tasks.transport import Delivery, QueueState, age_of, consumer_name
 
 __all__ = ["RedisBroker", "RedisTransport"]
@@ -324,8 +324,6 @@ class RedisBroker:
     def __init__(self, url: str, sentinel_master: str | None = None) -> None:
         self.url = url
         self.client: redis.Redis = redis_client(url, sentinel_master, socket_timeout=5)
-        #: Where attempt counts and dead letters are kept: the broker itself.
-        self.kept = self.client
 
     def queue_state(self, queue: str) -> QueueState:
         pipe = self.client.pipeline()
@@ -359,6 +357,15 @@ class RedisBroker:
                 "drops queued requests (callers then wait and resend); set appendonly yes"
             )
         return warnings
+
+    def declare(self, queues: Sequence[str]) -> list[str]:
+        return []  # a Redis list needs no declaring
+
+    def dead_letters(self, queue: str | None = None) -> list[tuple[str, bytes | str]]:
+        return list(redis_dead_letters(self.client, queue))
+
+    def quarantined(self, queues: Sequence[str]) -> dict[str, int]:
+        return redis_quarantined(self.client, queues)
 
     def requeue(self, queue: str) -> int:
         moved = 0

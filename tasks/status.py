@@ -15,7 +15,6 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import DBAPIError
 
 from numbering.backends.base import connected
-from numbering.brokers import dead_letter_list
 from numbering.database import translate_error
 from numbering.errors import NumberingError
 from numbering.routing import queue_for
@@ -46,12 +45,11 @@ class SequenceStatus:
         if self.waiting and not self.consumer:
             found.append(f"{self.waiting} request(s) waiting and no active consumer")
         if self.quarantined:
-            found.append(f"{self.quarantined} quarantined request(s) in {self.dead_list}")
+            found.append(
+                f"{self.quarantined} quarantined request(s) (numbering quarantine list "
+                f"{self.sequence!r})"
+            )
         return found
-
-    @property
-    def dead_list(self) -> str:
-        return dead_letter_list(self.queue)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "problems": self.problems}
@@ -88,11 +86,13 @@ def _statuses(
     broker = open_broker(settings)
     try:
         statuses = []
+        queues = {row.name: queue_for(row.name, settings.shards) for row in parents}
+        dead = broker.quarantined(list(dict.fromkeys(queues.values())))
         for row in parents:
-            queue = queue_for(row.name, settings.shards)
+            queue = queues[row.name]
             period = latest.get(row.id)
             state = broker.queue_state(queue)
-            quarantined = int(broker.kept.llen(dead_letter_list(queue)))
+            quarantined = dead[queue]
             statuses.append(
                 SequenceStatus(
                     sequence=row.name,

@@ -67,6 +67,13 @@ class Delivery:
     redelivered: bool
     #: The message as the transport has it (a Redis envelope, a kombu message, ...).
     raw: Any = None
+    #: How many times it came back to a consumer, this time included, when the broker
+    #: counts (RabbitMQ quorum queues: ``x-delivery-count``); None: the attempt store
+    #: counts (as :class:`AttemptStore` does: 1 on the first redelivery).
+    redeliveries: int | None = None
+    #: Set by the consumer when it quarantines the message: acknowledging it then hands
+    #: it to the broker's dead-letter queue where the broker keeps dead letters.
+    quarantined: bool = False
 
 
 class AttemptStore(Protocol):
@@ -110,8 +117,9 @@ class Transport(Protocol):
         ``numbering quarantine list`` reads and ``replay`` puts back."""
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """The deliveries are answered: the broker may forget them, and the attempt
-        counts of redelivered ones are dropped. May be deferred until the next
+        """The deliveries are answered: the broker may forget them (a quarantined one on a
+        broker that keeps dead letters itself goes to its dead-letter queue), and the
+        attempt counts of redelivered ones are dropped. May be deferred until the next
         :meth:`receive` or :meth:`flush` (Redis sends it with the next drain)."""
 
     def flush(self) -> None:
@@ -151,9 +159,13 @@ class Broker(Protocol):
     """One broker, seen by ``numbering status``, ``numbering quarantine`` and the worker's
     start-up check (see the module doc)."""
 
-    #: The Redis server that keeps attempt counts and dead letters (the broker itself on
-    #: Redis; the reply Redis on RabbitMQ, which has no place a replay could use).
-    kept: redis.Redis
+    def declare(self, queues: Sequence[str]) -> list[str]:
+        """Declare ``queues`` as the worker consumes them; the problems that keep it from
+        starting (a queue that exists with other arguments)."""
+
+    def dead_letters(self, queue: str | None = None) -> list[tuple[str, bytes | str]]:
+        """The quarantined requests (of ``queue`` only, if given), oldest first, each with
+        its queue, in one format (a kombu Redis envelope)."""
 
     def queue_state(self, queue: str) -> QueueState:
         """How many requests wait in ``queue``, how many are in flight, how old the oldest
@@ -165,6 +177,9 @@ class Broker(Protocol):
 
     def warnings(self) -> list[str]:
         """What may make the broker drop queued requests (at the worker's start)."""
+
+    def quarantined(self, queues: Sequence[str]) -> dict[str, int]:
+        """How many quarantined requests each of ``queues`` has."""
 
     def requeue(self, queue: str) -> int:
         """Put ``queue``'s dead letters back on it, oldest first, their attempt counts
@@ -197,7 +212,11 @@ def open_transport(
         from numbering.tasks.amqp_transport import AmqpTransport
 
         return AmqpTransport(
-            settings.broker_url, queues, replies=replies, batch_size=settings.batch_size
+            settings.broker_url,
+            queues,
+            replies=replies,
+            batch_size=settings.batch_size,
+            queue_type=settings.queue_type,
         )
     raise _no_queues(settings)
 
@@ -212,7 +231,12 @@ def open_broker(settings: Settings) -> Broker:
     if kind == "amqp":
         from numbering.tasks.amqp_transport import AmqpBroker
 
-        return AmqpBroker(settings.broker_url, settings.result_backend, settings.sentinel_master)
+        return AmqpBroker(
+            settings.broker_url,
+            settings.result_backend,
+            settings.sentinel_master,
+            queue_type=settings.queue_type,
+        )
     raise _no_queues(settings)
 
 

@@ -174,12 +174,15 @@ def build_worker(
                 url for url in (settings.broker_url, settings.result_backend) if is_redis(url)
             ],
             sentinel_master=settings.sentinel_master,
+            queues=queues,
         )
     finally:
         broker.close()
     numbering.failover.remember()  # the counters as they are: a failover must not go below
     app.steps["worker"].add(BulkConsumers)
-    show_queues(queues)  # `celery inspect active_queues` lists them beside the control queue
+    show_queues(
+        queues, settings.queue_type
+    )  # `celery inspect active_queues` lists them beside the control queue
     return app.Worker(
         task_events=task_events,
         queues=[CONTROL_QUEUE],

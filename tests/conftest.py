@@ -21,7 +21,7 @@ from kombu.connection import Connection
 from sqlalchemy.engine import Engine, make_url
 
 from numbering import NumberingError, RetryPolicy, create_engine, init_db
-from numbering.routing import kombu_queue
+from numbering.routing import dead_letter_queue, kombu_queue
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # Tests own two Redis databases (broker and replies) and flush them around each test.
@@ -208,21 +208,42 @@ def client_stack(
     stack.close()
 
 
-@pytest.fixture
-def amqp_stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[Stack]:
-    """Like ``stack`` with RabbitMQ as the broker (replies still travel over Redis)."""
+def _amqp_stack(
+    pg_url: str, redis_urls: tuple[str, str], tmp_path: Path, queue_type: str
+) -> Iterator[Stack]:
     try:
         with Connection(AMQP_URL, connect_timeout=5) as conn:
             conn.ensure_connection(max_retries=1)
     except Exception as exc:
         _unavailable(str(exc), "RabbitMQ")
     stack = Stack(pg_url, AMQP_URL, redis_urls[1], tmp_path)
+    stack.env["NUMBERING_QUEUE_TYPE"] = queue_type
     yield stack
     stack.close()
     with Connection(AMQP_URL) as conn:
         channel = conn.channel()
         for queue in stack.queues:
             kombu_queue(queue)(channel).delete()
+        if queue_type == "quorum":
+            # The dead-letter queue is the vhost's: take this test's dead letters out.
+            dead = dead_letter_queue()(conn.channel())
+            dead.declare()
+            while (message := dead.get(no_ack=False)) is not None:
+                if message.headers.get("x-first-death-queue") in stack.queues:
+                    message.ack()
+
+
+@pytest.fixture
+def amqp_stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """Like ``stack`` with RabbitMQ as the broker (replies still travel over Redis), its
+    queues classic."""
+    yield from _amqp_stack(pg_url, redis_urls, tmp_path, "classic")
+
+
+@pytest.fixture
+def quorum_stack(pg_url: str, redis_urls: tuple[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """``amqp_stack`` with quorum queues (NUMBERING_QUEUE_TYPE=quorum)."""
+    yield from _amqp_stack(pg_url, redis_urls, tmp_path, "quorum")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -233,6 +254,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             "pg_template",
             "redis_urls",
             "amqp_stack",
+            "quorum_stack",
             "mariadb_url",
         } & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)

@@ -159,6 +159,7 @@ class Stack:
             shards=settings.shards,
             timeout=kwargs.pop("timeout", 30),
             sentinel_master=settings.sentinel_master,
+            queue_type=settings.queue_type,
             **kwargs,
         )
         self.clients.append(client)

@@ -7,13 +7,14 @@ import os
 import time
 import uuid
 
+import pytest
 from celery import Celery
 from integration.stack import Stack
 from ledger_check import check_gapless
 from test_queue import assert_increasing, read_replies, serve_wide_names, setup_sequences
 
 from numbering import Allocator, Client, create_engine
-from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, kombu_queue
+from numbering.routing import REPLY_HEADER, TASK_NAME, Shard, kombu_queue, sequence_queue
 
 
 def unique(name: str) -> str:
@@ -21,7 +22,16 @@ def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-def test_four_client_processes_on_one_sequence(amqp_stack: Stack) -> None:
+@pytest.fixture(params=["classic", "quorum"])
+def any_amqp_stack(request: pytest.FixtureRequest) -> Stack:
+    """``amqp_stack`` and ``quorum_stack`` in turn."""
+    fixture = "amqp_stack" if request.param == "classic" else "quorum_stack"
+    stack: Stack = request.getfixturevalue(fixture)
+    return stack
+
+
+def test_four_client_processes_on_one_sequence(any_amqp_stack: Stack) -> None:
+    amqp_stack = any_amqp_stack
     seq = unique("invoices")
     setup_sequences(amqp_stack, seq)
     amqp_stack.worker("--sequence", seq)
@@ -36,7 +46,10 @@ def test_sequences_named_with_any_text(amqp_stack: Stack) -> None:
     serve_wide_names(amqp_stack, suffix=unique(" "))
 
 
-def test_standby_consumer_takes_over_when_the_active_one_is_killed(amqp_stack: Stack) -> None:
+def test_standby_consumer_takes_over_when_the_active_one_is_killed(
+    any_amqp_stack: Stack,
+) -> None:
+    amqp_stack = any_amqp_stack
     seq = unique("invoices")
     setup_sequences(amqp_stack, seq)
     first = amqp_stack.worker("--sequence", seq)
@@ -54,9 +67,10 @@ def test_standby_consumer_takes_over_when_the_active_one_is_killed(amqp_stack: S
     check_gapless(create_engine(amqp_stack.settings.database_url), seq)
 
 
-def test_killed_worker_under_load_loses_nothing(amqp_stack: Stack) -> None:
+def test_killed_worker_under_load_loses_nothing(any_amqp_stack: Stack) -> None:
     """Unacknowledged messages of a SIGKILLed worker are delivered again; keys make the
     redelivery harmless."""
+    amqp_stack = any_amqp_stack
     seq = unique("invoices")
     setup_sequences(amqp_stack, seq)
     worker = amqp_stack.worker("--sequence", seq)
@@ -180,3 +194,29 @@ def test_shard_queues_on_one_consumer(amqp_stack: Stack) -> None:
     ).values()
     assert f"does not belong to {Shard(shards[0], count).queue}" in str(reply["error"])
     assert Allocator(amqp_stack.settings.database_url).last_value(stray) == 40
+
+
+def test_a_queue_of_the_other_type_is_explained(quorum_stack: Stack, amqp_stack: Stack) -> None:
+    """A queue's type cannot change in place (RabbitMQ answers 406 "inequivalent arg"):
+    a worker refuses to start and a client refuses to send, each saying what differs
+    and what to do, instead of a raw channel error or a wait."""
+    seq = unique("invoices")
+    setup_sequences(amqp_stack, seq)
+    amqp_stack.worker("--sequence", seq)  # declares a classic queue
+    assert amqp_stack.client().next_value(seq, key="classic") == 1
+    refused = quorum_stack.numbering("worker", "--sequence", seq)
+    assert refused.returncode == 1, refused.stderr
+    for said in (
+        f"RabbitMQ queue {sequence_queue(seq)} exists with other arguments than "
+        "NUMBERING_QUEUE_TYPE=quorum declares",
+        "but current is none",  # what RabbitMQ found different
+        "migrate the queue",
+    ):
+        assert said in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    # A client process of its own (this one has declared the queue already).
+    sent = quorum_stack.numbering("next", seq, "--key", "quorum", "--timeout", "10")
+    assert sent.returncode == 1, sent.stderr
+    assert "cannot change in place" in sent.stderr, sent.stderr
+    assert "Traceback" not in sent.stderr
+    check_gapless(create_engine(amqp_stack.settings.database_url), seq, keys=["classic"])

@@ -98,6 +98,16 @@ def test_bad_settings_are_clear_errors(variable: str, value: str, message: str) 
     assert isinstance(info.value, ValueError)
 
 
+def test_queue_type_must_be_known_and_fit_the_broker() -> None:
+    amqp = "amqp://guest:guest@rabbit//"
+    assert Settings(broker_url=amqp, queue_type="quorum").queue_type == "quorum"
+    assert Settings.from_env({"NUMBERING_BROKER_URL": amqp}).queue_type == "classic"
+    with pytest.raises(ConfigurationError, match="must be classic or quorum, got 'stream'"):
+        Settings.from_env({"NUMBERING_BROKER_URL": amqp, "NUMBERING_QUEUE_TYPE": "stream"})
+    with pytest.raises(ConfigurationError, match="is not RabbitMQ"):
+        Settings(broker_url="redis://127.0.0.1:6379/0", queue_type="quorum")
+
+
 def test_passwords_never_reach_configuration_errors() -> None:
     with pytest.raises(ConfigurationError) as info:
         Settings.from_env({"NUMBERING_BROKER_URL": "kafka://user:hunter2@host"})
@@ -113,6 +123,15 @@ def test_passwords_never_reach_configuration_errors() -> None:
         ("redis://h:6379/0", "redis://h:6379/0"),
         ("sqlite:///numbering.db", "sqlite:///numbering.db"),
         ("amqp://guest:p%40ss@rabbit//", "amqp://guest:***@rabbit//"),
+        # Cluster nodes: every password masked, not only the first node's.
+        (
+            "amqp://u:one@h1//;amqp://u:two@h2//;amqp://h3//",
+            "amqp://u:***@h1//;amqp://u:***@h2//;amqp://h3//",
+        ),
+        (
+            "sentinel://:pw@s1:26379;sentinel://:pw@s2:26379/0",
+            "sentinel://:***@s1:26379;sentinel://:***@s2:26379/0",
+        ),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:

@@ -11,9 +11,21 @@ import redis
 from kombu.message import Message
 
 from numbering import Request
-from numbering.errors import InvalidRequestError, QuarantinedError
+from numbering.errors import (
+    InvalidRequestError,
+    InvalidSequenceNameError,
+    InvalidValueError,
+    QuarantinedError,
+)
 from numbering.messages import BadMessage, Job, decode_redis_message, encode_redis_message
-from numbering.routing import sequence_queue
+from numbering.routing import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DELIVERY_LIMIT,
+    dead_letter_queue,
+    kombu_queue,
+    sequence_queue,
+)
 from numbering.tasks.amqp_transport import AmqpTransport, parse_amqp
 from numbering.tasks.memory import MemoryAttempts, MemoryBroker, MemoryTransport
 from numbering.tasks.quarantine import _describe
@@ -130,3 +142,34 @@ def test_the_policy_quarantines_on_the_try_after_max_deliveries() -> None:
     assert attempts.dead[QUEUE] == ["stored"]
     attempts.forget(QUEUE, "tag")
     assert policy.count(QUEUE, "tag") == 1  # an answered request starts over
+
+
+def test_a_broker_s_own_count_decides_where_it_keeps_one() -> None:
+    """Quorum queues count redeliveries (x-delivery-count, 1 on the first): the policy
+    takes that count as the store's would be, and asks its store nothing."""
+    attempts = MemoryAttempts()
+    policy = Redelivery(attempts)
+    assert [policy.count(QUEUE, "tag", n) for n in range(1, 5)] == [1, 2, 3, 4]
+    assert not policy.exhausted(policy.count(QUEUE, "tag", MAX_DELIVERIES))
+    assert policy.exhausted(policy.count(QUEUE, "tag", MAX_DELIVERIES + 1))
+    assert dict(attempts.counts) == {}
+
+
+def test_quorum_queues_dead_letter_above_the_worker_s_own_limit() -> None:
+    """A quorum queue's delivery limit is a backstop: the worker quarantines first (and
+    answers the caller); RabbitMQ dead-letters only what the worker could not count."""
+    assert DELIVERY_LIMIT > MAX_DELIVERIES + 1
+    classic = kombu_queue(QUEUE).queue_arguments
+    assert classic == {"x-single-active-consumer": True}
+    quorum = kombu_queue(QUEUE, "quorum").queue_arguments
+    assert quorum["x-queue-type"] == "quorum"
+    assert quorum["x-single-active-consumer"] is True
+    assert quorum["x-delivery-limit"] == DELIVERY_LIMIT
+    assert quorum["x-dead-letter-exchange"] == DEAD_LETTER_EXCHANGE
+    assert quorum["x-dead-letter-strategy"] == "at-least-once"
+    assert dead_letter_queue().name == DEAD_LETTER_QUEUE
+    # No sequence's queue can take the dead-letter queue's name ("/" is never in one).
+    with pytest.raises(InvalidSequenceNameError):
+        sequence_queue(DEAD_LETTER_QUEUE.removeprefix("numbering."))
+    with pytest.raises(InvalidValueError, match="classic or quorum"):
+        kombu_queue(QUEUE, "stream")
