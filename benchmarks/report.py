@@ -224,6 +224,18 @@ def render(results: Results, args: argparse.Namespace, machine: str, output: Pat
             *_table(results, "many"),
             "",
         ]
+    if any(p.scenario == "fleet" for p in results.points):
+        out += [
+            f"## Worker fleet ({results.fleet['sequences']} sequences over "
+            f"{results.fleet['shards']} shards, Redis)",
+            "",
+            "One process serving every shard queue (`--shard I/K` repeated), then fleets of "
+            "worker processes started with `--shards K`, each measured once the queues were "
+            "spread over every member.",
+            "",
+            *_table(results, "fleet"),
+            "",
+        ]
     if results.batch:
         out += [
             f"## Batch numbering ({args.chunk_size:,}-row chunks)",

@@ -59,6 +59,7 @@ class Results:
     points: list[Point] = field(default_factory=list)
     batch: list[dict[str, Any]] = field(default_factory=list)
     many: dict[str, Any] = field(default_factory=dict)
+    fleet: dict[str, Any] = field(default_factory=dict)
     growth: list[dict[str, Any]] = field(default_factory=list)
     audit: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -397,6 +398,73 @@ def many_sequences(env: Env, results: Results, args: argparse.Namespace, logs: P
     }
 
 
+def _settled(env: Env, broker: str, queues: list[str], members: int) -> None:
+    """Wait until every queue has an active consumer and ``members`` fleet members hold
+    them (the fleet has spread the queues over every worker)."""
+    from numbering.tasks.fleet import HOLDERS
+    from numbering.tasks.guard import consumer_alive
+
+    client = redis.Redis.from_url(broker, decode_responses=True)
+    engine = sa.create_engine(env.database_url)
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            holders = client.hmget(HOLDERS, queues)
+            alive = all(consumer_alive(engine, queue) for queue in queues)
+            if alive and len(set(holders)) == members and None not in holders:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the fleet of {members} did not settle: {holders}")
+            time.sleep(0.2)
+    finally:
+        client.close()
+        engine.dispose()
+
+
+def fleet(env: Env, results: Results, args: argparse.Namespace, logs: Path) -> None:
+    """100 sequences over 16 shard queues: one process serving every shard by hand, then
+    fleets of 1, 2 and 3 worker processes (``--shards 16``), Redis broker."""
+    shards, count, concurrency = 16, args.many_sequences, args.many_concurrency
+    names = [f"fleet-{i:03d}" for i in range(count)]
+    allocator = Allocator(env.database_url)
+    for name in names:
+        allocator.create_sequence(name)
+    allocator.close()
+    queues = [f"numbering.shard.{i}-of-{shards}" for i in range(shards)]
+    print(f"worker fleet: {count} sequences over {shards} shards", flush=True)
+    layouts: list[tuple[str, list[list[str]]]] = [
+        ("one process, every shard by hand", [[f"--shard={i}/{shards}" for i in range(shards)]])
+    ]
+    for members in args.fleet_sizes:
+        layouts.append((f"fleet of {members}", [[f"--shards={shards}"]] * members))
+    for label, processes in layouts:
+        with contextlib.ExitStack() as stack:
+            for p, worker_args in enumerate(processes):
+                ready = "fleet of" if worker_args[0].startswith("--shards=") else "active consumer"
+                stack.enter_context(
+                    process(
+                        [sys.executable, "-m", "numbering", "worker", *worker_args],
+                        numbering_env(env, env.redis_broker, NUMBERING_SHARDS=str(shards)),
+                        logs / f"worker-fleet-{len(processes)}-{p}.log",
+                        ready,
+                    )
+                )
+            _settled(env, env.redis_broker, queues, len(processes))
+            [point] = measure_repeated(
+                "fleet",
+                [
+                    (
+                        f"numbering ({label})",
+                        lambda: systems.many_sequences_op(env, env.redis_broker, names, shards),
+                    )
+                ],
+                concurrency,
+                args,
+            )
+        results.points.append(point)
+    results.fleet = {"sequences": count, "shards": shards, "concurrency": concurrency}
+
+
 def _timed(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     """Run ``args`` under /usr/bin/time; (seconds, peak RSS in KiB, stderr)."""
     started = time.monotonic()
@@ -620,14 +688,14 @@ def audit(env: Env, results: Results, args: argparse.Namespace) -> None:
     for report in allocator.audit():
         if not report.ok:
             results.failures.append(f"ledger {report.sequence}: {report.problems[:3]}")
-        if report.ok and report.sequence.startswith("many-"):
+        if report.ok and report.sequence.startswith(("many-", "fleet-")):
             many[0] += 1
             many[1] += report.values
             continue
         line = f"{report.sequence}: {'ok' if report.ok else 'PROBLEMS'}, {report.values:,} values"
         results.audit.append(line)
     if many[0]:
-        results.audit.append(f"many-*: all {many[0]} ok, {many[1]:,} values in all")
+        results.audit.append(f"many-* and fleet-*: all {many[0]} ok, {many[1]:,} values in all")
     allocator.close()
     for name in ("django-web", "dropin-web", "forupdate-web", f"{WEB}-redis", f"{WEB}-rabbitmq"):
         with contextlib.suppress(sa.exc.ProgrammingError):
@@ -664,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", default="numbering_bench")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
-    parser.add_argument("--scenarios", default="web,bare,batch,many,growth")
+    parser.add_argument("--scenarios", default="web,bare,batch,many,fleet,growth")
     parser.add_argument("--brokers", default="redis,amqp")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per point")
@@ -692,6 +760,11 @@ def main(argv: list[str] | None = None) -> int:
         help="worker processes sharing the 8 shards (default 1, as docs/deployment.md "
         "advises until a process nears a full core; 2 did worse on 2 cores)",
     )
+    parser.add_argument(
+        "--fleet-sizes",
+        default="1,2,3",
+        help="worker processes in each fleet measured (scenario fleet)",
+    )
     parser.add_argument("--growth-rows", type=int, default=10_000_000)
     parser.add_argument(
         "--growth-numbers", type=int, default=1000, help="numbers per growth measurement"
@@ -712,8 +785,9 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_rows, args.chunk_size, args.many_sequences = 3000, 1000, 10
         args.batch_repeats, args.repeats = 2, 1
         args.many_concurrency, args.growth_rows, args.growth_numbers = 2, 2000, 50
-        args.growth_rounds = 2
+        args.growth_rounds, args.fleet_sizes = 2, "1,2"
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
+    args.fleet_sizes = [int(n) for n in str(args.fleet_sizes).split(",")]
     args.scenarios = set(args.scenarios.split(","))
     args.brokers = set(args.brokers.split(","))
 
@@ -733,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         web_and_bare(env, results, args, logs, Allocator(url))
     if "many" in args.scenarios:
         many_sequences(env, results, args, logs)
+    if "fleet" in args.scenarios:
+        fleet(env, results, args, logs)
     if "batch" in args.scenarios:
         batch(env, results, args)
     if "growth" in args.scenarios:

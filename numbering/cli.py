@@ -571,6 +571,15 @@ def _show_client_warnings() -> None:
     "serve several shards, drained together).",
 )
 @click.option(
+    "--shards",
+    "fleet",
+    type=int,
+    metavar="K",
+    help="Join the fleet of workers that serve all K shard queues together: each takes "
+    "about K/N of them, and the others take a stopped worker's within seconds (Redis "
+    "broker; K must match NUMBERING_SHARDS if set).",
+)
+@click.option(
     "--batch-size",
     type=int,
     help=f"Most requests per transaction (default: ${ENV['batch_size']}, else 500).",
@@ -588,6 +597,7 @@ def worker(
     ctx: click.Context,
     sequences: tuple[str, ...],
     shards: tuple[str, ...],
+    fleet: int | None,
     batch_size: int | None,
     loglevel: str,
     task_events: bool,
@@ -597,7 +607,8 @@ def worker(
     A Celery worker with a bulk consumer for its queues: it drains up to --batch-size
     waiting requests (from all its queues at once), assigns them in one
     transaction, answers each one, then acknowledges. A second worker on the same queue
-    waits as a standby for it and takes over if the first dies.
+    waits as a standby for it and takes over if the first dies. With --shards K, any
+    number of workers share the K shard queues, each the active consumer of about K/N.
     Stop it with Ctrl-C or SIGTERM: it finishes the batch in hand first.
     """
     from numbering.routing import Shard
@@ -609,9 +620,23 @@ def worker(
         settings = replace(settings, batch_size=batch_size)
     worker_output(settings)  # as any worker of numbering's app gets it (tasks/app.py)
     parsed = [Shard.parse(shard) for shard in shards]
+    if fleet is not None:
+        if sequences or parsed:
+            _fail("--shards K serves every shard queue: give no --sequence or --shard with it")
+        if settings.shards not in (None, fleet):
+            _fail(f"--shards {fleet} disagrees with NUMBERING_SHARDS={settings.shards}")
+        Shard(0, fleet)  # K in range, or a clear error
+        parsed = [Shard(index, fleet) for index in range(fleet)]
     if not sequences and not parsed:
-        _fail("give at least one --sequence NAME or a --shard I/K")
-    build_worker(settings, sequences, parsed, loglevel=loglevel, task_events=task_events).start()
+        _fail("give at least one --sequence NAME, a --shard I/K, or --shards K")
+    build_worker(
+        settings,
+        sequences,
+        parsed,
+        loglevel=loglevel,
+        task_events=task_events,
+        fleet=fleet is not None,
+    ).start()
 
 
 @main.command("batch")
@@ -756,7 +781,7 @@ def status(ctx: click.Context, as_json: bool, check: bool) -> None:
                 _count(s.waiting),
                 _count(s.in_flight),
                 _count(s.quarantined),
-                "alive" if s.consumer else "NONE",
+                (f"alive: {s.holder}" if s.holder else "alive") if s.consumer else "NONE",
                 "-" if s.oldest_waiting_seconds is None else f"{s.oldest_waiting_seconds:.1f}s",
             )
             for s in statuses

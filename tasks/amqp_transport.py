@@ -301,6 +301,9 @@ class AmqpBroker:
     def warnings(self) -> list[str]:
         return []
 
+    def holders(self, queues: Sequence[str]) -> dict[str, str]:
+        return {}  # RabbitMQ picks the active consumer; it does not say which
+
     def dead_letters(self, queue: str | None = None) -> list[tuple[str, bytes | str]]:
         if not self.quorum:
             return list(redis_dead_letters(self.kept, queue))

@@ -20,6 +20,7 @@ sequences). Which consumer is active on a queue is decided by a lock in the data
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -33,6 +34,7 @@ from numbering.brokers import attempts_hash, dead_letter_list, inflight_list, re
 from numbering.errors import NumberingError
 from numbering.messages import BadMessage, Job, decode_redis_message, parse_task
 from numbering.tasks.consumer import OUTAGE_BACKOFF_SECONDS
+from numbering.tasks.fleet import HOLDERS, Fleet, owner_of, worker_name
 from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.redelivery import RedisAttempts, redis_dead_letters, redis_quarantined
 from numbering.tasks.transport import Delivery, QueueState, age_of, consumer_name
@@ -155,9 +157,20 @@ class RedisTransport:
     """
 
     def __init__(
-        self, broker: redis.Redis, queues: Mapping[str, ConsumerLock], *, stop: threading.Event
+        self,
+        broker: redis.Redis,
+        queues: Mapping[str, ConsumerLock],
+        *,
+        stop: threading.Event,
+        fleet: Fleet | None = None,
     ) -> None:
         self.name = consumer_name(queues)
+        #: With a fleet, this worker tries to serve only the queues it owns (see
+        #: :mod:`numbering.tasks.fleet`); without, every queue whose lock is free.
+        self.fleet = fleet
+        #: This worker's name in the holders hash (``numbering status``).
+        self.holder = fleet.member if fleet is not None else worker_name()
+        self._fleet_logged = False
         self.broker = broker
         self.queues = [_Queue(name, lock) for name, lock in queues.items()]
         self._by_name = {queue.name: queue for queue in self.queues}
@@ -191,7 +204,10 @@ class RedisTransport:
             if left:
                 return left
         since = time.monotonic() - self._checked
-        standby = len(self._held) < len(self.queues)  # some queue to take over when free
+        # Some queue to take over when free; or a fleet member, which says it is alive
+        # every STANDBY_SECONDS (well within the fleet's MEMBER_TTL), even while it
+        # holds every queue.
+        standby = len(self._held) < len(self.queues) or self.fleet is not None
         if since > LOCK_CHECK_SECONDS or (standby and since > STANDBY_SECONDS):
             self.flush()
             left = self._keep_locks()
@@ -238,20 +254,49 @@ class RedisTransport:
             for queue in self.queues:
                 queue.lock.release()
             self._held = []
+            if self.fleet is not None:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    self.fleet.leave()  # the others take its queues at once
             if self._doorbell is not None:
                 self._doorbell.join(POLL_SECONDS + 1)
                 self._doorbell = None
 
     def _keep_locks(self) -> list[Delivery]:
-        """Drop the queues whose lock was lost, take those whose lock is free; return
-        what each newly taken queue has left in flight."""
+        """Drop the queues whose lock was lost (and, in a fleet, hand over those another
+        member owns now: their batches are answered and acknowledged by now), take those
+        whose lock is free (in a fleet, those this member owns); return what each newly
+        taken queue has left in flight."""
+        fleet = self.fleet
+        if fleet is not None:
+            before = fleet.members
+            if fleet.beat() != before or not self._fleet_logged:
+                owned = sum(fleet.owns(queue.name) for queue in self.queues)
+                log.info(
+                    "fleet of %d worker(s): this one (%s) owns %d of the %d shard queues",
+                    len(fleet.members),
+                    fleet.member,
+                    owned,
+                    len(self.queues),
+                )
+                self._fleet_logged = True
         left: list[Delivery] = []
         for queue in self.queues:
             if queue in self._held:
                 if not queue.lock.still_held():
                     log.warning("%s: lost the consumer lock; serving it no longer", queue.name)
                     self._held.remove(queue)
+                elif fleet is not None and not fleet.owns(queue.name):
+                    queue.lock.release()
+                    self._held.remove(queue)
+                    log.info(
+                        "%s: handed over to %s (%d workers in the fleet)",
+                        queue.name,
+                        owner_of(queue.name, fleet.members),
+                        len(fleet.members),
+                    )
                 continue
+            if fleet is not None and not fleet.owns(queue.name):
+                continue  # its owner takes it
             if not queue.lock.try_acquire():
                 if not queue.standby_logged:
                     log.warning(
@@ -261,6 +306,7 @@ class RedisTransport:
                     queue.standby_logged = True
                 continue
             queue.standby_logged = False
+            self.broker.hset(HOLDERS, queue.name, self.holder)
             log.info("active consumer of %s", queue.name)
             left += self._leftovers(queue)
             self._held.append(queue)
@@ -366,6 +412,16 @@ class RedisBroker:
 
     def quarantined(self, queues: Sequence[str]) -> dict[str, int]:
         return redis_quarantined(self.client, queues)
+
+    def holders(self, queues: Sequence[str]) -> dict[str, str]:
+        if not queues:
+            return {}
+        found: list[Any] = self.client.hmget(HOLDERS, list(queues))
+        return {
+            queue: holder.decode() if isinstance(holder, bytes) else str(holder)
+            for queue, holder in zip(queues, found, strict=True)
+            if holder is not None
+        }
 
     def requeue(self, queue: str) -> int:
         moved = 0

@@ -38,6 +38,8 @@ class SequenceStatus:
     quarantined: int | None
     consumer: bool
     oldest_waiting_seconds: float | None
+    #: The worker that holds the queue's consumer lock (Redis brokers), if it is alive.
+    holder: str | None = None
 
     @property
     def problems(self) -> list[str]:
@@ -87,12 +89,15 @@ def _statuses(
     try:
         statuses = []
         queues = {row.name: queue_for(row.name, settings.shards) for row in parents}
-        dead = broker.quarantined(list(dict.fromkeys(queues.values())))
+        distinct = list(dict.fromkeys(queues.values()))
+        dead = broker.quarantined(distinct)
+        holders = broker.holders(distinct)
         for row in parents:
             queue = queues[row.name]
             period = latest.get(row.id)
             state = broker.queue_state(queue)
             quarantined = dead[queue]
+            alive = _alive(database, broker, queue)
             statuses.append(
                 SequenceStatus(
                     sequence=row.name,
@@ -103,8 +108,9 @@ def _statuses(
                     waiting=state.waiting,
                     in_flight=state.in_flight,
                     quarantined=quarantined,
-                    consumer=_alive(database, broker, queue),
+                    consumer=alive,
                     oldest_waiting_seconds=state.oldest_seconds,
+                    holder=holders.get(queue) if alive else None,
                 )
             )
         return statuses

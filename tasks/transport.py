@@ -181,6 +181,11 @@ class Broker(Protocol):
     def quarantined(self, queues: Sequence[str]) -> dict[str, int]:
         """How many quarantined requests each of ``queues`` has."""
 
+    def holders(self, queues: Sequence[str]) -> dict[str, str]:
+        """The worker that last took each of ``queues`` as its active consumer, where the
+        broker keeps it (Redis brokers; whether it still holds it is the database's to
+        say)."""
+
     def requeue(self, queue: str) -> int:
         """Put ``queue``'s dead letters back on it, oldest first, their attempt counts
         forgotten; how many."""
@@ -195,18 +200,30 @@ def open_transport(
     engine: Engine,
     replies: redis.Redis,
     stop: threading.Event,
+    fleet: int | None = None,
 ) -> Transport:
     """The :class:`Transport` of a worker's ``queues`` on ``settings.broker_url``. On
     Redis each queue's active consumer holds a lock in the database of ``engine``; on
-    RabbitMQ attempt counts and dead letters are kept in ``replies``."""
+    RabbitMQ attempt counts and dead letters are kept in ``replies``. ``fleet=K``: the
+    queues are the K shard queues, spread over the workers started so
+    (:mod:`numbering.tasks.fleet`)."""
     kind = broker_kind(settings.broker_url)
     if kind == "redis":
         from numbering.tasks.guard import consumer_lock
         from numbering.tasks.redis_transport import RedisTransport
 
         locks = {queue: consumer_lock(engine, queue) for queue in queues}
-        return RedisTransport(
-            redis_client(settings.broker_url, settings.sentinel_master), locks, stop=stop
+        broker = redis_client(settings.broker_url, settings.sentinel_master)
+        members = None
+        if fleet is not None:
+            from numbering.tasks.fleet import Fleet
+
+            members = Fleet(broker, fleet)
+        return RedisTransport(broker, locks, stop=stop, fleet=members)
+    if fleet is not None:
+        raise ConfigurationError(
+            "a worker fleet (--shards K) needs a Redis broker for now; on RabbitMQ place "
+            "the shards by hand (--shard I/K)"
         )
     if kind == "amqp":
         from numbering.tasks.amqp_transport import AmqpTransport

@@ -62,6 +62,7 @@ class NumberingWorker:
         app: Celery,
         *,
         sequences: Sequence[str] = (),
+        fleet: int | None = None,
     ) -> None:
         if not is_redis(settings.result_backend):
             raise ConfigurationError("numbering replies need a Redis NUMBERING_RESULT_BACKEND")
@@ -87,7 +88,7 @@ class NumberingWorker:
         processor.failover = self.failover
         self.processor = processor
         transport = open_transport(
-            settings, queues, engine=engine, replies=self.replies, stop=self.stop
+            settings, queues, engine=engine, replies=self.replies, stop=self.stop, fleet=fleet
         )
         # Consumer locks live in the database: after a failover, take them again on the
         # new primary before consuming on.
@@ -125,6 +126,7 @@ def build_worker(
     *,
     loglevel: str = "INFO",
     task_events: bool = False,
+    fleet: bool = False,
 ) -> Any:
     """A Celery worker (``WorkController``) with numbering's bulk consumers attached.
 
@@ -141,7 +143,9 @@ def build_worker(
             )
     queues = queues_for(sequences, shards)
     app = create_app(settings)
-    numbering = NumberingWorker(settings, queues, shards, app, sequences=sequences)
+    numbering = NumberingWorker(
+        settings, queues, shards, app, sequences=sequences, fleet=shards[0].count if fleet else None
+    )
 
     class BulkConsumers(bootsteps.StartStopStep):
         requires: ClassVar[set[str]] = {"celery.worker.components:Pool"}

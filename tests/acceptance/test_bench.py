@@ -33,6 +33,7 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
         "## Web requests",
         "## Bare enqueue-and-await",
         "## Many sequences",
+        "## Worker fleet",
         "## Batch numbering",
         "## Growth",
     ):
@@ -44,6 +45,8 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
         "SELECT FOR UPDATE",
         "Celery no-op round trip",
         "nextval",
+        "numbering (one process, every shard by hand)",
+        "numbering (fleet of 2)",
     ):
         assert f"| {system}" in report
     assert "Result: every ledger gapless." in report

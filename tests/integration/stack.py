@@ -128,9 +128,14 @@ class Stack:
 
     def worker(self, *args: str, active: bool = True) -> Worker:
         """Start ``numbering worker ARGS``; wait until it is the active consumer (or a
-        standby). On RabbitMQ, the broker picks the active consumer: wait until it consumes."""
+        standby). On RabbitMQ, the broker picks the active consumer: wait until it consumes.
+        A fleet member (``--shards K``): wait until it has joined the fleet."""
         worker = Worker(list(args), self.env, self.tmp / f"worker{len(self.workers)}.log")
         self.workers.append(worker)
+        if args[0] == "--shards":
+            self.queues.update(Shard(i, int(args[1])).queue for i in range(int(args[1])))
+            worker.wait_for("fleet of")
+            return worker
         if args[0] == "--shard":
             self.queues.add(Shard.parse(args[1]).queue)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -651,7 +652,7 @@ def test_passwords_stay_out_of_logs_and_output(stack: Stack) -> None:
 
 def test_status_shows_queues_consumers_and_waiting_requests(stack: Stack) -> None:
     setup_sequences(stack, "invoices", "orphans")
-    stack.worker("--sequence", "invoices")
+    worker = stack.worker("--sequence", "invoices")
     client = stack.client(timeout=0.5)
     assert client.next_value("invoices", key="i1") == 1
     with pytest.raises(RequestTimeout):
@@ -662,6 +663,9 @@ def test_status_shows_queues_consumers_and_waiting_requests(stack: Stack) -> Non
 
     shown = {row["sequence"]: row for row in json.loads(status("--json").stdout)}
     assert shown["invoices"]["consumer"] is True
+    holder = f"{socket.gethostname()}:{worker.proc.pid}"  # which worker is active
+    assert shown["invoices"]["holder"] == holder
+    assert shown["orphans"]["holder"] is None
     assert (shown["invoices"]["last_value"], shown["invoices"]["waiting"]) == (1, 0)
     assert shown["orphans"]["consumer"] is False
     assert shown["orphans"]["waiting"] >= 1  # the request and its resends
@@ -675,7 +679,7 @@ def test_status_shows_queues_consumers_and_waiting_requests(stack: Stack) -> Non
     assert lines[0].split() == [
         "SEQUENCE", "LAST", "WAITING", "IN", "FLIGHT", "QUARANTINED", "CONSUMER", "OLDEST",
     ]  # fmt: skip
-    assert lines[1].split()[:6] == ["invoices", "1", "0", "0", "0", "alive"]
+    assert lines[1].split()[:7] == ["invoices", "1", "0", "0", "0", "alive:", holder]
     assert lines[2].split()[0] == "orphans"
     assert "NONE" in lines[2].split()
     assert "problem: orphans:" in table.stderr

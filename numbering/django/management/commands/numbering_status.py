@@ -140,7 +140,9 @@ class Command(BaseCommand):
                     show(row.get("waiting")),
                     show(row.get("in_flight")),
                     show(row.get("quarantined")),
-                    "alive" if row.get("consumer") else "NONE",
+                    (f"alive: {row['holder']}" if row.get("holder") else "alive")
+                    if row.get("consumer")
+                    else "NONE",
                     "-" if oldest is None else f"{oldest:.1f}s",
                 ]
             lines.append(line)
