@@ -182,6 +182,7 @@ class RedisTransport:
         self._done: list[_Queue] = []  # queues whose in-flight list holds answered requests
         self._recheck: list[_Queue] = []  # queues whose in-flight list to hand back first
         self._checked = -float("inf")  # when the locks were last checked
+        self._verified = -float("inf")  # when the held locks' sessions were last asked
         self._doorbell: _Doorbell | None = None
 
     @property
@@ -196,7 +197,7 @@ class RedisTransport:
         # carried them run after all, they would clear the next batch, unanswered.
         self._recheck = list(self._held)
         self._done = []
-        self._checked = -float("inf")
+        self._checked = self._verified = -float("inf")
 
     def receive(self, limit: int) -> list[Delivery]:
         while self._recheck:
@@ -210,8 +211,13 @@ class RedisTransport:
         standby = len(self._held) < len(self.queues) or self.fleet is not None
         if since > LOCK_CHECK_SECONDS or (standby and since > STANDBY_SECONDS):
             self.flush()
-            left = self._keep_locks()
+            # The held locks' sessions are asked about every LOCK_CHECK_SECONDS (a query
+            # each); taking free locks and the fleet's beat, every STANDBY_SECONDS.
+            verify = time.monotonic() - self._verified > LOCK_CHECK_SECONDS
+            left = self._keep_locks(verify)
             self._checked = time.monotonic()
+            if verify:
+                self._verified = self._checked
             if left:
                 return left
         if not self._held:
@@ -242,7 +248,7 @@ class RedisTransport:
     def recheck(self) -> None:
         # The locks are in the database: a failover took them with the old primary.
         # The next receive checks each one (and takes it again) before it drains.
-        self._checked = -float("inf")
+        self._checked = self._verified = -float("inf")
 
     def flush(self) -> None:
         if self._done:
@@ -261,11 +267,11 @@ class RedisTransport:
                 self._doorbell.join(POLL_SECONDS + 1)
                 self._doorbell = None
 
-    def _keep_locks(self) -> list[Delivery]:
-        """Drop the queues whose lock was lost (and, in a fleet, hand over those another
-        member owns now: their batches are answered and acknowledged by now), take those
-        whose lock is free (in a fleet, those this member owns); return what each newly
-        taken queue has left in flight."""
+    def _keep_locks(self, verify: bool = True) -> list[Delivery]:
+        """Drop the queues whose lock was lost (asked with ``verify``; and, in a fleet,
+        hand over those another member owns now: their batches are answered and
+        acknowledged by now), take those whose lock is free (in a fleet, those this
+        member owns); return what each newly taken queue has left in flight."""
         fleet = self.fleet
         if fleet is not None:
             before = fleet.members
@@ -282,7 +288,7 @@ class RedisTransport:
         left: list[Delivery] = []
         for queue in self.queues:
             if queue in self._held:
-                if not queue.lock.still_held():
+                if verify and not queue.lock.still_held():
                     log.warning("%s: lost the consumer lock; serving it no longer", queue.name)
                     self._held.remove(queue)
                 elif fleet is not None and not fleet.owns(queue.name):
