@@ -576,8 +576,8 @@ def _show_client_warnings() -> None:
     type=int,
     metavar="K",
     help="Join the fleet of workers that serve all K shard queues together: each takes "
-    "about K/N of them, and the others take a stopped worker's within seconds (Redis "
-    "broker; K must match NUMBERING_SHARDS if set).",
+    "about K/N of them, and the others take a stopped worker's within seconds (K must "
+    "match NUMBERING_SHARDS if set).",
 )
 @click.option(
     "--batch-size",

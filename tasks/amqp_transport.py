@@ -22,7 +22,8 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -39,6 +40,8 @@ from numbering.routing import (
     declared_otherwise,
     kombu_queue,
 )
+from numbering.tasks.fleet import HOLDERS, Fleet, owner_of
+from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.redelivery import RedisAttempts, redis_dead_letters, redis_quarantined
 from numbering.tasks.transport import AttemptStore, Delivery, QueueState, consumer_name
 
@@ -48,6 +51,10 @@ log = logging.getLogger("numbering.worker")
 
 # Seconds a consumer waits for a delivery before checking its stop flag and heartbeats.
 POLL_SECONDS = 1
+# Seconds between a fleet member's looks at the fleet (well within MEMBER_TTL), and
+# between its checks that its consumer locks' database sessions are alive.
+FLEET_CHECK_SECONDS = 1.0
+LOCK_CHECK_SECONDS = 5.0
 
 
 def parse_amqp(message: Message) -> Job | BadMessage:
@@ -104,7 +111,12 @@ class AmqpTransport:
     """One connection, one channel, one kombu consumer per queue on it: what RabbitMQ has
     delivered from any of the queues is one batch. RabbitMQ picks the active consumer of
     each queue on its own, so a worker may be active on some of its queues and a standby
-    on others."""
+    on others.
+
+    In a fleet (``fleet`` and ``locks``: :mod:`numbering.tasks.fleet`) a worker consumes
+    only the queues it owns, each once it holds the queue's consumer lock in the database;
+    a queue it no longer owns is cancelled, what RabbitMQ delivered meanwhile answered,
+    and only then its lock released, so that its new owner starts after it."""
 
     def __init__(
         self,
@@ -114,8 +126,15 @@ class AmqpTransport:
         replies: redis.Redis,
         batch_size: int,
         queue_type: str = "classic",
+        fleet: Fleet | None = None,
+        locks: Mapping[str, ConsumerLock] | None = None,
     ) -> None:
         self.name = consumer_name(queues)
+        self.fleet = fleet
+        self.locks = dict(locks or {})
+        if fleet is not None and set(self.locks) != set(queues):
+            raise ValueError("a fleet member needs a consumer lock for each of its queues")
+        self.replies = replies
         self.broker_url = broker_url
         self.queues = list(queues)
         self.queue_type = queue_type
@@ -129,42 +148,96 @@ class AmqpTransport:
             *probe.channel_errors,
         )
         self._connection: Connection | None = None
-        self._consumers: contextlib.ExitStack | None = None
+        self._channel: Any = None
+        self._subscribed: dict[str, Consumer] = {}
+        self._leaving: list[str] = []  # cancelled; their locks go at the next receive
         self._delivered: list[tuple[str, Message]] = []
         self._active: set[str] = set()  # the queues that have delivered on this connection
+        self._balanced = -float("inf")  # when the fleet was last looked at
+        self._verified = -float("inf")  # when the held locks' sessions were last asked
+        self._fleet_size = 0
 
     def open(self) -> None:
         connection = Connection(self.broker_url, heartbeat=30)
         self._connection = connection
-        self._consumers = consumers = contextlib.ExitStack()
+        self._subscribed = {}
         self._delivered = []
         self._active = set()
+        self._balanced = -float("inf")
         channel = connection.channel()
+        self._channel = channel
         # Per consumer (a_global=False): each queue may have batch_size unacknowledged.
         channel.basic_qos(prefetch_size=0, prefetch_count=self.batch_size, a_global=False)
-
-        def receiver(queue: str) -> Callable[[Message], None]:
-            return lambda message: self._delivered.append((queue, message))
-
         if self.quorum:
             dead_letter_queue()(channel).declare()
+        if self.fleet is not None:
+            return  # the first receive takes the queues this member owns
         for queue in self.queues:
-            consumers.enter_context(
-                Consumer(
-                    channel,
-                    queues=[kombu_queue(queue, self.queue_type)],
-                    on_message=receiver(queue),
-                    no_ack=False,
-                )
-            )
+            self._subscribe(queue)
         log.info(
             "consuming %s; RabbitMQ's single-active-consumer decides which worker is active",
             self.name,
         )
 
+    def _subscribe(self, queue: str) -> None:
+        consumer = Consumer(
+            self._channel,
+            queues=[kombu_queue(queue, self.queue_type)],
+            on_message=lambda message: self._delivered.append((queue, message)),
+            no_ack=False,
+        )
+        consumer.consume()
+        self._subscribed[queue] = consumer
+
+    def _rebalance(self) -> None:
+        """Say this member is alive; cancel the queues it no longer owns (their locks go
+        at the next receive, once what was delivered meanwhile is answered); take the
+        lock of, and consume, each queue it owns and does not serve yet."""
+        fleet = self.fleet
+        assert fleet is not None
+        members = fleet.beat()
+        owned = [queue for queue in self.queues if fleet.owns(queue)]
+        if len(members) != self._fleet_size:
+            self._fleet_size = len(members)
+            log.info(
+                "fleet of %d worker(s): this one (%s) owns %d of the %d shard queues",
+                len(members),
+                fleet.member,
+                len(owned),
+                len(self.queues),
+            )
+        verify = time.monotonic() - self._verified > LOCK_CHECK_SECONDS
+        if verify:
+            self._verified = time.monotonic()
+        for queue in self.queues:
+            if queue in self._subscribed:
+                if verify and not self.locks[queue].still_held():
+                    # Its database session is gone (a failover): the lock with it.
+                    log.warning("%s: lost the consumer lock; serving it no longer", queue)
+                    self._subscribed.pop(queue).cancel()
+                elif queue not in owned:
+                    self._subscribed.pop(queue).cancel()
+                    self._leaving.append(queue)
+                continue
+            if queue in owned and queue not in self._leaving and self.locks[queue].try_acquire():
+                self._subscribe(queue)
+                self.replies.hset(HOLDERS, queue, fleet.member)
+                log.info("active consumer of %s (fleet)", queue)
+
     def receive(self, limit: int) -> list[Delivery]:
         connection = self._connection
         assert connection is not None, "open() first"
+        for queue in self._leaving:  # what it delivered before the cancel is answered
+            self.locks[queue].release()
+            log.info(
+                "%s: handed over to %s",
+                queue,
+                owner_of(queue, self.fleet.members) if self.fleet else "another worker",
+            )
+        self._leaving = []
+        if self.fleet is not None and time.monotonic() - self._balanced > FLEET_CHECK_SECONDS:
+            self._rebalance()
+            self._balanced = time.monotonic()
         try:
             connection.drain_events(timeout=POLL_SECONDS)
         except TimeoutError:
@@ -222,18 +295,27 @@ class AmqpTransport:
         """Nothing is deferred: every ack is sent as it is made."""
 
     def recheck(self) -> None:
-        """RabbitMQ, not the database, picks the active consumer: nothing to check."""
+        """Outside a fleet RabbitMQ, not the database, picks the active consumer: nothing
+        to check. A fleet member asks its locks' sessions at its next look at the fleet
+        (the database failed over: the locks went with the old primary)."""
+        self._balanced = self._verified = -float("inf")
 
     def close(self, stopping: bool) -> None:
         # Unacknowledged messages go back to their queue when the connection closes.
         connection, self._connection = self._connection, None
-        consumers, self._consumers = self._consumers, None
+        subscribed, self._subscribed = self._subscribed, {}
         try:
-            if consumers is not None:
-                consumers.close()
+            for consumer in subscribed.values():
+                with contextlib.suppress(*self.errors):
+                    consumer.cancel()
         finally:
             if connection is not None:
                 connection.release()
+            if stopping and self.fleet is not None:
+                for lock in self.locks.values():
+                    lock.release()
+                with contextlib.suppress(redis.RedisError, OSError):
+                    self.fleet.leave()  # the others take its queues at once
 
 
 class AmqpBroker:
@@ -302,7 +384,16 @@ class AmqpBroker:
         return []
 
     def holders(self, queues: Sequence[str]) -> dict[str, str]:
-        return {}  # RabbitMQ picks the active consumer; it does not say which
+        # Kept by fleet members (on the reply Redis); otherwise RabbitMQ picks the active
+        # consumer and does not say which.
+        if not queues:
+            return {}
+        found: list[Any] = self.kept.hmget(HOLDERS, list(queues))
+        return {
+            queue: holder.decode() if isinstance(holder, bytes) else str(holder)
+            for queue, holder in zip(queues, found, strict=True)
+            if holder is not None
+        }
 
     def dead_letters(self, queue: str | None = None) -> list[tuple[str, bytes | str]]:
         if not self.quorum:

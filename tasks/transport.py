@@ -220,13 +220,10 @@ def open_transport(
 
             members = Fleet(broker, fleet)
         return RedisTransport(broker, locks, stop=stop, fleet=members)
-    if fleet is not None:
-        raise ConfigurationError(
-            "a worker fleet (--shards K) needs a Redis broker for now; on RabbitMQ place "
-            "the shards by hand (--shard I/K)"
-        )
     if kind == "amqp":
         from numbering.tasks.amqp_transport import AmqpTransport
+        from numbering.tasks.fleet import Fleet
+        from numbering.tasks.guard import consumer_lock
 
         return AmqpTransport(
             settings.broker_url,
@@ -234,6 +231,8 @@ def open_transport(
             replies=replies,
             batch_size=settings.batch_size,
             queue_type=settings.queue_type,
+            fleet=None if fleet is None else Fleet(replies, fleet),
+            locks=None if fleet is None else {q: consumer_lock(engine, q) for q in queues},
         )
     raise _no_queues(settings)
 

@@ -1,4 +1,4 @@
-"""A worker fleet (``numbering worker --shards K``) on the Redis broker: the shard queues
+"""A worker fleet (``numbering worker --shards K``) on Redis and RabbitMQ: the shard queues
 spread over the live workers, a killed worker's taken over, a new worker given its
 share, and never two active consumers of one queue (the database's locks decide)."""
 
@@ -10,10 +10,11 @@ from collections.abc import Callable
 import pytest
 import redis
 from integration.stack import Stack, Worker
+from kombu import Connection
 from test_queue import assert_increasing, setup_sequences
 
 from numbering import create_engine
-from numbering.routing import Shard
+from numbering.routing import Shard, kombu_queue
 from numbering.tasks.fleet import HOLDERS, Fleet, owner_of
 from numbering.tasks.guard import consumer_alive
 
@@ -48,23 +49,33 @@ def test_owners_spread_and_move_little() -> None:
         assert moved_to in (owners[queue], "d:4:w")
 
 
-def test_three_workers_share_the_shards_and_take_over(stack: Stack) -> None:
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq-quorum"])
+def test_three_workers_share_the_shards_and_take_over(
+    request: pytest.FixtureRequest, broker: str
+) -> None:
     """Three workers on 16 shard queues under load: each holds some; one is SIGKILLed
     and one started: within a bounded time every queue is held, by live workers only,
     the new one included; every request ends with one number (the history check and
-    the gapless check of each sequence)."""
+    the gapless check of each sequence). On RabbitMQ too: there a member consumes a
+    queue only once it holds its lock, and cancels it before it lets the lock go."""
+    stack: Stack = request.getfixturevalue("stack" if broker == "redis" else "quorum_stack")
     stack.env["NUMBERING_SHARDS"] = str(SHARDS)
+    queues = [Shard(i, SHARDS).queue for i in range(SHARDS)]
+    if broker != "redis":  # RabbitMQ keeps queues across runs: start from none
+        with Connection(stack.settings.broker_url) as conn:
+            for queue in queues:
+                kombu_queue(queue)(conn.channel()).delete()
     names = [f"tenant-{t}" for t in range(8)]
     setup_sequences(stack, *names)
     workers = [stack.worker("--shards", str(SHARDS)) for _ in range(3)]
-    queues = [Shard(i, SHARDS).queue for i in range(SHARDS)]
-    broker = redis.Redis.from_url(stack.settings.broker_url, decode_responses=True)
+    kept = stack.settings.broker_url if broker == "redis" else stack.settings.result_backend
+    broker_redis = redis.Redis.from_url(kept, decode_responses=True)
     engine = create_engine(stack.settings.database_url)
 
     def spread_over(live: list[Worker]) -> bool:
         """Every queue held, each by a live worker, and every live worker holds some."""
         members = {member_of(worker) for worker in live}
-        holders = broker.hgetall(HOLDERS)
+        holders = broker_redis.hgetall(HOLDERS)
         return (
             all(consumer_alive(engine, queue) for queue in queues)
             and all(holders.get(queue) in members for queue in queues)
@@ -89,7 +100,7 @@ def test_three_workers_share_the_shards_and_take_over(stack: Stack) -> None:
         # hold some), handed over between two batches.
         assert any("handed over" in worker.output() for worker in live[:-1])
     finally:
-        broker.close()
+        broker_redis.close()
         engine.dispose()
 
 

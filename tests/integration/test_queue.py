@@ -579,7 +579,7 @@ def test_cli_next_goes_through_the_queue(stack: Stack) -> None:
     assert "ask again with key='cli:9'" in no_worker.stderr
     assert "no worker took it from queue numbering.other" in no_worker.stderr
     for args, message in [
-        (("worker",), "give at least one --sequence NAME or a --shard I/K"),
+        (("worker",), "give at least one --sequence NAME, a --shard I/K, or --shards K"),
         (("worker", "--shard", "9/4"), "shard index must be 0..3"),
         (("worker", "--shard", "0/2", "--shard", "1/4"), "must have the same count K"),
         (("worker", "--sequence", "bad/name"), "invalid sequence name"),
