@@ -81,6 +81,7 @@ class Cluster:
         self.procs[node] = subprocess.Popen(
             [self.bin / "rabbitmq-server"],
             env=env,
+            cwd=where,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -98,16 +99,11 @@ class Cluster:
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=self.root,  # where a failing CLI leaves its erl_crash.dump
         )
 
     def ctl(self, node: str, *args: str, timeout: float = 120) -> str:
-        done = subprocess.run(
-            [self.bin / "rabbitmqctl", "-n", f"{node}@localhost", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        done = self._ctl(node, *args, timeout=timeout)
         assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stderr}"
         return done.stdout
 
