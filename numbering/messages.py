@@ -56,6 +56,9 @@ class Job:
     sequence: str
     request: Request
     reply_to: str | None  # the client's Redis reply list, or None: use the result backend
+    #: A plain Celery caller's AMQP ``reply_to`` queue and correlation id: where a caller
+    #: on Celery's ``rpc://`` result backend waits for its answer.
+    rpc: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class BadMessage:
     key: str | None
     reply_to: str | None
     error: NumberingError
+    rpc: tuple[str, str] | None = None  # as :attr:`Job.rpc`
 
 
 def decode_redis_message(raw: bytes | str) -> tuple[dict[str, Any], Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -76,7 +77,14 @@ def parse_amqp(message: Message) -> Job | BadMessage:
         headers = message.headers if isinstance(message.headers, dict) else {}
     except NumberingError as error:
         return BadMessage(None, None, None, error)
-    return parse_task(headers, decoded)
+    item = parse_task(headers, decoded)
+    # A plain Celery caller (no numbering reply list) names its reply queue as AMQP
+    # properties; one on the rpc:// result backend waits there.
+    reply_to = message.properties.get("reply_to")
+    if item.reply_to is None and item.task_id and isinstance(reply_to, str) and reply_to:
+        correlation = message.properties.get("correlation_id") or item.task_id
+        item = dataclasses.replace(item, rpc=(reply_to, str(correlation)))
+    return item
 
 
 def _delivery_count(message: Message) -> int:

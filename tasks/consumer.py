@@ -31,7 +31,7 @@ from numbering.errors import InvalidRequestError, NumberingError, RetriesExhaust
 from numbering.failpoints import failpoint
 from numbering.messages import BadMessage, Job
 from numbering.replies import push_replies, reply_for
-from numbering.routing import Shard
+from numbering.routing import TASK_NAME, Shard
 from numbering.tasks.events import TaskEvents
 from numbering.tasks.failover import FailoverDetected, FailoverWatch
 from numbering.tasks.metrics import WorkerMetrics
@@ -87,6 +87,7 @@ class BatchProcessor:
         #: Checks before a batch that the database did not fail over unnoticed (set by
         #: the worker; None: never).
         self.failover: FailoverWatch | None = None
+        self._rpc: Any = None  # Celery's rpc:// backend, made at the first such caller
 
     def process(
         self, items: Sequence[Job | BadMessage], shards: Sequence[Shard | None] | None = None
@@ -183,7 +184,35 @@ class BatchProcessor:
                     self.app.backend.mark_as_failure(item.task_id, outcome)
                 else:
                     self.app.backend.store_result(item.task_id, reply, state)
+                if item.rpc is not None:
+                    self._answer_rpc(item.task_id, item.rpc, outcome, reply, state)
         self.replies.push(lean)
+
+    def _answer_rpc(
+        self, task_id: str, rpc: tuple[str, str], outcome: Outcome, reply: Any, state: str
+    ) -> None:
+        """Answer a plain Celery caller over RabbitMQ on its reply queue too, as Celery's
+        ``rpc://`` backend does: a caller on that backend waits there. A caller on
+        another backend has no such queue, and RabbitMQ drops the copy. Best effort:
+        the answer is in numbering's result backend either way."""
+        from celery.app.task import Context
+        from celery.backends.rpc import RPCBackend
+
+        assert self.app is not None
+        if self._rpc is None:
+            self._rpc = RPCBackend(self.app)
+        reply_to, correlation_id = rpc
+        # The task's request as Celery's backends read it (its other fields default).
+        request = Context(
+            reply_to=reply_to, correlation_id=correlation_id, id=task_id, task=TASK_NAME
+        )
+        try:
+            if state == states.FAILURE:
+                self._rpc.mark_as_failure(task_id, outcome, request=request)
+            else:
+                self._rpc.store_result(task_id, reply, state, request=request)
+        except Exception as exc:  # the answer is in the result backend already
+            log.warning("could not answer %s on its reply queue %s: %s", task_id, reply_to, exc)
 
     def process_until_done(
         self,

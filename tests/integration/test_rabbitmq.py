@@ -220,3 +220,32 @@ def test_a_queue_of_the_other_type_is_explained(quorum_stack: Stack, amqp_stack:
     assert "cannot change in place" in sent.stderr, sent.stderr
     assert "Traceback" not in sent.stderr
     check_gapless(create_engine(amqp_stack.settings.database_url), seq, keys=["classic"])
+
+
+def test_a_celery_caller_on_the_rpc_backend_gets_its_answer(amqp_stack: Stack) -> None:
+    """A plain Celery app whose result backend is rpc:// (answers on its own reply queue,
+    as from any Celery worker): its numbers, a resend by key, and a refused request
+    raised as numbering's error, all on its reply queue."""
+    from numbering.errors import InvalidCountError
+
+    seq = unique("invoices")
+    setup_sequences(amqp_stack, seq)
+    amqp_stack.worker("--sequence", seq)
+    app = Celery(broker=amqp_stack.settings.broker_url, backend="rpc://", set_as_current=False)
+    queue = kombu_queue(sequence_queue(seq))
+
+    def ask(**kwargs: object) -> dict[str, object]:
+        result = app.send_task(TASK_NAME, kwargs={"sequence": seq, **kwargs}, queue=queue)
+        answer: dict[str, object] = result.get(timeout=60)
+        return answer
+
+    assert [ask(key=f"rpc:{i}")["value"] for i in range(5)] == [1, 2, 3, 4, 5]
+    again = ask(key="rpc:0")
+    assert (again["value"], again["resent"]) == (1, True)
+    with pytest.raises(InvalidCountError, match="count must be at least 1"):
+        ask(key="rpc:bad", count=0)
+    check_gapless(
+        create_engine(amqp_stack.settings.database_url),
+        seq,
+        keys=[f"rpc:{i}" for i in range(5)],
+    )
