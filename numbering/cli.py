@@ -180,8 +180,15 @@ def show_config(ctx: click.Context, check: bool) -> None:
     """Show the settings in effect (passwords masked); with --check, the database's
     state too (a standby, synchronous replication, unsafe settings)."""
     settings = _settings(ctx)
-    for variable, value in settings.masked().items():
+    shown = settings.masked()
+    for variable, value in shown.items():
         click.echo(f"{variable}={value}")
+    # On stderr: stdout stays VAR=value lines a script can read.
+    click.echo(
+        "note: plain Celery callers (other apps, other languages) find their answers in "
+        f"numbering's result backend: give them result_backend={shown[ENV['result_backend']]}",
+        err=True,
+    )
     if not check:
         return
     from numbering.tasks.preflight import check_database

@@ -177,9 +177,13 @@ def test_bad_settings_and_unreachable_database(cli: CLI) -> None:
     failed = cli("sequence", "list", ok=False)
     assert "cannot connect to the database" in failed.stderr
     assert "hunter2" not in failed.stderr
-    shown = cli("config").stdout
+    config = cli("config")
+    shown = config.stdout
     assert "NUMBERING_DATABASE_URL=postgresql://app:***@127.0.0.1:1/none" in shown
     assert "hunter2" not in shown
+    # Where plain Celery callers must read their answers (issue 22).
+    backend = next(line for line in shown.splitlines() if "RESULT_BACKEND=" in line)
+    assert f"give them result_backend={backend.split('=', 1)[1]}" in config.stderr
 
 
 def test_missing_schema_says_to_run_init_db(cli: CLI) -> None:
