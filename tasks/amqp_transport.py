@@ -41,7 +41,7 @@ from numbering.routing import (
     declared_otherwise,
     kombu_queue,
 )
-from numbering.tasks.fleet import HOLDERS, Fleet, owner_of
+from numbering.tasks.fleet import HOLDERS, Fleet, owner_of, read_holders
 from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.redelivery import RedisAttempts, redis_dead_letters, redis_quarantined
 from numbering.tasks.transport import AttemptStore, Delivery, QueueState, consumer_name
@@ -163,7 +163,6 @@ class AmqpTransport:
         self._active: set[str] = set()  # the queues that have delivered on this connection
         self._balanced = -float("inf")  # when the fleet was last looked at
         self._verified = -float("inf")  # when the held locks' sessions were last asked
-        self._fleet_size = 0
 
     def open(self) -> None:
         connection = Connection(self.broker_url, heartbeat=30)
@@ -203,17 +202,7 @@ class AmqpTransport:
         lock of, and consume, each queue it owns and does not serve yet."""
         fleet = self.fleet
         assert fleet is not None
-        members = fleet.beat()
-        owned = [queue for queue in self.queues if fleet.owns(queue)]
-        if len(members) != self._fleet_size:
-            self._fleet_size = len(members)
-            log.info(
-                "fleet of %d worker(s): this one (%s) owns %d of the %d shard queues",
-                len(members),
-                fleet.member,
-                len(owned),
-                len(self.queues),
-            )
+        owned = fleet.look(self.queues)
         verify = time.monotonic() - self._verified > LOCK_CHECK_SECONDS
         if verify:
             self._verified = time.monotonic()
@@ -394,14 +383,7 @@ class AmqpBroker:
     def holders(self, queues: Sequence[str]) -> dict[str, str]:
         # Kept by fleet members (on the reply Redis); otherwise RabbitMQ picks the active
         # consumer and does not say which.
-        if not queues:
-            return {}
-        found: list[Any] = self.kept.hmget(HOLDERS, list(queues))
-        return {
-            queue: holder.decode() if isinstance(holder, bytes) else str(holder)
-            for queue, holder in zip(queues, found, strict=True)
-            if holder is not None
-        }
+        return read_holders(self.kept, queues)
 
     def dead_letters(self, queue: str | None = None) -> list[tuple[str, bytes | str]]:
         if not self.quorum:

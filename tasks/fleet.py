@@ -18,14 +18,18 @@ should try.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
-__all__ = ["HOLDERS", "MEMBER_TTL", "Fleet", "owner_of", "worker_name"]
+__all__ = ["HOLDERS", "MEMBER_TTL", "Fleet", "owner_of", "read_holders", "worker_name"]
+
+log = logging.getLogger("numbering.worker")
 
 #: Seconds after its last sign of life that a member counts as gone, and its queues go
 #: to the others. A live member paused longer (a long batch, a slow database) is taken
@@ -63,12 +67,30 @@ class Fleet:
         self.member = member or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._beat = client.register_script(_BEAT)
         self.members: list[str] = [self.member]
+        self._looked = False
 
     def beat(self) -> list[str]:
         """Say this member is alive; the live members, this one included."""
         raw = self._beat(keys=[self.key], args=[self.member, int(MEMBER_TTL * 1000)])
         self.members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw)
         return self.members
+
+    def look(self, queues: Sequence[str]) -> list[str]:
+        """:meth:`beat`, and the ``queues`` this member owns now; logged when the fleet
+        changed since the last look."""
+        before = self.members
+        self.beat()
+        owned = [queue for queue in queues if self.owns(queue)]
+        if self.members != before or not self._looked:
+            self._looked = True
+            log.info(
+                "fleet of %d worker(s): this one (%s) owns %d of the %d shard queues",
+                len(self.members),
+                self.member,
+                len(owned),
+                len(queues),
+            )
+        return owned
 
     def owns(self, queue: str) -> bool:
         """Whether this member owns ``queue`` among the members of the last :meth:`beat`."""
@@ -78,6 +100,18 @@ class Fleet:
         """Leave at once (a clean stop), so the others take the queues without waiting
         for :data:`MEMBER_TTL`."""
         self.client.zrem(self.key, self.member)
+
+
+def read_holders(client: redis.Redis, queues: Sequence[str]) -> dict[str, str]:
+    """The worker that last took each of ``queues`` (those :data:`HOLDERS` names)."""
+    if not queues:
+        return {}
+    found: list[Any] = client.hmget(HOLDERS, list(queues))
+    return {
+        queue: holder.decode() if isinstance(holder, bytes) else str(holder)
+        for queue, holder in zip(queues, found, strict=True)
+        if holder is not None
+    }
 
 
 def worker_name() -> str:

@@ -34,7 +34,7 @@ from numbering.brokers import attempts_hash, dead_letter_list, inflight_list, re
 from numbering.errors import NumberingError
 from numbering.messages import BadMessage, Job, decode_redis_message, parse_task
 from numbering.tasks.consumer import OUTAGE_BACKOFF_SECONDS
-from numbering.tasks.fleet import HOLDERS, Fleet, owner_of, worker_name
+from numbering.tasks.fleet import HOLDERS, Fleet, owner_of, read_holders, worker_name
 from numbering.tasks.guard import ConsumerLock
 from numbering.tasks.redelivery import RedisAttempts, redis_dead_letters, redis_quarantined
 from numbering.tasks.transport import Delivery, QueueState, age_of, consumer_name
@@ -170,7 +170,6 @@ class RedisTransport:
         self.fleet = fleet
         #: This worker's name in the holders hash (``numbering status``).
         self.holder = fleet.member if fleet is not None else worker_name()
-        self._fleet_logged = False
         self.broker = broker
         self.queues = [_Queue(name, lock) for name, lock in queues.items()]
         self._by_name = {queue.name: queue for queue in self.queues}
@@ -274,17 +273,7 @@ class RedisTransport:
         member owns); return what each newly taken queue has left in flight."""
         fleet = self.fleet
         if fleet is not None:
-            before = fleet.members
-            if fleet.beat() != before or not self._fleet_logged:
-                owned = sum(fleet.owns(queue.name) for queue in self.queues)
-                log.info(
-                    "fleet of %d worker(s): this one (%s) owns %d of the %d shard queues",
-                    len(fleet.members),
-                    fleet.member,
-                    owned,
-                    len(self.queues),
-                )
-                self._fleet_logged = True
+            fleet.look([queue.name for queue in self.queues])
         left: list[Delivery] = []
         for queue in self.queues:
             if queue in self._held:
@@ -420,14 +409,7 @@ class RedisBroker:
         return redis_quarantined(self.client, queues)
 
     def holders(self, queues: Sequence[str]) -> dict[str, str]:
-        if not queues:
-            return {}
-        found: list[Any] = self.client.hmget(HOLDERS, list(queues))
-        return {
-            queue: holder.decode() if isinstance(holder, bytes) else str(holder)
-            for queue, holder in zip(queues, found, strict=True)
-            if holder is not None
-        }
+        return read_holders(self.client, queues)
 
     def requeue(self, queue: str) -> int:
         moved = 0
