@@ -59,6 +59,8 @@ class Job:
     #: A plain Celery caller's AMQP ``reply_to`` queue and correlation id: where a caller
     #: on Celery's ``rpc://`` result backend waits for its answer.
     rpc: tuple[str, str] | None = None
+    #: The caller's Celery ``origin`` header (``gen<pid>@<host>``), to name it in logs.
+    origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class BadMessage:
     reply_to: str | None
     error: NumberingError
     rpc: tuple[str, str] | None = None  # as :attr:`Job.rpc`
+    origin: str | None = None  # as :attr:`Job.origin`
 
 
 def decode_redis_message(raw: bytes | str) -> tuple[dict[str, Any], Any]:
@@ -200,6 +203,8 @@ def _reply_to(headers: dict[str, Any]) -> str | None:
 def parse_task(headers: dict[str, Any], body: Any) -> Job | BadMessage:
     """Turn a decoded Celery task message into a :class:`Job`, or why it is refused."""
     task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
+    origin = headers.get("origin")
+    origin = origin[:200] if isinstance(origin, str) and origin else None
     key = None
     reply_to = None
     try:
@@ -232,5 +237,5 @@ def parse_task(headers: dict[str, Any], body: Any) -> Job | BadMessage:
             raise InvalidRequestError("date must be an ISO date string (YYYY-MM-DD)")
         request = Request(kwargs["key"], kwargs.get("count", 1), kwargs.get("reference"), date)
     except NumberingError as error:
-        return BadMessage(task_id, key, reply_to, error)
-    return Job(task_id, sequence, request, reply_to)
+        return BadMessage(task_id, key, reply_to, error, origin=origin)
+    return Job(task_id, sequence, request, reply_to, origin=origin)

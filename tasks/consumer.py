@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from numbering.failpoints import failpoint
 from numbering.messages import BadMessage, Job
 from numbering.replies import push_replies, reply_for
 from numbering.routing import TASK_NAME, Shard
+from numbering.settings import mask_url
 from numbering.tasks.events import TaskEvents
 from numbering.tasks.failover import FailoverDetected, FailoverWatch
 from numbering.tasks.metrics import WorkerMetrics
@@ -45,6 +46,8 @@ log = logging.getLogger("numbering.worker")
 # Seconds to wait before retrying a batch the database could not take, or a transport
 # that failed.
 OUTAGE_BACKOFF_SECONDS = 1.0
+# Plain Celery callers remembered for the once-per-caller log line.
+CALLERS_REMEMBERED = 4096
 
 
 class ReplySink(Protocol):
@@ -88,6 +91,9 @@ class BatchProcessor:
         #: the worker; None: never).
         self.failover: FailoverWatch | None = None
         self._rpc: Any = None  # Celery's rpc:// backend, made at the first such caller
+        #: Plain Celery callers already named in the log, and whether each listens on
+        #: its own rpc:// reply queue (least recently seen first).
+        self._callers: OrderedDict[str, bool] = OrderedDict()
 
     def process(
         self, items: Sequence[Job | BadMessage], shards: Sequence[Shard | None] | None = None
@@ -180,13 +186,68 @@ class BatchProcessor:
             elif item.task_id is not None and self.app is not None:
                 # A plain Celery caller: answer through the result backend.
                 state = states.FAILURE if isinstance(outcome, NumberingError) else states.SUCCESS
+                listens = self._plain_caller(item)
                 if state == states.FAILURE:
                     self.app.backend.mark_as_failure(item.task_id, outcome)
                 else:
                     self.app.backend.store_result(item.task_id, reply, state)
-                if item.rpc is not None:
+                if item.rpc is not None and listens:
                     self._answer_rpc(item.task_id, item.rpc, outcome, reply, state)
         self.replies.push(lean)
+
+    def _plain_caller(self, item: Job | BadMessage) -> bool:
+        """Log once per plain Celery caller where its answers go; True when it waits on
+        its own ``rpc://`` reply queue (on RabbitMQ) and is answered there too.
+
+        A message does not say which result backend its caller reads, so the worker says
+        where the answer is: a caller that reads another backend finds the reason in
+        the log. A caller is named by its reply queue, else by its ``origin``.
+        """
+        assert self.app is not None
+        caller = item.rpc[0] if item.rpc is not None else (item.origin or "(no origin)")
+        known = self._callers.get(caller)
+        if known is not None:
+            self._callers.move_to_end(caller)
+            return known
+        listens = item.rpc is not None and self._reply_queue_exists(item.rpc[0])
+        self._callers[caller] = listens
+        if len(self._callers) > CALLERS_REMEMBERED:
+            self._callers.popitem(last=False)
+        backend = mask_url(str(self.app.conf.result_backend))
+        who = item.origin or "(no origin header)"
+        if listens:
+            log.info(
+                "plain Celery caller %s: answered on its reply queue %s (rpc://) and in "
+                "the result backend %s",
+                who,
+                caller,
+                backend,
+            )
+        else:
+            log.info(
+                "plain Celery caller %s: answered only in numbering's result backend %s "
+                "(key celery-task-meta-<task id>); a caller reading another backend "
+                "(another Redis database or server, a database backend, rpc:// over "
+                "Redis) never gets its answers: set its result_backend to this one",
+                who,
+                backend,
+            )
+        return listens
+
+    def _reply_queue_exists(self, reply_to: str) -> bool:
+        """Whether RabbitMQ has the queue ``reply_to`` (a caller on ``rpc://`` declares
+        it before it sends). Only a definite "not found" says no."""
+        from amqp.exceptions import NotFound
+
+        assert self.app is not None
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.default_channel.queue_declare(queue=reply_to, passive=True)
+        except NotFound:
+            return False
+        except Exception as exc:  # unknown: answer there, as any Celery worker would
+            log.debug("could not look up reply queue %s: %s", reply_to, exc)
+        return True
 
     def _answer_rpc(
         self, task_id: str, rpc: tuple[str, str], outcome: Outcome, reply: Any, state: str

@@ -48,7 +48,7 @@ def test_a_node_js_celery_client_gets_numbers(stack: Stack, node_modules: Path) 
     """Numbers for 20 keys, the first key again (its number, resent), a request numbering
     refuses (a FAILURE whose result names the error), and the gapless audit at the end."""
     setup_sequences(stack, "invoices")
-    stack.worker("--sequence", "invoices")
+    worker = stack.worker("--sequence", "invoices")
     backend = stack.settings.result_backend  # the caller's backend must be numbering's
     done = subprocess.run(
         [
@@ -90,6 +90,12 @@ def test_a_node_js_celery_client_gets_numbers(stack: Stack, node_modules: Path) 
     )
     assert meta["result"]["exc_type"] == "SequenceFrozenError"
     assert answers["thawed"] == {"sequence": "invoices", "frozen": False}
+    # The worker said once where this caller's answers go (a message does not say which
+    # backend its caller reads: one that reads another finds the reason here).
+    told = [line for line in worker.output().splitlines() if "plain Celery caller" in line]
+    assert len(told) == 1, told
+    assert "answered only in numbering's result backend" in told[0], told
+    assert backend.rsplit("/", 1)[-1] in told[0], told
     check_gapless(
         create_engine(stack.settings.database_url),
         "invoices",

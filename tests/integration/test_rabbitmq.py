@@ -230,7 +230,7 @@ def test_a_celery_caller_on_the_rpc_backend_gets_its_answer(amqp_stack: Stack) -
 
     seq = unique("invoices")
     setup_sequences(amqp_stack, seq)
-    amqp_stack.worker("--sequence", seq)
+    worker = amqp_stack.worker("--sequence", seq)
     app = Celery(broker=amqp_stack.settings.broker_url, backend="rpc://", set_as_current=False)
     queue = kombu_queue(sequence_queue(seq))
 
@@ -248,4 +248,31 @@ def test_a_celery_caller_on_the_rpc_backend_gets_its_answer(amqp_stack: Stack) -
         create_engine(amqp_stack.settings.database_url),
         seq,
         keys=[f"rpc:{i}" for i in range(5)],
+    )
+    told = [line for line in worker.output().splitlines() if "plain Celery caller" in line]
+    assert len(told) == 1, told
+    assert f"answered on its reply queue {app.thread_oid} (rpc://)" in told[0], told
+
+
+def test_a_celery_caller_on_numbering_s_backend_is_told_where_its_answers_are(
+    amqp_stack: Stack,
+) -> None:
+    """A plain Celery app reading numbering's result backend gets its answer there; it
+    has no reply queue, so the worker publishes no copy, and says once where the answers
+    go (the line a caller reading another backend would find)."""
+    seq = unique("invoices")
+    setup_sequences(amqp_stack, seq)
+    worker = amqp_stack.worker("--sequence", seq)
+    backend = amqp_stack.settings.result_backend
+    app = Celery(broker=amqp_stack.settings.broker_url, backend=backend, set_as_current=False)
+    queue = kombu_queue(sequence_queue(seq))
+    for i in range(3):
+        result = app.send_task(TASK_NAME, kwargs={"sequence": seq, "key": f"b:{i}"}, queue=queue)
+        assert result.get(timeout=60)["value"] == i + 1
+    told = [line for line in worker.output().splitlines() if "plain Celery caller" in line]
+    assert len(told) == 1, told
+    assert "answered only in numbering's result backend" in told[0], told
+    assert "could not answer" not in worker.output()
+    check_gapless(
+        create_engine(amqp_stack.settings.database_url), seq, keys=[f"b:{i}" for i in range(3)]
     )
