@@ -273,7 +273,10 @@ def web_and_bare(
     brokers = [("redis", env.redis_broker)]
     if "amqp" in args.brokers:
         brokers.append(("rabbitmq", env.amqp_broker))
+    # The same worker with one batch in flight (the serial turn), beside the default two.
+    serial = [("redis, 1 batch in flight", env.redis_broker, "redis-serial")]
     names = [f"{s}-{b}" for s in (WEB, BARE) for b, _ in brokers]
+    names += [f"{s}-{tag}" for s in (WEB, BARE) for _, _, tag in serial]
     for name in names:
         allocator.create_sequence(name)
     with engine.begin() as conn:
@@ -290,6 +293,22 @@ def web_and_bare(
                     url,
                     ["--sequence", f"{WEB}-{broker_name}", "--sequence", f"{BARE}-{broker_name}"],
                     logs / f"worker-{broker_name}.log",
+                )
+            )
+        for _, url, tag in serial:
+            stack.enter_context(
+                worker(
+                    env,
+                    url,
+                    [
+                        "--sequence",
+                        f"{WEB}-{tag}",
+                        "--sequence",
+                        f"{BARE}-{tag}",
+                        "--in-flight",
+                        "1",
+                    ],
+                    logs / f"worker-{tag}.log",
                 )
             )
         if BARE in args.scenarios:
@@ -321,6 +340,15 @@ def web_and_bare(
                         ),
                     )
                     for b, u in brokers
+                ]
+                candidates += [
+                    (
+                        f"numbering ({label})",
+                        lambda u=u, tag=tag, web=web, sc=scenario: systems.numbering_op(
+                            env, u, f"{sc}-{tag}", web, None
+                        ),
+                    )
+                    for label, u, tag in serial
                 ]
                 candidates.append(
                     (

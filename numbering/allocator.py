@@ -64,6 +64,11 @@ class Allocator:
         self.stats = RetryStats()
         self._backend = backend_for(self.engine)
         self._pipelined = self._backend.pipelined(self.engine)
+        #: Whether a worker may keep two batches in flight (the engine takes concurrent
+        #: writers), and whether the second may queue for the counters' locks behind
+        #: the first one's COMMIT (see :meth:`Backend.queues_behind_commit`).
+        self.concurrent_writers = self._backend.concurrent_writers
+        self.queues_behind_commit = self._backend.queues_behind_commit(self.isolation_level)
 
     @classmethod
     def from_settings(cls, settings: Settings, **engine_options: Any) -> Allocator:

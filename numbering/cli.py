@@ -591,6 +591,13 @@ def _show_client_warnings() -> None:
     type=int,
     help=f"Most requests per transaction (default: ${ENV['batch_size']}, else 500).",
 )
+@click.option(
+    "--in-flight",
+    "batches_in_flight",
+    type=click.IntRange(1, 2),
+    help="Batches in flight at once: 2 takes the next batch while the last one commits, "
+    f"1 is one turn at a time (default: ${ENV['batches_in_flight']}, else 2; SQLite: 1).",
+)
 @click.option("--loglevel", default="INFO", show_default=True, help="Celery worker log level.")
 @click.option(
     "--events",
@@ -606,6 +613,7 @@ def worker(
     shards: tuple[str, ...],
     fleet: int | None,
     batch_size: int | None,
+    batches_in_flight: int | None,
     loglevel: str,
     task_events: bool,
 ) -> None:
@@ -613,8 +621,10 @@ def worker(
 
     A Celery worker with a bulk consumer for its queues: it drains up to --batch-size
     waiting requests (from all its queues at once), assigns them in one
-    transaction, answers each one, then acknowledges. A second worker on the same queue
-    waits as a standby for it and takes over if the first dies. With --shards K, any
+    transaction, answers each one, then acknowledges; under load the next batch is
+    taken, and its transaction started, while the last one commits (--in-flight). A
+    second worker on the same queue waits as a standby for it and takes over if the
+    first dies. With --shards K, any
     number of workers share the K shard queues, each the active consumer of about K/N.
     Stop it with Ctrl-C or SIGTERM: it finishes the batch in hand first.
     """
@@ -625,6 +635,8 @@ def worker(
     settings = _settings(ctx)
     if batch_size is not None:
         settings = replace(settings, batch_size=batch_size)
+    if batches_in_flight is not None:
+        settings = replace(settings, batches_in_flight=batches_in_flight)
     worker_output(settings)  # as any worker of numbering's app gets it (tasks/app.py)
     parsed = [Shard.parse(shard) for shard in shards]
     if fleet is not None:

@@ -20,7 +20,8 @@ The worker's points, in the order a batch passes them: ``before_assign`` (transa
 open, nothing locked), ``before_commit`` (values assigned, not committed; on
 PostgreSQL the ledger writes are still held back to go with COMMIT),
 ``after_commit`` (committed, nobody answered), ``after_reply`` (answered, not
-acknowledged).
+acknowledged). And ``batches_in_flight``: two batches in flight, neither answered (the
+older one's transaction running or committed, the newer one's just started).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from numbering.errors import ConfigurationError
 __all__ = ["ENV_VAR", "POINTS", "failpoint"]
 
 ENV_VAR = "NUMBERING_FAILPOINTS"
-POINTS = ("before_assign", "before_commit", "after_commit", "after_reply")
+POINTS = ("before_assign", "before_commit", "after_commit", "after_reply", "batches_in_flight")
 
 
 def _parse(spec: str) -> dict[str, str]:

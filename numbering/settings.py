@@ -61,6 +61,7 @@ DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 DEFAULT_ISOLATION_LEVEL = "READ COMMITTED"
 # The most requests a worker assigns in one transaction.
 DEFAULT_BATCH_SIZE = 500
+DEFAULT_BATCHES_IN_FLIGHT = 2
 # Seconds a client waits for its number before raising (it resends on the way).
 DEFAULT_REQUEST_TIMEOUT = 10.0
 # Seconds a numbering transaction may sit idle before PostgreSQL ends its session. Its
@@ -87,6 +88,7 @@ ENV = {
     "retry_wait_max": "NUMBERING_RETRY_WAIT_MAX",
     "shards": "NUMBERING_SHARDS",
     "batch_size": "NUMBERING_BATCH_SIZE",
+    "batches_in_flight": "NUMBERING_BATCHES_IN_FLIGHT",
     "request_timeout": "NUMBERING_REQUEST_TIMEOUT",
     "batch_tables": "NUMBERING_BATCH_TABLES",
     "idle_transaction_timeout": "NUMBERING_IDLE_TRANSACTION_TIMEOUT",
@@ -151,6 +153,9 @@ class Settings:
     #: None: every sequence has its own queue. K: sequences share K shard queues.
     shards: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
+    #: Batches a worker's consumer keeps in flight: 2 takes the next batch, and starts
+    #: its transaction, while the last one commits; 1 is the serial turn.
+    batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     #: Tables batch jobs may number in place (the allow-list); empty allows none.
     batch_tables: tuple[str, ...] = ()
@@ -206,6 +211,7 @@ class Settings:
             if self.shards is not None:
                 Shard(0, self.shards)
             _check_positive_int(self.batch_size, ENV["batch_size"], MAX_BATCH_SIZE)
+            _check_positive_int(self.batches_in_flight, ENV["batches_in_flight"], 2)
             check_seconds(self.request_timeout, ENV["request_timeout"])
             check_seconds(self.idle_transaction_timeout, ENV["idle_transaction_timeout"])
             if self.log_format not in ("text", "json"):
@@ -311,7 +317,7 @@ def _check_positive_int(value: object, what: str, maximum: int) -> None:
 
 def _parse(name: str, raw: str) -> object:
     variable = ENV[name]
-    if name in ("retry_attempts", "shards", "batch_size", "metrics_port"):
+    if name in ("retry_attempts", "shards", "batch_size", "batches_in_flight", "metrics_port"):
         try:
             return int(raw)
         except ValueError:

@@ -173,7 +173,8 @@ class AmqpTransport:
         self._balanced = -float("inf")
         channel = connection.channel()
         self._channel = channel
-        # Per consumer (a_global=False): each queue may have batch_size unacknowledged.
+        # Per consumer (a_global=False): each queue may have batch_size unacknowledged,
+        # in all the batches in flight.
         channel.basic_qos(prefetch_size=0, prefetch_count=self.batch_size, a_global=False)
         if self.quorum:
             dead_letter_queue()(channel).declare()
@@ -221,9 +222,16 @@ class AmqpTransport:
                 self.replies.hset(HOLDERS, queue, fleet.member)
                 log.info("active consumer of %s (fleet)", queue)
 
-    def receive(self, limit: int) -> list[Delivery]:
+    def receive(self, limit: int, more: bool = False) -> list[Delivery]:
         connection = self._connection
         assert connection is not None, "open() first"
+        if more:
+            # Batches in flight: what has arrived, unless a queue is to be handed over
+            # or the fleet is due a look (a cancelled queue's lock goes only once what
+            # it delivered is answered).
+            if self._leaving or self._fleet_due():
+                return []
+            return self._take(limit)
         for queue in self._leaving:  # what it delivered before the cancel is answered
             self.locks[queue].release()
             log.info(
@@ -232,14 +240,25 @@ class AmqpTransport:
                 owner_of(queue, self.fleet.members) if self.fleet else "another worker",
             )
         self._leaving = []
-        if self.fleet is not None and time.monotonic() - self._balanced > FLEET_CHECK_SECONDS:
+        if self._fleet_due():
             self._rebalance()
             self._balanced = time.monotonic()
-        try:
-            connection.drain_events(timeout=POLL_SECONDS)
-        except TimeoutError:
-            connection.heartbeat_check()
-            return []
+        if not self._delivered:
+            try:
+                connection.drain_events(timeout=POLL_SECONDS)
+            except TimeoutError:
+                connection.heartbeat_check()
+                return []
+        return self._take(limit)
+
+    def _fleet_due(self) -> bool:
+        return self.fleet is not None and time.monotonic() - self._balanced > FLEET_CHECK_SECONDS
+
+    def _take(self, limit: int) -> list[Delivery]:
+        """What RabbitMQ has delivered (at least ``limit``, if it has that many), without
+        waiting: all of it, so that nothing of a cancelled queue stays behind."""
+        connection = self._connection
+        assert connection is not None
         while len(self._delivered) < limit:
             try:  # take what has already arrived, without waiting for more
                 connection.drain_events(timeout=0)

@@ -10,6 +10,19 @@ queue finishes it. Redelivery is harmless: requests are idempotent by key.
 While the database is away a batch stays unacknowledged and is retried; clients time out
 and resend with the same keys meanwhile, which is harmless too. A batch in hand is
 finished even when ``stop`` comes meanwhile; only an empty hand stops.
+
+Two batches in flight. A turn is serial (take, parse, transaction, answer), and on a
+busy queue the machine idled while requesters waited. So while batch N's COMMIT is on
+its way, the consumer takes batch N+1 and starts its transaction on a second database
+thread and connection: it asks for the counters' locks once N's statements are done and
+waits for them inside the database, then goes on with the rows N committed (where the
+engine and isolation level cannot do that without a serialization failure, it waits for
+N to end first). Answers and acknowledgements stay in the order the batches came, each
+after its own commit: the consumer answers N, acknowledges it, takes N+2, and so on. A
+killed worker leaves both batches unacknowledged (on Redis, both in the queue's
+in-flight list, oldest at the end: an acknowledgement trims its batch's count off that
+end), and the next consumer finishes them one at a time. A batch of one request with
+nothing in flight is served as it came, without the hand-over to a database thread.
 """
 
 from __future__ import annotations
@@ -17,8 +30,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
@@ -67,6 +83,23 @@ class RedisReplies:
         push_replies(self.client, replies)
 
 
+@dataclass
+class Turn:
+    """One batch on its way through :class:`BatchProcessor`: prepared, assigned (in one
+    transaction, on any thread), finished (answered, in the consumer's thread)."""
+
+    items: Sequence[Job | BadMessage]
+    #: When the batch was taken (Unix time, for task events).
+    received: float
+    #: Each request's result or error, by index in ``items``.
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    #: The indexes to assign, by sequence.
+    groups: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    keys: list[str] = field(default_factory=list)
+    #: How long the transaction took (None: there was none).
+    seconds: float | None = None
+
+
 class BatchProcessor:
     """Assigns a batch of parsed requests in one transaction and answers each one: the
     broker-neutral part of a worker's turn (assign, answer, metrics, failpoints, logs)."""
@@ -103,23 +136,51 @@ class BatchProcessor:
         ``shards``: the shard whose queue each item came from (None: a sequence's own
         queue), so that a request sent to the wrong shard queue fails alone.
         """
-        received = time.time()
-        outcomes: dict[int, Outcome] = {}
-        groups: dict[str, list[int]] = defaultdict(list)
+        turn = self.prepare(items, shards)
+        self.assign(turn)
+        self.finish(turn)
+
+    def prepare(
+        self, items: Sequence[Job | BadMessage], shards: Sequence[Shard | None] | None = None
+    ) -> Turn:
+        """A batch's turn, before its transaction: what fails alone, what is assigned."""
+        turn = Turn(items, time.time())
         for index, item in enumerate(items):
             shard = None if shards is None else shards[index]
             if isinstance(item, BadMessage):
-                outcomes[index] = item.error
+                turn.outcomes[index] = item.error
             elif shard is not None and not shard.serves(item.sequence):
-                outcomes[index] = InvalidRequestError(
+                turn.outcomes[index] = InvalidRequestError(
                     f"sequence {item.sequence!r} does not belong to {shard.queue}"
                 )
             else:
-                groups[item.sequence].append(index)
+                turn.groups[item.sequence].append(index)
+        turn.keys = [item.request.key for item in items if isinstance(item, Job)]
+        return turn
 
-        keys = [item.request.key for item in items if isinstance(item, Job)]
+    def assign(
+        self,
+        turn: Turn,
+        after: threading.Event | None = None,
+        locked: threading.Event | None = None,
+    ) -> None:
+        """The turn's transaction (any thread may run it); raises only if the database
+        could not take the batch.
+
+        ``after``: the previous batch in flight says, by setting it, that this one may
+        take its counters' locks now (see :class:`Consumer`). ``locked``: set here once
+        this batch's statements are done and only its COMMIT is left, when the engine
+        lets the next batch queue for the locks behind that COMMIT (else the caller sets
+        it when this batch is over).
+        """
+        items, groups, keys = turn.items, turn.groups, turn.keys
+        if not groups:
+            return
+        release_early = locked is not None and self.allocator.queues_behind_commit
 
         def work(connection: Connection) -> dict[int, Outcome]:
+            if after is not None:
+                after.wait()
             failpoint("before_assign", keys)
             # One transaction for the whole batch: its sequences locked in name order by
             # one statement (two consumers of overlapping queues cannot deadlock each
@@ -131,22 +192,28 @@ class BatchProcessor:
             assigned: dict[int, Outcome] = {}
             for sequence, results in assign_many(connection, batches).items():
                 assigned.update(zip(groups[sequence], results, strict=True))
+            if release_early:
+                assert locked is not None
+                locked.set()
             failpoint("before_commit", keys)
             return assigned
 
-        seconds = None
-        if groups:
-            if self.failover is not None:
-                self.failover.confirm()
-            started = time.monotonic()
-            outcomes.update(
-                self.allocator.run_assignment(
-                    work, describe=f"batch of {sum(map(len, groups.values()))}"
-                )
+        if self.failover is not None:
+            self.failover.confirm()
+        started = time.monotonic()
+        turn.outcomes.update(
+            self.allocator.run_assignment(
+                work, describe=f"batch of {sum(map(len, groups.values()))}"
             )
-            seconds = time.monotonic() - started
+        )
+        turn.seconds = time.monotonic() - started
+        log.debug("assigned %d request(s) in %.1f ms", len(items), 1e3 * turn.seconds)
+
+    def finish(self, turn: Turn) -> None:
+        """After the turn's commit: metrics, answers, events (in the consumer's thread)."""
+        items, outcomes, keys = turn.items, turn.outcomes, turn.keys
+        if turn.groups:
             self.transactions += 1
-            log.debug("assigned %d request(s) in %.1f ms", len(items), 1e3 * seconds)
         failpoint("after_commit", keys)
         if self.failover is not None:
             self.failover.answered(outcomes.values())
@@ -156,12 +223,12 @@ class BatchProcessor:
             self.metrics.batch(
                 [item.sequence if isinstance(item, Job) else None for item in items],
                 [outcomes[index] for index in range(len(items))],
-                seconds,
+                turn.seconds,
             )
         self._answer(items, outcomes)
         failpoint("after_reply", keys)
         if self.events is not None:
-            self.events.batch(items, outcomes, received, seconds)
+            self.events.batch(items, outcomes, turn.received, turn.seconds)
 
     def _answer(self, items: Sequence[Job | BadMessage], outcomes: dict[int, Outcome]) -> None:
         lean: list[tuple[str, dict[str, Any]]] = []
@@ -287,19 +354,43 @@ class BatchProcessor:
         While the database is away the batch stays unacknowledged; clients time out and
         resend with the same keys meanwhile, which is harmless.
         """
+        turn = self.prepare(items, shards)
+        return self.finish_until_done(turn, None, stop, queue)
+
+    def finish_until_done(
+        self, turn: Turn, assigned: Future[None] | None, stop: threading.Event, queue: str
+    ) -> bool:
+        """Finish ``turn`` once its transaction (``assigned``, run elsewhere; None: run
+        it here) is done, running it again here through database outages; False if
+        stopped first."""
         while True:
             try:
-                self.process(items, shards)
-                return True
+                if assigned is None:
+                    self.assign(turn)
+                else:
+                    assigned.result()
+                break
             except RetriesExhaustedError as exc:
                 # Not the batch's fault: it stays in hand (not counted as a redelivery).
                 log.error("%s: database unavailable (%s); retrying the batch", queue, exc)
-                if stop.wait(OUTAGE_BACKOFF_SECONDS):
-                    return False
             except FailoverDetected as exc:
                 log.error("%s: %s; the batch waits", queue, exc)
-                if stop.wait(OUTAGE_BACKOFF_SECONDS):
-                    return False
+            assigned = None
+            if stop.wait(OUTAGE_BACKOFF_SECONDS):
+                return False
+        self.finish(turn)
+        return True
+
+
+@dataclass
+class _InFlight:
+    """A batch whose transaction runs on one of the consumer's database threads."""
+
+    deliveries: list[Delivery]
+    turn: Turn
+    assigned: Future[None]
+    #: Set once the next batch may ask for the counters' locks (see :class:`Consumer`).
+    locked: threading.Event
 
 
 class Consumer:
@@ -313,6 +404,7 @@ class Consumer:
         batch_size: int,
         stop: threading.Event,
         shards: Mapping[str, Shard] | None = None,
+        in_flight: int = 2,
     ) -> None:
         self.transport = transport
         self.processor = processor
@@ -324,6 +416,13 @@ class Consumer:
         self.name = transport.name
         #: Requests answered since start (for logs and tests).
         self.handled = 0
+        #: Batches in flight at once: 2 lets the next batch be taken, and its
+        #: transaction wait for the counters' locks, while the last one commits; 1 is
+        #: the serial turn (always on an engine of one writer at a time, SQLite).
+        self.in_flight = in_flight if processor.allocator.concurrent_writers else 1
+        self._pool: futures.ThreadPoolExecutor | None = None
+        #: Batches started while another was in flight (for logs and tests).
+        self.overlapped = 0
 
     def run(self) -> None:
         """Consume until ``stop`` is set; survive broker and database outages."""
@@ -344,22 +443,79 @@ class Consumer:
                 # the batch stays unacknowledged and is tried again, one at a time.
                 log.exception("consumer of %s failed; starting over", self.name)
                 self.stop.wait(OUTAGE_BACKOFF_SECONDS)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _consume(self) -> None:
-        while not self.stop.is_set():
-            batch = self.transport.receive(self.batch_size)
-            # Redelivered messages may be what stopped the last consumer: one at a time.
-            for delivery in batch:
-                if delivery.redelivered and not self._alone(delivery):
-                    return  # stopped during an outage: the rest stays unacknowledged
-            fresh = [delivery for delivery in batch if not delivery.redelivered]
-            if fresh:
-                items = [delivery.item for delivery in fresh]
-                shards = [self.shards.get(delivery.queue) for delivery in fresh]
-                if not self.processor.process_until_done(items, self.stop, self.name, shards):
+        in_flight: deque[_InFlight] = deque()
+        try:
+            while not self.stop.is_set():
+                batch = self.transport.receive(self.batch_size, more=bool(in_flight))
+                # Nothing more (answer what is in flight now), or what a stopped
+                # consumer left: tried alone, after the batches in flight.
+                settle = not batch or any(delivery.redelivered for delivery in batch)
+                if settle and not self._finish(in_flight, 0):
                     return
-                self.transport.ack(fresh)
-                self.handled += len(fresh)
+                # Redelivered messages may be what stopped the last consumer: one at a time.
+                for delivery in batch:
+                    if delivery.redelivered and not self._alone(delivery):
+                        return  # stopped during an outage: the rest stays unacknowledged
+                fresh = [delivery for delivery in batch if not delivery.redelivered]
+                if not fresh:
+                    continue
+                items = [delivery.item for delivery in fresh]
+                turn = self.processor.prepare(
+                    items, [self.shards.get(delivery.queue) for delivery in fresh]
+                )
+                if self.in_flight < 2 or (len(fresh) == 1 and not in_flight):
+                    # One at a time: the turn is served here, as the batch came.
+                    if not self.processor.finish_until_done(turn, None, self.stop, self.name):
+                        return
+                    self.transport.ack(fresh)
+                    self.handled += len(fresh)
+                    continue
+                in_flight.append(self._start(fresh, turn, in_flight))
+                if len(in_flight) > 1:
+                    failpoint("batches_in_flight", [k for f in in_flight for k in f.turn.keys])
+                if not self._finish(in_flight, self.in_flight - 1):
+                    return
+            self._finish(in_flight, 0)  # stopping: a batch in hand is finished
+        finally:
+            # A failure or a stop leaves these unacknowledged: they come back redelivered.
+            # Their transactions end first, so none outlives this consumer's turn.
+            for pending in in_flight:
+                futures.wait([pending.assigned])
+
+    def _start(self, fresh: list[Delivery], turn: Turn, before: deque[_InFlight]) -> _InFlight:
+        """Run ``turn``'s transaction on a database thread. It asks for the counters'
+        locks once the batch before it has done its statements (then it waits inside
+        the database for that batch's COMMIT), or has ended, where the engine cannot
+        queue behind a COMMIT (see :meth:`Backend.queues_behind_commit`)."""
+        if self._pool is None:
+            self._pool = futures.ThreadPoolExecutor(
+                max_workers=self.in_flight, thread_name_prefix=f"numbering:db:{self.name}"
+            )
+        after = before[-1].locked if before else None
+        self.overlapped += after is not None
+        locked = threading.Event()
+        assigned = self._pool.submit(self.processor.assign, turn, after, locked)
+        assigned.add_done_callback(lambda _: locked.set())
+        return _InFlight(fresh, turn, assigned, locked)
+
+    def _finish(self, in_flight: deque[_InFlight], keep: int) -> bool:
+        """Answer and acknowledge the oldest batches in flight, in the order they came,
+        until ``keep`` are left; False if stopped during a database outage."""
+        while len(in_flight) > keep:
+            oldest = in_flight[0]
+            if not self.processor.finish_until_done(
+                oldest.turn, oldest.assigned, self.stop, self.name
+            ):
+                return False
+            in_flight.popleft()
+            self.transport.ack(oldest.deliveries)
+            self.handled += len(oldest.deliveries)
+        return True
 
     def _alone(self, delivery: Delivery) -> bool:
         """Process a redelivered message alone; quarantine it after too many tries."""

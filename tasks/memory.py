@@ -109,8 +109,8 @@ class MemoryTransport:
         returned, self._unacked = list(self._unacked.values()), {}
         self.broker._give_back(returned)
 
-    def receive(self, limit: int) -> list[Delivery]:
-        taken = self.broker._take(self.queues, limit, self.poll_seconds)
+    def receive(self, limit: int, more: bool = False) -> list[Delivery]:
+        taken = self.broker._take(self.queues, limit, 0 if more else self.poll_seconds)
         for queue, message in taken:
             self._unacked[message.id] = (queue, message)
         return [Delivery(queue, m.item, m.redelivered, m) for queue, m in taken]

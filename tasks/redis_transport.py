@@ -3,11 +3,12 @@
 Stock Celery over Redis delivers one message per round trip and books each one in and
 out of an "unacked" hash: about 500 messages a second for one consumer. This transport
 reads the same Celery messages from the same Redis lists, but moves up to ``batch_size``
-of them at a time, atomically, into an in-flight list (one round trip); clearing the
-in-flight list once the batch is answered is the acknowledgement, sent with the next
-drain. A consumer killed at any point leaves its batch in the in-flight list, and the
-next active consumer of the queue (the same worker restarted, or a standby) gets it back
-first, marked redelivered.
+of them at a time, atomically, into an in-flight list (one round trip); trimming the
+batch off the list's old end once it is answered is the acknowledgement, sent with the
+next drain (with two batches in flight, the older is at that end). A consumer killed at
+any point leaves its batches in the in-flight list, and the next active consumer of the
+queue (the same worker restarted, or a standby) gets them back first, marked
+redelivered.
 
 One transport serves all of a worker process's queues on a Redis broker: each turn
 acknowledges and drains every queue it is the active consumer of in one round trip, and
@@ -50,14 +51,15 @@ LOCK_CHECK_SECONDS = 5.0
 # Seconds a standby waits between attempts to become the active consumer.
 STANDBY_SECONDS = 1.0
 
-# Acknowledge the batches in flight (clear the in-flight lists KEYS[1..ARGV[2]]), then
-# for each (queue, in-flight list) pair of the remaining KEYS, atomically move messages
-# from the queue (oldest first) into its in-flight list, up to ARGV[1] messages in all:
-# one round trip between two turns under load. Returns {pair number, messages, ...} for
-# the pairs that gave messages. Needs Redis 6.2+ (RPOP with a count).
+# Acknowledge the answered batches (trim ARGV[2 + i] messages off the old end of the
+# in-flight list KEYS[i], for i in 1..ARGV[2]), then for each (queue, in-flight list)
+# pair of the remaining KEYS, atomically move messages from the queue (oldest first)
+# into its in-flight list, up to ARGV[1] messages in all: one round trip between two
+# turns under load. Returns {pair number, messages, ...} for the pairs that gave
+# messages. Needs Redis 6.2+ (RPOP with a count).
 _ACK_AND_DRAIN = """
 local cleared = tonumber(ARGV[2])
-for i = 1, cleared do redis.call('DEL', KEYS[i]) end
+for i = 1, cleared do redis.call('LTRIM', KEYS[i], 0, -1 - tonumber(ARGV[2 + i])) end
 local budget = tonumber(ARGV[1])
 local out = {}
 for i = cleared + 1, #KEYS, 2 do
@@ -178,7 +180,8 @@ class RedisTransport:
         self.stop = stop
         self._ack_and_drain = broker.register_script(_ACK_AND_DRAIN)
         self._held: list[_Queue] = []  # the queues this consumer is active on, in turn order
-        self._done: list[_Queue] = []  # queues whose in-flight list holds answered requests
+        #: How many answered requests each queue's in-flight list holds at its old end.
+        self._done: dict[_Queue, int] = {}
         self._recheck: list[_Queue] = []  # queues whose in-flight list to hand back first
         self._checked = -float("inf")  # when the locks were last checked
         self._verified = -float("inf")  # when the held locks' sessions were last asked
@@ -195,20 +198,21 @@ class RedisTransport:
         # first. Acknowledgements not sent are dropped, not sent now: had the drain that
         # carried them run after all, they would clear the next batch, unanswered.
         self._recheck = list(self._held)
-        self._done = []
+        self._done = {}
         self._checked = self._verified = -float("inf")
 
-    def receive(self, limit: int) -> list[Delivery]:
+    def receive(self, limit: int, more: bool = False) -> list[Delivery]:
+        if more:
+            # Batches in flight: drain without waiting, unless the locks are due a look
+            # (a queue handed over or lost must have nothing in flight).
+            if self._recheck or not self._held or self._due():
+                return []
+            return self._drain(limit)
         while self._recheck:
             left = self._leftovers(self._recheck.pop(0))
             if left:
                 return left
-        since = time.monotonic() - self._checked
-        # Some queue to take over when free; or a fleet member, which says it is alive
-        # every STANDBY_SECONDS (well within the fleet's MEMBER_TTL), even while it
-        # holds every queue.
-        standby = len(self._held) < len(self.queues) or self.fleet is not None
-        if since > LOCK_CHECK_SECONDS or (standby and since > STANDBY_SECONDS):
+        if self._due():
             self.flush()
             # The held locks' sessions are asked about every LOCK_CHECK_SECONDS (a query
             # each); taking free locks and the fleet's beat, every STANDBY_SECONDS.
@@ -224,6 +228,15 @@ class RedisTransport:
             return []
         batch = self._drain(limit)
         return batch or self._wait()
+
+    def _due(self) -> bool:
+        """Whether the consumer locks are due a look."""
+        since = time.monotonic() - self._checked
+        # Some queue to take over when free; or a fleet member, which says it is alive
+        # every STANDBY_SECONDS (well within the fleet's MEMBER_TTL), even while it
+        # holds every queue.
+        standby = len(self._held) < len(self.queues) or self.fleet is not None
+        return since > LOCK_CHECK_SECONDS or (standby and since > STANDBY_SECONDS)
 
     def tag(self, delivery: Delivery) -> str:
         raw = delivery.raw
@@ -241,8 +254,8 @@ class RedisTransport:
                 pipe.lrem(queue.inflight, 1, delivery.raw)
                 self.attempts.forget(queue.name, self.tag(delivery), pipe)
                 pipe.execute()
-            elif queue not in self._done:
-                self._done.append(queue)  # cleared with the next drain
+            else:  # trimmed off the in-flight list's old end with the next drain
+                self._done[queue] = self._done.get(queue, 0) + 1
 
     def recheck(self) -> None:
         # The locks are in the database: a failover took them with the old primary.
@@ -251,8 +264,11 @@ class RedisTransport:
 
     def flush(self) -> None:
         if self._done:
-            self.broker.delete(*(queue.inflight for queue in self._done))
-            self._done = []
+            pipe = self.broker.pipeline(transaction=False)
+            for queue, count in self._done.items():
+                pipe.ltrim(queue.inflight, 0, -1 - count)
+            pipe.execute()
+            self._done = {}
 
     def close(self, stopping: bool) -> None:
         if stopping:
@@ -329,8 +345,8 @@ class RedisTransport:
         keys = [queue.inflight for queue in self._done]
         for queue in order:
             keys += [queue.name, queue.inflight]
-        reply = self._ack_and_drain(keys=keys, args=[limit, len(self._done)])
-        self._done = []
+        reply = self._ack_and_drain(keys=keys, args=[limit, len(self._done), *self._done.values()])
+        self._done = {}
         batch: list[Delivery] = []
         for number, items in zip(reply[::2], reply[1::2], strict=True):
             name = order[number - 1].name

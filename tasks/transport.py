@@ -105,9 +105,15 @@ class Transport(Protocol):
         """Connect (again, after one of :attr:`errors`); what was delivered and not
         acknowledged before comes back marked ``redelivered``."""
 
-    def receive(self, limit: int) -> list[Delivery]:
+    def receive(self, limit: int, more: bool = False) -> list[Delivery]:
         """Up to ``limit`` messages; waits about a second for the first, then returns
-        what there is (an empty list: nothing came, or this consumer is a standby)."""
+        what there is (an empty list: nothing came, or this consumer is a standby).
+
+        ``more``: the consumer has batches in flight (unanswered): return at once what
+        has already arrived, and nothing at all when the
+        transport has work that must wait until every batch is answered (checking its
+        consumer locks, handing a queue over): the consumer then answers them all and
+        calls again without ``more``."""
 
     def tag(self, delivery: Delivery) -> str:
         """A stable name of the message, for its attempt count."""
@@ -120,7 +126,8 @@ class Transport(Protocol):
         """The deliveries are answered: the broker may forget them (a quarantined one on a
         broker that keeps dead letters itself goes to its dead-letter queue), and the
         attempt counts of redelivered ones are dropped. May be deferred until the next
-        :meth:`receive` or :meth:`flush` (Redis sends it with the next drain)."""
+        :meth:`receive` or :meth:`flush` (Redis sends it with the next drain). Batches
+        are acknowledged in the order they were received."""
 
     def flush(self) -> None:
         """Send deferred acknowledgements now (the consumer is ending its turn normally)."""

@@ -95,7 +95,12 @@ class NumberingWorker:
         self.failover.on_failover.append(transport.recheck)
         self.consumers = [
             Consumer(
-                transport, processor, batch_size=settings.batch_size, stop=self.stop, shards=owner
+                transport,
+                processor,
+                batch_size=settings.batch_size,
+                stop=self.stop,
+                shards=owner,
+                in_flight=settings.batches_in_flight,
             )
         ]
         self.threads: list[threading.Thread] = []

@@ -209,8 +209,18 @@ class Backend:
     #: Whether the key look-up after the counter's lock must be a locking read to see
     #: what the transaction it waited for committed (InnoDB at REPEATABLE READ).
     locking_look_up: ClassVar[bool] = False
+    #: Whether several transactions can write at once (SQLite: one writer at a time, so
+    #: a worker keeps one batch in flight).
+    concurrent_writers: ClassVar[bool] = True
 
     # -- connections and transactions -----------------------------------------------------
+
+    def queues_behind_commit(self, isolation_level: str) -> bool:
+        """Whether a transaction at ``isolation_level`` may ask for a counter's lock while
+        the holder's COMMIT is on its way, and then go on with the row the holder
+        committed. False where it would fail on that row instead (a serialization
+        failure, retried at a cost): the next batch then waits for the commit first."""
+        return False
 
     def normalize_url(self, url: URL) -> URL:
         """``url`` with the driver numbering uses when it names none."""

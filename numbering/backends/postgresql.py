@@ -267,6 +267,11 @@ class PostgreSQL(Backend):
     # The spelling Heroku and others hand out.
     url_aliases: ClassVar[Mapping[str, str]] = {"postgres://": "postgresql://"}
 
+    def queues_behind_commit(self, isolation_level: str) -> bool:
+        # At READ COMMITTED a row lock that waited re-reads the committed row; at
+        # REPEATABLE READ and SERIALIZABLE it fails ("could not serialize access").
+        return isolation_level == "READ COMMITTED"
+
     def normalize_url(self, url: URL) -> URL:
         if url.drivername == "postgresql":
             # SQLAlchemy 2.1 defaults to psycopg 3; numbering ships with psycopg2.

@@ -85,6 +85,7 @@ class SQLite(Backend):
     url_example = "sqlite:///numbering.db"
     alembic_batch_mode = True
     alters_constraints = False
+    concurrent_writers = False
 
     def create_engine(self, url: URL, sessions: SessionOptions, **kwargs: Any) -> Engine:
         # One file, no replication: synchronous_commit has no meaning here.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,9 +59,20 @@ def test_worker_killed_at_each_point_of_a_batch(
     stack = engine_stack
     setup_sequences(stack, "invoices")
     stack.env[ENV_VAR] = f"{point}=kill-once:{tmp_path / 'fired'}"
-    victim = stack.worker("--sequence", "invoices")
     started = time.monotonic()
-    clients = stack.start_clients([("invoices", f"c{c}", PER_CLIENT) for c in range(CLIENTS)])
+    if point == "batches_in_flight":
+        # Both batches in flight for sure: the clients' first requests wait before the
+        # worker starts, and it takes two at a time (the first batch, then the third
+        # request while the first batch's transaction runs).
+        clients = stack.start_clients([("invoices", f"c{c}", PER_CLIENT) for c in range(CLIENTS)])
+        broker = redis.Redis.from_url(stack.settings.broker_url)
+        while broker.llen(sequence_queue("invoices")) < CLIENTS:
+            assert time.monotonic() - started < 60, "the clients' requests never came"
+            time.sleep(0.02)
+        victim = stack.worker("--sequence", "invoices", "--batch-size", "2")
+    else:
+        victim = stack.worker("--sequence", "invoices")
+        clients = stack.start_clients([("invoices", f"c{c}", PER_CLIENT) for c in range(CLIENTS)])
     assert wait_dead(victim) == -9
     assert (tmp_path / "fired").read_text() == point
     # The replacement runs with the same failpoint, already spent.
@@ -76,6 +88,12 @@ def test_worker_killed_at_each_point_of_a_batch(
     broker = redis.Redis.from_url(stack.settings.broker_url)
     assert broker.llen(inflight_list(sequence_queue("invoices"))) == 0
     assert "left in flight" in replacement.output()
+    if point == "batches_in_flight":
+        # Both batches were left (the first had two requests at least, or it would have
+        # been served alone), and finished.
+        left = re.search(r"finishing (\d+) request\(s\) left in flight", replacement.output())
+        assert left is not None, replacement.output()
+        assert int(left.group(1)) >= 3, replacement.output()
 
 
 def send_poison(client: Client, seq: str) -> tuple[threading.Thread, dict[str, object]]:

@@ -25,9 +25,11 @@ from numbering.errors import (
     InvalidCountError,
     InvalidKeyError,
     KeyReusedError,
+    RetriesExhaustedError,
     SequenceNotFoundError,
 )
 from numbering.messages import encode_redis_message
+from numbering.replies import new_reply_list
 from numbering.routing import (
     MAX_QUEUE_BYTES,
     REPLY_HEADER,
@@ -182,9 +184,9 @@ def in_thread_consumer(
     batches: list[list[str]] = []
 
     class Recording(BatchProcessor):
-        def process(self, items: Any, shards: Any = None) -> None:
+        def prepare(self, items: Any, shards: Any = None) -> Any:
             batches.append([item.request.key for item in items])
-            super().process(items, shards)
+            return super().prepare(items, shards)
 
     stop = threading.Event()
     drain = Consumer(
@@ -808,3 +810,137 @@ def test_a_stop_during_the_ack_and_drain_still_finishes_the_batch_drained(
     check_gapless(engine, "invoices", keys=["a", "b", "c"])
     broker.close()
     replies.close()
+
+
+def pipelined_consumer(
+    db_url: str, redis_urls: tuple[str, str], level: str, batch_size: int
+) -> tuple[Consumer, threading.Event, list[str], redis.Redis, redis.Redis, Any]:
+    """A consumer of ``invoices`` in this process at ``level``, recording the order in
+    which its batches are taken (``prepare``) and answered (``finish``)."""
+    broker_url, reply_url = redis_urls
+    broker, replies = redis.Redis.from_url(broker_url), redis.Redis.from_url(reply_url)
+    engine = create_engine(db_url)
+    allocator = Allocator(engine, isolation_level=level)
+    allocator.create_sequence("invoices")
+    order: list[str] = []
+
+    class Recording(BatchProcessor):
+        def prepare(self, items: Any, shards: Any = None) -> Any:
+            order.append("take " + " ".join(item.request.key for item in items))
+            return super().prepare(items, shards)
+
+        def finish(self, turn: Any) -> None:
+            order.append("answer " + " ".join(turn.keys))
+            super().finish(turn)
+
+    queue = sequence_queue("invoices")
+    stop = threading.Event()
+    drain = Consumer(
+        RedisTransport(broker, {queue: consumer_lock(engine, queue)}, stop=stop),
+        Recording(allocator, replies),
+        batch_size=batch_size,
+        stop=stop,
+    )
+    return drain, stop, order, broker, replies, engine
+
+
+def send_waiting(broker: redis.Redis, keys: list[str]) -> list[str]:
+    """Queue a request for each key (answers on reply lists); the reply lists."""
+    queue = sequence_queue("invoices")
+    lists = [new_reply_list() for _ in keys]
+    for key, reply_to in zip(keys, lists, strict=True):
+        body = {"sequence": "invoices", "key": key, "count": 1, "reference": None}
+        broker.lpush(queue, encode_redis_message(queue, body, reply_to))
+    return lists
+
+
+def answers(replies: redis.Redis, lists: list[str]) -> list[dict[str, Any]]:
+    got = []
+    for reply_to in lists:
+        popped = replies.blpop([reply_to], 60)
+        assert popped is not None, f"no answer on {reply_to}"
+        got.append(json.loads(popped[1]))
+    return got
+
+
+def answered_in_turn(order: list[str]) -> None:
+    """Each batch answered after it was taken, in the order the batches were taken."""
+    taken = [line.removeprefix("take ") for line in order if line.startswith("take ")]
+    answered = [line.removeprefix("answer ") for line in order if line.startswith("answer ")]
+    assert answered == taken
+
+
+@pytest.mark.parametrize("level", ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"])
+def test_two_batches_in_flight_answer_in_order(
+    db_url: str, redis_urls: tuple[str, str], level: str
+) -> None:
+    """With requests waiting, the consumer takes the next batch while the last one
+    commits: the numbers follow the order the requests came in, the answers the order
+    the batches were taken, and no transaction had to be retried (where a locking read
+    cannot wait behind a COMMIT and go on, the next batch starts after it). SQLite takes
+    one writer at a time: one batch in flight there."""
+    drain, stop, order, broker, replies, engine = pipelined_consumer(
+        db_url, redis_urls, level, batch_size=5
+    )
+    keys = [f"k{i}" for i in range(100)]
+    lists = send_waiting(broker, keys)
+    consumer = threading.Thread(target=drain.run)
+    consumer.start()
+    try:
+        got = answers(replies, lists)
+    finally:
+        stop.set()
+        consumer.join(30)
+    assert not consumer.is_alive()
+    assert [answer["value"] for answer in got] == list(range(1, 101))
+    answered_in_turn(order)
+    assert drain.processor.allocator.stats.total == 0, drain.processor.allocator.stats.as_dict()
+    if db_url.startswith("sqlite"):
+        assert drain.overlapped == 0
+    else:
+        assert drain.overlapped >= 5, order
+    assert broker.llen(inflight_list(sequence_queue("invoices"))) == 0
+    check_gapless(engine, "invoices", keys=keys)
+
+
+def test_a_batch_that_fails_does_not_let_the_next_answer_first(
+    pg_url: str, redis_urls: tuple[str, str]
+) -> None:
+    """The first batch's transaction fails (the database "away") while the second one is
+    in flight: the second commits first, with numbers from the committed counter, but
+    is answered only after the first is retried, committed and answered."""
+    drain, stop, order, broker, replies, engine = pipelined_consumer(
+        pg_url, redis_urls, "READ COMMITTED", batch_size=3
+    )
+    processor = drain.processor
+    real = processor.assign
+    failed, second_done = threading.Event(), threading.Event()
+
+    def assign(turn: Any, *args: Any) -> None:
+        if "a0" in turn.keys:
+            if not failed.is_set():
+                failed.set()
+                away = ConnectionError("the database is away (test)")
+                raise RetriesExhaustedError(20, 30.0, away, outcome_unknown=False)
+            assert second_done.wait(60)  # the retry comes after the second batch's commit
+        real(turn, *args)
+        if "b0" in turn.keys:
+            second_done.set()
+
+    processor.assign = assign  # type: ignore[method-assign]
+    keys = [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]
+    lists = send_waiting(broker, keys)
+    consumer = threading.Thread(target=drain.run)
+    consumer.start()
+    try:
+        got = answers(replies, lists)
+    finally:
+        stop.set()
+        consumer.join(30)
+    assert not consumer.is_alive()
+    assert failed.is_set()
+    answered_in_turn(order)
+    assert order[:2] == ["take a0 a1 a2", "take b0 b1 b2"], order
+    # The second batch committed first: it has the first numbers.
+    assert [answer["value"] for answer in got] == [4, 5, 6, 1, 2, 3]
+    check_gapless(engine, "invoices", keys=keys)

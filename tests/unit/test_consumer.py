@@ -25,7 +25,7 @@ from numbering.migrations import upgrade
 from numbering.replies import new_reply_list
 from numbering.routing import Shard, sequence_queue
 from numbering.tasks import consumer as consumer_module
-from numbering.tasks.consumer import BatchProcessor, Consumer
+from numbering.tasks.consumer import BatchProcessor, Consumer, Turn
 from numbering.tasks.memory import MemoryBroker, MemoryReplies, MemoryTransport
 from numbering.tasks.redelivery import MAX_DELIVERIES
 
@@ -40,12 +40,15 @@ class Processor(BatchProcessor):
         self.batches: list[list[str | None]] = []
         self.before: Callable[[list[str | None]], None] = lambda keys: None
 
-    def process(self, items: Sequence[Job | BadMessage], shards: Any = None) -> None:
+    def prepare(self, items: Sequence[Job | BadMessage], shards: Any = None) -> Turn:
         keys = [item.request.key if isinstance(item, Job) else item.key for item in items]
         self.batches.append(keys)
+        return super().prepare(items, shards)
+
+    def assign(self, turn: Turn, *args: Any) -> None:
         # What is about to be assigned (as the worker's failpoints see a batch).
-        self.before([item.request.key for item in items if isinstance(item, Job)])
-        super().process(items, shards)
+        self.before(list(turn.keys))
+        super().assign(turn, *args)
 
 
 class Harness:
