@@ -211,8 +211,8 @@ def numbering_env(env: Env, broker: str, **extra: str) -> dict[str, str]:
         NUMBERING_DATABASE_URL=env.database_url,
         NUMBERING_BROKER_URL=broker,
         NUMBERING_RESULT_BACKEND=env.redis_replies,
-        **extra,
     )
+    base.update(extra)
     return base
 
 
@@ -273,10 +273,15 @@ def web_and_bare(
     brokers = [("redis", env.redis_broker)]
     if "amqp" in args.brokers:
         brokers.append(("rabbitmq", env.amqp_broker))
-    # The same worker with one batch in flight (the serial turn), beside the default two.
-    serial = [("redis, 1 batch in flight", env.redis_broker, "redis-serial")]
+    # Variants of the Redis worker, beside the default: one batch in flight (the serial
+    # turn), and the reply lists in another database of the broker's server.
+    variants = [("redis, 1 batch in flight", "redis-serial", ["--in-flight", "1"], "")]
+    if env.redis_replies_apart:
+        variants.append(
+            ("redis, replies in another database", "redis-apart", [], env.redis_replies_apart)
+        )
     names = [f"{s}-{b}" for s in (WEB, BARE) for b, _ in brokers]
-    names += [f"{s}-{tag}" for s in (WEB, BARE) for _, _, tag in serial]
+    names += [f"{s}-{tag}" for s in (WEB, BARE) for _, tag, _, _ in variants]
     for name in names:
         allocator.create_sequence(name)
     with engine.begin() as conn:
@@ -295,20 +300,15 @@ def web_and_bare(
                     logs / f"worker-{broker_name}.log",
                 )
             )
-        for _, url, tag in serial:
+        for _, tag, options, replies in variants:
+            extra = {"NUMBERING_RESULT_BACKEND": replies} if replies else {}
             stack.enter_context(
                 worker(
                     env,
-                    url,
-                    [
-                        "--sequence",
-                        f"{WEB}-{tag}",
-                        "--sequence",
-                        f"{BARE}-{tag}",
-                        "--in-flight",
-                        "1",
-                    ],
+                    env.redis_broker,
+                    ["--sequence", f"{WEB}-{tag}", "--sequence", f"{BARE}-{tag}", *options],
                     logs / f"worker-{tag}.log",
+                    **extra,
                 )
             )
         if BARE in args.scenarios:
@@ -344,11 +344,11 @@ def web_and_bare(
                 candidates += [
                     (
                         f"numbering ({label})",
-                        lambda u=u, tag=tag, web=web, sc=scenario: systems.numbering_op(
-                            env, u, f"{sc}-{tag}", web, None
+                        lambda tag=tag, r=replies, web=web, sc=scenario: systems.numbering_op(
+                            env, env.redis_broker, f"{sc}-{tag}", web, None, r
                         ),
                     )
-                    for label, u, tag in serial
+                    for label, tag, _, replies in variants
                 ]
                 candidates.append(
                     (
@@ -827,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         redis.Redis.from_url(db).flushdb()
     # numbering's reply lists share the broker's database, as docs/deployment.md advises
     # (a request and its answer then share round trips); Celery's no-op has its own two.
-    env = Env(url, dbs[0], dbs[0], args.amqp, dbs[2], dbs[3])
+    env = Env(url, dbs[0], dbs[0], args.amqp, dbs[2], dbs[3], redis_replies_apart=dbs[1])
     systems.setup_django(url)
     results = Results()
     started = time.monotonic()

@@ -29,6 +29,9 @@ class Env:
     amqp_broker: str
     celery_broker: str
     celery_backend: str
+    #: Another database of the broker's Redis server, for the reply lists of the
+    #: "replies in another database" layout (Celery's usual: broker 0, results 1).
+    redis_replies_apart: str = ""
 
 
 Op = Callable[[int], Any]
@@ -44,8 +47,10 @@ def documents_table(name: str) -> str:
 # -- numbering --------------------------------------------------------------------------------
 
 
-def numbering_op(env: Env, broker: str, sequence: str, web: bool, shards: int | None) -> Op:
-    client = Client(broker, env.redis_replies, shards=shards, timeout=60)
+def numbering_op(
+    env: Env, broker: str, sequence: str, web: bool, shards: int | None, replies: str = ""
+) -> Op:
+    client = Client(broker, replies or env.redis_replies, shards=shards, timeout=60)
     engine = create_engine(env.database_url, pool_size=1) if web else None
     tag = f"{os.getpid()}"
     table = f"docs_{sequence.replace('-', '_')}"

@@ -55,7 +55,7 @@ from numbering.errors import (
 )
 from numbering.messages import encode_redis_message
 from numbering.policies import DateLike
-from numbering.replies import error_from_reply, new_reply_list, same_database
+from numbering.replies import error_from_reply, new_reply_list, reply_database, same_database
 from numbering.routing import REPLY_HEADER, TASK_NAME, declared_otherwise, kombu_queue, queue_for
 from numbering.settings import Settings, check_queue_type, mask_url
 from numbering.validation import check_count, check_seconds, check_sequence_name
@@ -152,6 +152,18 @@ class _ProcessState:
     outage: _Outage = field(default_factory=_Outage)
     push_unless_queued: Any = None  # redis Script objects, on a Redis broker
     still_queued: Any = None
+    #: The reply lists' database, when it is another database of the broker's server:
+    #: a request and the wait for its answer then still share a round trip (the broker's
+    #: connection selects it, and the broker's again, in the same pipeline).
+    reply_db: int | None = None
+    broker_db: int = 0
+
+    @property
+    def one_trip(self) -> bool:
+        """Whether a request and the wait for its answer share a round trip."""
+        return self.broker is not None and (
+            self.broker is self.replies or self.reply_db is not None
+        )
 
 
 class _SyncWaiter:
@@ -258,6 +270,9 @@ class Client:
             broker=broker,
             reply_list=new_reply_list(),
         )
+        if broker is not None and broker is not replies:
+            state.reply_db = reply_database(broker, replies)
+            state.broker_db = int(broker.connection_pool.connection_kwargs.get("db") or 0)
         if broker is not None:
             state.push_unless_queued = broker.register_script(_PUSH_UNLESS_QUEUED)
             state.still_queued = broker.register_script(_STILL_QUEUED)
@@ -356,15 +371,32 @@ class Client:
                     broker.lpush(out.queue, out.message)
                 out.sent = True
                 return
-            # The broker holds the reply list too: send the request and wait up to
-            # ``read`` seconds for the first answer in one round trip.
+            # The broker's server holds the reply list too: send the request and wait up
+            # to ``read`` seconds for the first answer in one round trip (selecting the
+            # reply lists' database, and the broker's again, when they differ).
             pipe = broker.pipeline(transaction=False)
             if out.sent:
                 state.push_unless_queued(keys=[out.queue], args=[out.message], client=pipe)
             else:
                 pipe.lpush(out.queue, out.message)
+            apart = state.reply_db is not None
+            if apart:
+                pipe.execute_command("SELECT", state.reply_db)  # type: ignore[no-untyped-call]
             pipe.brpop([state.reply_list], timeout=read)
-            pushed, popped = pipe.execute(raise_on_error=False)
+            if apart:
+                pipe.execute_command("SELECT", state.broker_db)  # type: ignore[no-untyped-call]
+            results = pipe.execute(raise_on_error=False)
+            pushed, popped = results[0], results[2 if apart else 1]
+            if apart and any(isinstance(r, Exception) for r in (results[1], results[3])):
+                # SELECT refused (an ACL, a proxy): its connection may sit in the wrong
+                # database, so drop every connection, and use two round trips from now on.
+                log.warning(
+                    "cannot select the reply lists' database on the broker's "
+                    "connection (%s); sending and waiting apart",
+                    results[1],
+                )
+                state.reply_db = None
+                broker.connection_pool.disconnect()
             if isinstance(popped, (list, tuple)):
                 self._deliver(state, popped[1])  # whoever's answer it is
             if isinstance(pushed, Exception):
@@ -483,7 +515,7 @@ class Client:
             failure: BaseException | None = None
             while True:
                 read = None
-                if state.broker is state.replies and self._take_reading(state, waiter):
+                if state.one_trip and self._take_reading(state, waiter):
                     read = min(resend, deadline - time.monotonic(), _LISTEN_SECONDS)
                     read = read if read >= _MIN_BLOCK_SECONDS else None
                 failure = self._try_publish(state, out, read, deadline - time.monotonic())

@@ -194,16 +194,21 @@ def engine_stack(request: pytest.FixtureRequest) -> Stack:
     return stack
 
 
-@pytest.fixture(params=["replies-apart", "replies-on-broker"])
+@pytest.fixture(params=["replies-apart", "replies-on-broker", "replies-elsewhere"])
 def client_stack(
     request: pytest.FixtureRequest, pg_url: str, redis_urls: tuple[str, str], tmp_path: Path
 ) -> Iterator[Stack]:
     """:func:`stack` with the reply lists in another Redis database than the broker's, or
-    in the broker's own (the default: a client then sends a request and starts waiting
-    for the answer in one round trip)."""
+    in the broker's own (the default), or on what the client takes for another server
+    (the same one, named otherwise). In the first two a client sends a request and
+    starts waiting for its answer in one round trip; in the last, in two."""
     broker, replies = redis_urls
-    shared = request.param == "replies-on-broker"
-    stack = Stack(pg_url, broker, broker if shared else replies, tmp_path)
+    if request.param == "replies-on-broker":
+        replies = broker
+    elif request.param == "replies-elsewhere":
+        replies = replies.replace("127.0.0.1", "localhost")
+        assert replies != redis_urls[1], "the test Redis must be named by 127.0.0.1"
+    stack = Stack(pg_url, broker, replies, tmp_path)
     yield stack
     stack.close()
 

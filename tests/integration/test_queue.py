@@ -490,8 +490,18 @@ def test_client_is_shared_by_threads(client_stack: Stack) -> None:
         thread.join(120)
     assert_increasing(list(got.values()))
     state = client._process_state()
-    shared = stack.settings.broker_url == stack.settings.result_backend
+    broker_url, reply_url = stack.settings.broker_url, stack.settings.result_backend
+    shared = broker_url == reply_url
+    elsewhere = "localhost" in reply_url
     assert (state.broker is state.replies) is shared  # one connection pool when shared
+    # Another database of the broker's server: still one round trip, by SELECT.
+    assert state.one_trip is not elsewhere
+    assert (state.reply_db is not None) is (not shared and not elsewhere)
+    # Every connection the SELECTs went through was left on the broker's database.
+    assert state.broker is not None
+    for _ in range(20):
+        state.broker.lpush("probe", "x")
+    assert redis.Redis.from_url(broker_url).llen("probe") == 20
     keys = [f"t{t}:{i}" for t in range(8) for i in range(50)]
     check_gapless(create_engine(stack.settings.database_url), "invoices", keys=keys)
 

@@ -6,6 +6,7 @@ import base64
 import json
 
 import pytest
+import redis
 from celery import Celery
 
 from numbering import Assignment, Settings
@@ -162,3 +163,20 @@ def test_shards_are_stable_and_validated() -> None:
     for bad in ("8/8", "-1/8", "1", "a/b", "0/0"):
         with pytest.raises(ValueError, match="shard"):
             Shard.parse(bad)
+
+
+def test_a_reply_database_is_another_database_of_the_broker_s_server() -> None:
+    from numbering.replies import reply_database, same_database
+
+    broker = redis.Redis.from_url("redis://:pw@10.0.0.1:6379/0")
+
+    def other(url: str) -> redis.Redis:
+        return redis.Redis.from_url(url)
+
+    assert reply_database(broker, other("redis://:pw@10.0.0.1:6379/1")) == 1
+    assert reply_database(broker, other("redis://:pw@10.0.0.1:6379/0")) is None  # the same
+    assert same_database(broker, other("redis://:pw@10.0.0.1:6379/0"))
+    assert reply_database(broker, other("redis://:pw@10.0.0.2:6379/1")) is None
+    assert reply_database(broker, other("redis://:pw@10.0.0.1:6380/1")) is None
+    assert reply_database(broker, other("redis://:other@10.0.0.1:6379/1")) is None
+    assert reply_database(broker, other("rediss://:pw@10.0.0.1:6379/1")) is None
