@@ -5,7 +5,10 @@ the local Redis, runs N requester processes doing bare enqueue-and-await, and re
 every process's CPU time from ``/proc`` over the measured window. It prints numbers per
 second and the CPU milliseconds each kind of process (requesters, worker, PostgreSQL,
 Redis, ...) spent per number: the figures docs/benchmarks.md uses to say what limits
-throughput on a small machine. The sequence's ledger is audited at the end. Linux only.
+throughput on a small machine. Then the same for its peers on the same workload, in
+turns: django-sequences (a transaction around ``get_next_value`` on PostgreSQL) and a
+stock Celery no-op round trip (``--systems``, ``--rounds``). The sequence's ledger is
+audited at the end. Linux only.
 
 ``--sequences 100 --shards 8`` measures the many-sequences layout of ``benchmarks.run``
 instead: requests spread over 100 sequences, 8 shard queues served by one worker process
@@ -21,15 +24,21 @@ import os
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from benchmarks.run import prepare_database, worker
-from benchmarks.systems import Env
+from benchmarks import systems
+from benchmarks.run import CELERY_NOOP_WORKER, prepare_database, process, worker
+from benchmarks.systems import Env, Op
 from numbering import Allocator, Client
 
 SEQUENCE = "cpu"
+# What can be measured: numbering, and its peers on the same bare workload.
+SYSTEMS = ("numbering", "django-sequences", "celery-noop")
 
 
 def _ticks(pid: int) -> int:
@@ -42,6 +51,7 @@ def _ticks(pid: int) -> int:
 
 # How the workers this script starts show in /proc/<pid>/cmdline.
 _WORKER_CMDLINE = b"numbering\0worker\0"
+_CELERY_CMDLINE = b"benchmarks.noop\0worker\0"
 
 
 def _processes() -> dict[int, str]:
@@ -51,8 +61,11 @@ def _processes() -> dict[int, str]:
         if entry.isdigit():
             try:
                 name = Path(f"/proc/{entry}/comm").read_text().strip()
-                if _WORKER_CMDLINE in Path(f"/proc/{entry}/cmdline").read_bytes():
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                if _WORKER_CMDLINE in cmdline:
                     name = "numbering worker"
+                elif _CELERY_CMDLINE in cmdline:
+                    name = "celery worker"
             except OSError:
                 continue
             found[int(entry)] = name
@@ -60,19 +73,79 @@ def _processes() -> dict[int, str]:
 
 
 def _requester(
-    broker: str, replies: str, stop_at: float, names: list[str], shards: int | None
+    make_op: Callable[[], Op], begin: float, end: float, stop_at: float, out: Any
 ) -> None:
-    client = Client(broker, replies, shards=shards, timeout=60)
-    i = 0
-    tag = os.getpid()
+    op = make_op()
+    done = i = 0
     while time.time() < stop_at:
-        name = names[(tag + i) % len(names)]
-        client.next_value(name, key=f"cpu:{tag}:{i}")
+        op(i)
         i += 1
+        if begin <= time.time() < end:
+            done += 1
+    out.put(done)
 
 
-def _numbered(allocator: Allocator, names: list[str]) -> int:
-    return sum(allocator.last_value(name) or 0 for name in names)
+@dataclass
+class Measured:
+    system: str
+    requesters: int
+    numbers: int
+    elapsed: float
+    #: CPU clock ticks over the window, by kind of process.
+    ticks: dict[str, int]
+
+    def report(self) -> str:
+        hz = os.sysconf("SC_CLK_TCK")
+        cores = os.cpu_count() or 1
+        busy = sum(self.ticks.values()) / hz / self.elapsed / cores
+        lines = [
+            f"{self.system}: {self.requesters} requesters: "
+            f"{self.numbers / self.elapsed:,.0f} numbers/s; CPU {busy:.0%} busy on {cores} cores",
+            "CPU ms per number, by process:",
+        ]
+        for kind, ticks in sorted(self.ticks.items(), key=lambda item: -item[1]):
+            if ticks and self.numbers:
+                lines.append(f"  {kind:20} {ticks / hz / self.numbers * 1000:7.3f}")
+        if self.numbers:
+            total = sum(self.ticks.values()) / hz / self.numbers * 1000
+            lines.append(f"  {'all':20} {total:7.3f}")
+        return "\n".join(lines)
+
+
+def measure_cpu(
+    system: str, make_op: Callable[[], Op], requesters: int, warmup: float, seconds: float
+) -> Measured:
+    """Run ``requesters`` processes doing ``make_op()``'s op in a loop; the numbers they
+    got in a window of ``seconds`` after ``warmup``, and every process's CPU meanwhile."""
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    begin = time.time() + warmup
+    end = begin + seconds
+    procs = [
+        ctx.Process(target=_requester, args=(make_op, begin, end, end + 1, out))
+        for _ in range(requesters)
+    ]
+    for proc in procs:
+        proc.start()
+    time.sleep(max(0.0, begin - time.time()))
+    before = {pid: _ticks(pid) for pid in _processes()}
+    started = time.time()
+    time.sleep(max(0.0, end - time.time()))
+    after = {pid: _ticks(pid) for pid in _processes()}
+    elapsed = time.time() - started
+    names = _processes()
+    numbers = sum(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(60)
+    pids = {proc.pid for proc in procs}
+    own = os.getpid()
+    ticks: dict[str, int] = defaultdict(int)
+    for pid, count in after.items():
+        if pid != own:
+            ticks["requesters" if pid in pids else names.get(pid, "?")] += count - before.get(
+                pid, 0
+            )
+    return Measured(system, requesters, numbers, elapsed, dict(ticks))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--requesters", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="what to measure, in turns (one sequence only: numbering with --sequences)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measurements of each system, taking turns"
+    )
     parser.add_argument(
         "--sequences", type=int, default=1, help="spread requests over this many sequences"
     )
@@ -93,17 +174,23 @@ def main(argv: list[str] | None = None) -> int:
         "--replies-apart",
         dest="replies_with_broker",
         action="store_false",
-        help="reply lists in another Redis database than the broker's (one more round trip)",
+        help="reply lists in another database of the broker's Redis server",
     )
     args = parser.parse_args(argv)
+    many = args.sequences > 1
+    wanted = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    if many:
+        wanted = ["numbering"]
 
     url = prepare_database(args.admin_url, args.database)
-    for db in (10, 11):  # the broker and reply databases make bench uses
+    for db in (10, 11, 12, 13):  # the Redis databases make bench uses
         redis.Redis.from_url(f"{args.redis}/{db}").flushdb()
     replies = f"{args.redis}/{10 if args.replies_with_broker else 11}"
-    env = Env(url, f"{args.redis}/10", replies, "", "", "")
+    env = Env(url, f"{args.redis}/10", replies, "", f"{args.redis}/12", f"{args.redis}/13")
     allocator = Allocator(url)
-    many = args.sequences > 1
     sequences = [f"{SEQUENCE}-{i:03d}" for i in range(args.sequences)] if many else [SEQUENCE]
     for name in sequences:
         allocator.create_sequence(name)
@@ -121,53 +208,54 @@ def main(argv: list[str] | None = None) -> int:
         ]
     logs = Path(os.environ.get("BENCH_LOGS", "/tmp/numbering-bench"))
     logs.mkdir(parents=True, exist_ok=True)
-    warmup = 2.0
-    with contextlib.ExitStack() as workers:
-        for p, layout in enumerate(layouts):
-            extra = {"NUMBERING_SHARDS": str(args.shards)} if many else {}
-            workers.enter_context(
-                worker(env, env.redis_broker, layout, logs / f"worker-cpu{p}.log", **extra)
-            )
-        ctx = mp.get_context("fork")
-        stop_at = time.time() + warmup + args.seconds + 2
-        procs = [
-            ctx.Process(
-                target=_requester,
-                args=(env.redis_broker, env.redis_replies, stop_at, sequences, shards),
-            )
-            for _ in range(args.requesters)
-        ]
-        for proc in procs:
-            proc.start()
-        time.sleep(warmup)
-        before = {pid: _ticks(pid) for pid in _processes()}
-        numbered = _numbered(allocator, sequences)
-        started = time.time()
-        time.sleep(args.seconds)
-        after = {pid: _ticks(pid) for pid in _processes()}
-        numbers = _numbered(allocator, sequences) - numbered
-        elapsed = time.time() - started
-        names = _processes()
-        requesters = {proc.pid for proc in procs}
-        for proc in procs:
-            proc.join(60)
-    own = os.getpid()
-    by_kind: dict[str, int] = defaultdict(int)
-    for pid, ticks in after.items():
-        if pid == own:
-            continue
-        kind = "requesters" if pid in requesters else names.get(pid, "?")
-        by_kind[kind] += ticks - before.get(pid, 0)
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = sum(by_kind.values()) / hz / elapsed / (os.cpu_count() or 1)
-    print(
-        f"{args.requesters} requesters: {numbers / elapsed:,.0f} numbers/s; "
-        f"CPU {busy:.0%} busy on {os.cpu_count()} cores"
-    )
-    print("CPU ms per number, by process:")
-    for kind, ticks in sorted(by_kind.items(), key=lambda item: -item[1]):
-        if ticks and numbers:
-            print(f"  {kind:20} {ticks / hz / numbers * 1000:7.3f}")
+    if "django-sequences" in wanted:
+        systems.setup_django(url)
+
+    def numbering_op() -> Op:
+        client = Client(env.redis_broker, env.redis_replies, shards=shards, timeout=60)
+        tag = os.getpid()
+
+        def op(i: int) -> Any:
+            name = sequences[(tag + i) % len(sequences)]
+            return client.next_value(name, key=f"cpu:{tag}:{i}")
+
+        return op
+
+    def servers(system: str, stack: contextlib.ExitStack) -> Callable[[], Op]:
+        """Start what ``system`` needs; its requesters' op factory."""
+        if system == "numbering":
+            for p, layout in enumerate(layouts):
+                extra = {"NUMBERING_SHARDS": str(args.shards)} if many else {}
+                stack.enter_context(
+                    worker(env, env.redis_broker, layout, logs / f"worker-cpu{p}.log", **extra)
+                )
+            return numbering_op
+        if system == "django-sequences":
+            return lambda: systems.django_sequences_op("cpu-django", False)
+        celery_env = {
+            **os.environ,
+            "BENCH_CELERY_BROKER": env.celery_broker,
+            "BENCH_CELERY_BACKEND": env.celery_backend,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        }
+        stack.enter_context(
+            process(CELERY_NOOP_WORKER, celery_env, logs / "celery-noop.log", "ready.")
+        )
+        return lambda: systems.celery_noop_op(env)
+
+    measured: dict[str, list[Measured]] = defaultdict(list)
+    for _ in range(args.rounds):
+        for system in wanted:
+            with contextlib.ExitStack() as stack:
+                make_op = servers(system, stack)
+                found = measure_cpu(system, make_op, args.requesters, 2.0, args.seconds)
+            measured[system].append(found)
+            print(found.report(), flush=True)
+    if args.rounds > 1:
+        print("numbers/s, each round:")
+        for system, runs in measured.items():
+            rates = " / ".join(f"{m.numbers / m.elapsed:,.0f}" for m in runs)
+            print(f"  {system:20} {rates}")
     ok = print_audit(allocator, sequences)
     allocator.close()
     return 0 if ok else 1

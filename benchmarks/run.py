@@ -273,9 +273,9 @@ def web_and_bare(
     brokers = [("redis", env.redis_broker)]
     if "amqp" in args.brokers:
         brokers.append(("rabbitmq", env.amqp_broker))
-    # Variants of the Redis worker, beside the default: one batch in flight (the serial
-    # turn), and the reply lists in another database of the broker's server.
-    variants = [("redis, 1 batch in flight", "redis-serial", ["--in-flight", "1"], "")]
+    # Variants of the Redis worker, beside the default: two batches in flight, and the
+    # reply lists in another database of the broker's server.
+    variants = [("redis, 2 batches in flight", "redis-pipelined", ["--in-flight", "2"], "")]
     if env.redis_replies_apart:
         variants.append(
             ("redis, replies in another database", "redis-apart", [], env.redis_replies_apart)

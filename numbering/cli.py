@@ -595,8 +595,8 @@ def _show_client_warnings() -> None:
     "--in-flight",
     "batches_in_flight",
     type=click.IntRange(1, 2),
-    help="Batches in flight at once: 2 takes the next batch while the last one commits, "
-    f"1 is one turn at a time (default: ${ENV['batches_in_flight']}, else 2; SQLite: 1).",
+    help="Batches in flight at once: 1 is one turn at a time, 2 takes the next batch while "
+    f"the last one commits (default: ${ENV['batches_in_flight']}, else 1; SQLite: 1).",
 )
 @click.option("--loglevel", default="INFO", show_default=True, help="Celery worker log level.")
 @click.option(
@@ -621,8 +621,8 @@ def worker(
 
     A Celery worker with a bulk consumer for its queues: it drains up to --batch-size
     waiting requests (from all its queues at once), assigns them in one
-    transaction, answers each one, then acknowledges; under load the next batch is
-    taken, and its transaction started, while the last one commits (--in-flight). A
+    transaction, answers each one, then acknowledges; with --in-flight 2 the next batch
+    is taken, and its transaction started, while the last one commits. A
     second worker on the same queue waits as a standby for it and takes over if the
     first dies. With --shards K, any
     number of workers share the K shard queues, each the active consumer of about K/N.

@@ -61,7 +61,7 @@ DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 DEFAULT_ISOLATION_LEVEL = "READ COMMITTED"
 # The most requests a worker assigns in one transaction.
 DEFAULT_BATCH_SIZE = 500
-DEFAULT_BATCHES_IN_FLIGHT = 2
+DEFAULT_BATCHES_IN_FLIGHT = 1
 # Seconds a client waits for its number before raising (it resends on the way).
 DEFAULT_REQUEST_TIMEOUT = 10.0
 # Seconds a numbering transaction may sit idle before PostgreSQL ends its session. Its
@@ -153,8 +153,9 @@ class Settings:
     #: None: every sequence has its own queue. K: sequences share K shard queues.
     shards: int | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
-    #: Batches a worker's consumer keeps in flight: 2 takes the next batch, and starts
-    #: its transaction, while the last one commits; 1 is the serial turn.
+    #: Batches a worker's consumer keeps in flight: 1 is the serial turn; 2 takes the
+    #: next batch, and starts its transaction, while the last one commits (measured 5-10%
+    #: slower on 2 cores, where the CPU, not the turn, is the limit: docs/benchmarks.md).
     batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     #: Tables batch jobs may number in place (the allow-list); empty allows none.

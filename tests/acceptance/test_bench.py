@@ -120,10 +120,14 @@ def test_cpu_breakdown_runs_and_audits(
         ["--requesters", "2", "--seconds", "1", *layout],
         env={**os.environ, "BENCH_LOGS": str(tmp_path / "logs")},
     )
-    assert "2 requesters: " in done.stdout
-    for kind in ("requesters", "numbering worker", "postgres", "redis-server"):
+    assert "numbering: 2 requesters: " in done.stdout
+    for kind in ("requesters", "numbering worker", "postgres", "redis-server", "all"):
         assert f"  {kind} " in done.stdout, done.stdout
     assert audited in done.stdout
+    if not layout:  # its peers on the same workload, in the same run
+        assert "django-sequences: 2 requesters: " in done.stdout, done.stdout
+        assert "celery-noop: 2 requesters: " in done.stdout, done.stdout
+        assert "  celery worker " in done.stdout, done.stdout
 
 
 def test_overhead_probe_runs_and_audits(pg_empty_url: str) -> None:

@@ -69,7 +69,7 @@ def test_worker_killed_at_each_point_of_a_batch(
         while broker.llen(sequence_queue("invoices")) < CLIENTS:
             assert time.monotonic() - started < 60, "the clients' requests never came"
             time.sleep(0.02)
-        victim = stack.worker("--sequence", "invoices", "--batch-size", "2")
+        victim = stack.worker("--sequence", "invoices", "--batch-size", "2", "--in-flight", "2")
     else:
         victim = stack.worker("--sequence", "invoices")
         clients = stack.start_clients([("invoices", f"c{c}", PER_CLIENT) for c in range(CLIENTS)])

@@ -68,6 +68,22 @@ def test_four_client_processes_on_one_sequence(client_stack: Stack) -> None:
     assert_increasing(results)
 
 
+def test_four_client_processes_on_a_worker_with_two_batches_in_flight(
+    engine_stack: Stack,
+) -> None:
+    """The same load through a worker that keeps two batches in flight, on PostgreSQL
+    and MariaDB: every client's numbers increase, the history checker passes."""
+    stack = engine_stack
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices", "--in-flight", "2")
+    results = stack.client_processes([("invoices", f"c{c}", 250) for c in range(4)])
+    by_key = stack.check("invoices", [f"c{c}:{i}" for c in range(4) for i in range(250)])
+    assert sorted(v for values in results for v in values) == list(range(1, 1001))
+    for c, values in enumerate(results):
+        assert values == [by_key[f"c{c}:{i}"][0] for i in range(250)]
+    assert_increasing(results)
+
+
 def test_two_sequences_on_two_workers(stack: Stack) -> None:
     setup_sequences(stack, "invoices", "credit-notes")
     stack.worker("--sequence", "invoices")
@@ -850,6 +866,7 @@ def pipelined_consumer(
         Recording(allocator, replies),
         batch_size=batch_size,
         stop=stop,
+        in_flight=2,
     )
     return drain, stop, order, broker, replies, engine
 
