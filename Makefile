@@ -49,7 +49,7 @@ bench: install services ## numbering against the alternatives on PostgreSQL, the
 bench-mariadb: install services ## The MariaDB part of `make bench` alone: writes docs/benchmarks-mariadb.md (about 5 minutes).
 	$(BIN)/python -m benchmarks.mariadb
 
-bench-cpu: install services ## CPU ms per number by process (requesters, worker, PostgreSQL, Redis) at 16 requesters.
+bench-cpu: install services ## CPU ms per number by process (requesters, worker, PostgreSQL, Redis) at 16 requesters, beside django-sequences and a Celery no-op.
 	$(BIN)/python -m benchmarks.cpu
 
 bench-overhead: install services ## CPU and wall ms of numbering's own transaction against the same SQL on bare psycopg2.
