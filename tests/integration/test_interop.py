@@ -90,6 +90,11 @@ def test_a_node_js_celery_client_gets_numbers(stack: Stack, node_modules: Path) 
     )
     assert meta["result"]["exc_type"] == "SequenceFrozenError"
     assert answers["thawed"] == {"sequence": "invoices", "frozen": False}
+    # numbering.void on the control queue: the last number, with a reason; a second
+    # copy is answered with the error (an answer, not a task failure).
+    voided = answers["voided"]
+    assert (voided["sequence"], voided["key"], voided["value"]) == ("invoices", "node:19", 20)
+    assert "already voided" in answers["voidedAgain"]["error"]["message"], answers
     # The worker said once where this caller's answers go (a message does not say which
     # backend its caller reads: one that reads another finds the reason here).
     told = [line for line in worker.output().splitlines() if "plain Celery caller" in line]

@@ -2,7 +2,8 @@
 // the plain Celery protocol (task "numbering.assign", keyword arguments sequence, key,
 // count), on the sequence's queue, and reads the answers from the shared result backend.
 // Usage: node celery_node_client.js BROKER_URL BACKEND_URL QUEUE SEQUENCE PREFIX COUNT
-// Then freezes the sequence through the control queue, asks once more (refused), thaws it.
+// Then freezes the sequence through the control queue, asks once more (refused), thaws it,
+// and voids the last number (twice: the second answer says it is voided already).
 // Prints one JSON line: {"numbers": [...], "resent": {...}, "refused": {...}, ...}.
 "use strict";
 const celery = require("celery-node");
@@ -38,7 +39,13 @@ async function main() {
     frozenAnswer.error = String(error && error.message ? error.message : error);
   }
   const thawed = await freeze.applyAsync([], { sequence, frozen: false }).get(60000);
-  console.log(JSON.stringify({ numbers, resent, refused, frozen, frozenAnswer, thawed }));
+  const voidTask = control.createTask("numbering.void");
+  const last = { sequence, key: `${prefix}:${Number(count) - 1}`, reason: "invoice cancelled" };
+  const voided = await voidTask.applyAsync([], last).get(60000);
+  const voidedAgain = await voidTask.applyAsync([], last).get(60000);
+  console.log(
+    JSON.stringify({ numbers, resent, refused, frozen, frozenAnswer, thawed, voided, voidedAgain }),
+  );
   control.disconnect();
   client.disconnect();
 }
