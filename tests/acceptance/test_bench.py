@@ -47,6 +47,8 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
         "nextval",
         "numbering (one process, every shard by hand)",
         "numbering (fleet of 2)",
+        "numbering (redis, 2 batches in flight)",
+        "numbering (redis, replies in another database)",
     ):
         assert f"| {system}" in report
     assert "Result: every ledger gapless." in report
