@@ -74,15 +74,27 @@ DEAD_LETTER_EXCHANGE = "numbering/quarantine"
 DEAD_LETTER_QUEUE = "numbering/quarantine"
 
 
+# Queue names numbering keeps for itself after the prefix: the control queue, and the
+# shard queues (Shard.queue).
+_OWN_QUEUE = re.compile(r"control|shard\.[0-9]+-of-[0-9]+")
+
+
 def sequence_queue(sequence: str) -> str:
     """The queue of ``sequence`` when it has its own: ``numbering.<sequence>``.
 
+    A sequence named like one of numbering's own queues (``control``,
+    ``shard.<i>-of-<K>``) gets ``numbering./<sequence>`` instead: no sequence name holds
+    ``/``, so that queue is nobody else's.
+
     >>> sequence_queue("invoices")
     'numbering.invoices'
+    >>> sequence_queue("control")
+    'numbering./control'
     >>> len(sequence_queue("\u00e9" * 100).encode()) <= MAX_QUEUE_BYTES
     True
     """
-    name = QUEUE_PREFIX + check_sequence_name(sequence)
+    checked = check_sequence_name(sequence)
+    name = QUEUE_PREFIX + ("/" if _OWN_QUEUE.fullmatch(checked) else "") + checked
     raw = name.encode()
     if len(raw) <= MAX_QUEUE_BYTES:
         return name

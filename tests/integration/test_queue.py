@@ -122,6 +122,27 @@ def test_sequences_named_with_any_text(stack: Stack) -> None:
     serve_wide_names(stack)
 
 
+def test_sequences_named_like_numbering_s_own_queues(stack: Stack) -> None:
+    """Sequences named ``control`` and ``shard.0-of-8`` get queues of their own, not the
+    control queue (where Celery's consumer would answer in the result backend, and the
+    client wait in vain) or a shard's."""
+    from numbering.config.celery import CONTROL_QUEUE
+
+    names = ["control", "shard.0-of-8"]
+    assert sequence_queue("control") != CONTROL_QUEUE
+    assert sequence_queue("shard.0-of-8") != Shard(0, 8).queue
+    assert sequence_queue("shard.notes") == "numbering.shard.notes"  # no clash: unchanged
+    setup_sequences(stack, *names)
+    worker = stack.worker(*(arg for name in names for arg in ("--sequence", name)))
+    client = stack.client()
+    for name in names:
+        assert [client.next_value(name, key=f"{name}:{i}") for i in range(5)] == [1, 2, 3, 4, 5]
+    worker.wait_for("active consumer of numbering./control")
+    for name in names:
+        keys = [f"{name}:{i}" for i in range(5)]
+        stack.check(name, keys, unrecorded=keys)
+
+
 def test_sequences_on_shard_queues(stack: Stack) -> None:
     names = [f"tenant-{t}" for t in range(6)]
     assert {Shard.of(name, 2).index for name in names} == {0, 1}
