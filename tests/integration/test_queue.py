@@ -911,6 +911,26 @@ def answers(replies: redis.Redis, lists: list[str]) -> list[dict[str, Any]]:
     return got
 
 
+def answered(
+    drain: Consumer,
+    stop: threading.Event,
+    broker: redis.Redis,
+    replies: redis.Redis,
+    keys: list[str],
+) -> list[dict[str, Any]]:
+    """Queue a request for each key, run the consumer until all are answered, stop it;
+    the answers, in the keys' order."""
+    lists = send_waiting(broker, keys)
+    consumer = threading.Thread(target=drain.run)
+    consumer.start()
+    try:
+        return answers(replies, lists)
+    finally:
+        stop.set()
+        consumer.join(30)
+        assert not consumer.is_alive()
+
+
 def answered_in_turn(order: list[str]) -> None:
     """Each batch answered after it was taken, in the order the batches were taken."""
     taken = [line.removeprefix("take ") for line in order if line.startswith("take ")]
@@ -931,15 +951,7 @@ def test_two_batches_in_flight_answer_in_order(
         db_url, redis_urls, level, batch_size=5
     )
     keys = [f"k{i}" for i in range(100)]
-    lists = send_waiting(broker, keys)
-    consumer = threading.Thread(target=drain.run)
-    consumer.start()
-    try:
-        got = answers(replies, lists)
-    finally:
-        stop.set()
-        consumer.join(30)
-    assert not consumer.is_alive()
+    got = answered(drain, stop, broker, replies, keys)
     assert [answer["value"] for answer in got] == list(range(1, 101))
     answered_in_turn(order)
     assert drain.processor.allocator.stats.total == 0, drain.processor.allocator.stats.as_dict()
@@ -977,15 +989,7 @@ def test_a_batch_that_fails_does_not_let_the_next_answer_first(
 
     processor.assign = assign  # type: ignore[method-assign]
     keys = [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(3)]
-    lists = send_waiting(broker, keys)
-    consumer = threading.Thread(target=drain.run)
-    consumer.start()
-    try:
-        got = answers(replies, lists)
-    finally:
-        stop.set()
-        consumer.join(30)
-    assert not consumer.is_alive()
+    got = answered(drain, stop, broker, replies, keys)
     assert failed.is_set()
     answered_in_turn(order)
     assert order[:2] == ["take a0 a1 a2", "take b0 b1 b2"], order
