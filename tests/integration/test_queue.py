@@ -56,16 +56,22 @@ def assert_increasing(results: list[list[int]]) -> None:
         assert len(set(values)) == len(values)
 
 
-def test_four_client_processes_on_one_sequence(client_stack: Stack) -> None:
-    stack = client_stack
-    setup_sequences(stack, "invoices")
-    stack.worker("--sequence", "invoices")
+def four_clients(stack: Stack) -> None:
+    """Four client processes, 250 numbers each, on ``invoices``: the history checker
+    passes and every client's numbers increase."""
     results = stack.client_processes([("invoices", f"c{c}", 250) for c in range(4)])
     by_key = stack.check("invoices", [f"c{c}:{i}" for c in range(4) for i in range(250)])
     assert sorted(v for values in results for v in values) == list(range(1, 1001))
     for c, values in enumerate(results):
         assert values == [by_key[f"c{c}:{i}"][0] for i in range(250)]
     assert_increasing(results)
+
+
+def test_four_client_processes_on_one_sequence(client_stack: Stack) -> None:
+    stack = client_stack
+    setup_sequences(stack, "invoices")
+    stack.worker("--sequence", "invoices")
+    four_clients(stack)
 
 
 def test_four_client_processes_on_a_worker_with_two_batches_in_flight(
@@ -76,12 +82,7 @@ def test_four_client_processes_on_a_worker_with_two_batches_in_flight(
     stack = engine_stack
     setup_sequences(stack, "invoices")
     stack.worker("--sequence", "invoices", "--in-flight", "2")
-    results = stack.client_processes([("invoices", f"c{c}", 250) for c in range(4)])
-    by_key = stack.check("invoices", [f"c{c}:{i}" for c in range(4) for i in range(250)])
-    assert sorted(v for values in results for v in values) == list(range(1, 1001))
-    for c, values in enumerate(results):
-        assert values == [by_key[f"c{c}:{i}"][0] for i in range(250)]
-    assert_increasing(results)
+    four_clients(stack)
 
 
 def test_two_sequences_on_two_workers(stack: Stack) -> None:
