@@ -12,6 +12,7 @@ for the lost transaction to finish either way) and finds the key if it committed
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -335,6 +336,42 @@ class Allocator:
             readonly=True,
             isolation_level="REPEATABLE READ",
         )
+
+    def export_chain(self, name: str, period: str | None = None) -> Iterator[dict[str, Any]]:
+        """Stream the hash chain of sequence ``name``'s counters (or one ``period``'s), in
+        link order, from one consistent snapshot (see :func:`numbering.ledger.export_chain`)."""
+        with (
+            begin(self.engine, "REPEATABLE READ", readonly=True) as connection,
+            connection.begin(),
+        ):
+            yield from ledger.export_chain(connection, name, period)
+
+    def chain_heads(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The head of each counter's hash chain (see :func:`numbering.ledger.chain_heads`)."""
+        return self.run(lambda c: ledger.chain_heads(c, name), readonly=True)
+
+    def backfill_chains(
+        self,
+        chunk: int = 10_000,
+        progress: Callable[[ledger.Backfilled], None] | None = None,
+    ) -> int:
+        """Chain every ledger row written before hash chains, counter by counter, in
+        transactions of up to ``chunk`` rows (each under the counter's lock, so the
+        worker carries on meanwhile). Resumable: a run stopped half-way carries on where
+        it stopped. Returns the number of rows chained."""
+        total = 0
+        for counter in self.run(ledger.unchained_counters, readonly=True):
+            while True:
+                step = self.run(
+                    functools.partial(ledger.backfill_step, counter=counter, chunk=chunk),
+                    describe=f"chain back-fill of {counter!r}",
+                )
+                total += step.chained
+                if progress is not None:
+                    progress(step)
+                if not step.left or not step.chained:
+                    break
+        return total
 
     def export(self, name: str, period: str | None = None) -> Iterator[dict[str, Any]]:
         """Stream sequence ``name``'s ledger (or one ``period``'s) in value order, from

@@ -145,6 +145,7 @@ def _assign(
     now = datetime.now(timezone.utc)
     rows: list[dict[str, Any]] = []
     updates: list[CounterUpdate] = []
+    records: list[dict[str, Any]] = []  # the chains' records besides the rows
     results: dict[str, list[Outcome] | NumberingError] = {}
     # Keys this pass has just assigned, by sequence: a later sequence asked for one of
     # them finds it taken, exactly as its look-up would after the earlier one's writes.
@@ -161,13 +162,14 @@ def _assign(
         planned = plan.assign_groups(name, seq, requests, done, counters, now)
         rows += planned.rows
         updates += planned.updates
+        records += planned.records
         results[name] = outcomes = planned.outcomes
         taken.update(
             (outcome.key, name)
             for outcome in outcomes
             if isinstance(outcome, Assignment) and not outcome.resent
         )
-    store.write(updates, rows, now)
+    store.write(updates, rows, now, records)
     return results
 
 

@@ -166,6 +166,15 @@ def init_db(ctx: click.Context) -> None:
         )
     else:
         click.echo(f"schema already at revision {done.after} in {where}")
+    from numbering.ledger import unchained_counters
+
+    waiting = _allocator(ctx).run(unchained_counters, readonly=True)
+    if waiting:
+        click.echo(
+            f"{len(waiting)} counter(s) hold numbers given before hash chains "
+            f"({', '.join(waiting[:5])}{', ...' if len(waiting) > 5 else ''}): run "
+            "`numbering chain backfill` once to chain them"
+        )
 
 
 @main.command("config")
@@ -903,10 +912,11 @@ def audit(ctx: click.Context, name: str | None) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["csv", "json"]),
+    type=click.Choice(["csv", "json", "chain"]),
     default="csv",
     show_default=True,
-    help="Output format.",
+    help="Output format. chain: the hash chain of each counter, one JSON record a line, in "
+    "link order, for `numbering chain verifier`'s script.",
 )
 @click.option(
     "--period", help="Export one period of a periodic sequence (2025, 2025-03, 2025-03-07)."
@@ -920,7 +930,8 @@ def audit(ctx: click.Context, name: str | None) -> None:
 )
 @click.pass_context
 def export(ctx: click.Context, name: str, fmt: str, period: str | None, output: str) -> None:
-    """Write sequence NAME's ledger for auditors, one row per assignment, in value order.
+    """Write sequence NAME's ledger for auditors, one row per assignment, in value order
+    (csv, json), or its hash chain (chain).
 
     NAME/PERIOD (invoices/2025) is the same as NAME --period PERIOD."""
     from numbering.validation import PERIOD_SEPARATOR
@@ -930,14 +941,27 @@ def export(ctx: click.Context, name: str, fmt: str, period: str | None, output: 
         if period is not None and period != named:
             _fail(f"{name}{PERIOD_SEPARATOR}{named} and --period {period} name two periods")
         period = named
-    rows = _allocator(ctx).export(name, period)
+    allocator = _allocator(ctx)
+    rows = (
+        allocator.export_chain(name, period) if fmt == "chain" else allocator.export(name, period)
+    )
     first = next(rows, None)  # an unknown sequence or period fails here, before any output
-    with click.open_file(output, "w") as out:
+    with click.open_file(output, "w", encoding="utf-8") as out:
         _write_export(out, fmt, first, rows)
+    if fmt == "chain" and first is None:
+        click.echo(
+            f"note: {name!r} has no hash chain yet (no number given since chains, or not "
+            "back-filled: `numbering chain backfill`)",
+            err=True,
+        )
 
 
 def _write_export(out: Any, fmt: str, first: dict[str, Any] | None, rest: Any) -> None:
     rows = [] if first is None else itertools.chain([first], rest)
+    if fmt == "chain":
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
         writer.writeheader()
@@ -949,6 +973,89 @@ def _write_export(out: Any, fmt: str, first: dict[str, Any] | None, rest: Any) -
     for index, row in enumerate(rows):
         out.write(("," if index else "") + "\n  " + json.dumps(row))
     out.write("\n]\n")
+
+
+# -- the hash chain ------------------------------------------------------------------------------
+
+
+@main.group("chain")
+def chain_group() -> None:
+    """The hash chain of each counter: back-fill, heads, the auditor's verifier.
+
+    Every number, void and rename is chained to the record before it by a SHA-256
+    fingerprint; `numbering audit` checks the chains (docs/tamper-evidence.md)."""
+
+
+@chain_group.command("backfill")
+@click.option(
+    "--chunk",
+    type=click.IntRange(1, 1_000_000),
+    default=10_000,
+    show_default=True,
+    help="Rows chained per transaction (each holds its counter's lock that long).",
+)
+@click.pass_context
+def chain_backfill(ctx: click.Context, chunk: int) -> None:
+    """Chain the numbers given before hash chains existed (a database upgraded from an
+    earlier version). Each counter's chain starts with a record saying how many numbers
+    it held then. Safe to stop and run again; workers carry on meanwhile."""
+    from numbering.ledger import Backfilled
+
+    def show(step: Backfilled) -> None:
+        started = " (chain started)" if step.started else ""
+        click.echo(f"{step.counter}: {step.chained} chained{started}, {step.left} left")
+
+    total = _allocator(ctx).backfill_chains(chunk=chunk, progress=show)
+    click.echo(
+        f"{total} number(s) chained" if total else "nothing to back-fill: every number is chained"
+    )
+
+
+@chain_group.command("head")
+@click.argument("name", required=False)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object a line, the form the verifier's --heads reads.",
+)
+@click.pass_context
+def chain_head(ctx: click.Context, name: str | None, fmt: str) -> None:
+    """Print the head of every counter's chain (or NAME's counters'): its last link and
+    fingerprint. Keep it somewhere the database's owners cannot write (a mail, a
+    timestamping service, another system): a later export must still contain it, or
+    the ledger was rewritten."""
+    heads = _allocator(ctx).chain_heads(name)
+    for head in heads:
+        if fmt == "json":
+            click.echo(json.dumps(head, ensure_ascii=False))
+        else:
+            click.echo(
+                f"{head['counter']}: link {head['link']} {head['fingerprint']} at {head['at']}"
+            )
+    if not heads and fmt == "text":
+        click.echo("no chains yet", err=True)
+
+
+@chain_group.command("verifier")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    help="File to write (default: stdout).",
+)
+def chain_verifier(output: str) -> None:
+    """Write the standalone verifier: a Python script that checks a chain export
+    (`numbering export NAME --format chain`) with nothing but Python's standard
+    library. Run it as `python verify_chain.py EXPORT [--heads HEADS]`."""
+    from importlib import resources
+
+    source = resources.files("numbering").joinpath("chain.py").read_text(encoding="utf-8")
+    with click.open_file(output, "w", encoding="utf-8") as out:
+        out.write(source)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,20 +9,35 @@ memory stays flat however long the ledger is.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.exc import DBAPIError
 
+from numbering.chain import GENESIS, ChainProblem, fingerprint, format_time
+from numbering.chaining import ChainWriter, append_records, assign_record, locked_chain
 from numbering.database import translate_error
 from numbering.errors import SequenceNotFoundError, VoidError
-from numbering.schema import STATUS_VOIDED, as_utc, ledger, sequences
+from numbering.schema import STATUS_VOIDED, as_utc, chain_records, ledger, sequences
 from numbering.validation import check_sequence_name
 
-__all__ = ["EXPORT_FIELDS", "AuditReport", "Voided", "audit", "export", "void"]
+__all__ = [
+    "EXPORT_FIELDS",
+    "AuditReport",
+    "Backfilled",
+    "Voided",
+    "audit",
+    "backfill_step",
+    "chain_heads",
+    "export",
+    "export_chain",
+    "unchained_counters",
+    "void",
+]
 
 # The fields of each exported assignment, in order.
 EXPORT_FIELDS = (
@@ -38,6 +53,8 @@ EXPORT_FIELDS = (
     "assigned_at",
     "voided_at",
     "formatted",
+    "link",
+    "fingerprint",
 )
 
 # A report lists at most this many problems per sequence, then counts the rest.
@@ -61,6 +78,8 @@ class AuditReport:
     #: Voided assignments, for the auditor: "value (cycle c, key k): reason" (at most
     #: MAX_LISTED_PROBLEMS; ``voided`` counts them all).
     voids: list[str] = field(default_factory=list)
+    #: What the check of the counter's hash chain found, in a line.
+    chain: str = ""
 
     @property
     def ok(self) -> bool:
@@ -97,6 +116,8 @@ def describe(report: AuditReport) -> list[str]:
         f"{report.values} value(s) in {report.assignments} assignment(s), "
         f"{report.voided} voided"
     ]
+    if report.chain:
+        lines.append(f"  chain: {report.chain}")
     lines += [f"  - {problem}" for problem in report.problems]
     if report.unlisted_problems:
         lines.append(f"  - ... and {report.unlisted_problems} more")
@@ -161,7 +182,206 @@ def _audit_one(connection: Connection, seq: Any) -> AuditReport:
             f"counter disagrees with ledger: counter says last value {seq.last_value} in cycle "
             f"{seq.cycle}, ledger ends at {ledger_last} in cycle {cycle}"
         )
+    _audit_chain(connection, seq, report)
     return report
+
+
+# -- the hash chain ---------------------------------------------------------------------
+
+
+@dataclass
+class _Link:
+    """One record of a counter's chain as the database holds it."""
+
+    link: int
+    record: dict[str, Any]  # as numbering.chain encodes it
+    fingerprint: str | None  # as stored
+    row: Any = None  # the ledger row, for an assign record
+    problem: str | None = None  # a record that cannot even be read
+
+
+def _chain_records(connection: Connection, seq: Any) -> list[Any]:
+    return list(
+        connection.execute(
+            select(chain_records)
+            .where(chain_records.c.sequence_id == seq.id)
+            .order_by(chain_records.c.link)
+        ).all()
+    )
+
+
+def _walk_chain(connection: Connection, seq: Any) -> Iterator[_Link]:
+    """Counter ``seq``'s chain in link order: its ledger rows (as assign records, in the
+    state they were chained in) merged with its other records."""
+    others = _chain_records(connection, seq)
+    voided_later: dict[str, dict[str, Any]] = {}
+    parsed: list[_Link] = []
+    for other in others:
+        try:
+            found = json.loads(other.record)
+            if not isinstance(found, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            parsed.append(
+                _Link(other.link, {"kind": other.kind}, other.fingerprint, None, str(exc))
+            )
+            continue
+        parsed.append(_Link(other.link, found, other.fingerprint))
+        if found.get("kind") == "void" and isinstance(found.get("request_key"), str):
+            voided_later[found["request_key"]] = found
+    rows = connection.execution_options(yield_per=STREAM_CHUNK).execute(
+        select(ledger)
+        .where(ledger.c.sequence_id == seq.id, ledger.c.link.is_not(None))
+        .order_by(ledger.c.link)
+    )
+    pending = iter(parsed)
+    other = next(pending, None)
+    for row in rows:
+        data = row._mapping
+        while other is not None and other.link < data["link"]:
+            yield other
+            other = next(pending, None)
+        later = voided_later.get(data["request_key"])
+        try:
+            content = assign_record(data, data["link"], voided_later=later is not None)
+        except ChainProblem as exc:
+            yield _Link(data["link"], {"kind": "assign"}, data["fingerprint"], data, str(exc))
+            continue
+        yield _Link(data["link"], content, data["fingerprint"], data)
+    while other is not None:
+        yield other
+        other = next(pending, None)
+
+
+def _named(item: _Link) -> str:
+    if item.row is not None:
+        row = item.row
+        return (
+            f"link {item.link} (value {row['value']}, cycle {row['cycle']}, "
+            f"key {row['request_key']!r})"
+        )
+    return f"link {item.link} ({item.record.get('kind')} record)"
+
+
+def _audit_chain(connection: Connection, seq: Any, report: AuditReport) -> None:
+    """Check counter ``seq``'s hash chain: every record's fingerprint follows from its
+    content and the record before it, the links run 1, 2, 3, ... to the counter's head,
+    and every ledger row is in the chain (or awaits the back-fill its start announced)."""
+    unchained = connection.execute(
+        select(func.count(), func.max(ledger.c.cycle)).where(
+            ledger.c.sequence_id == seq.id, ledger.c.link.is_(None)
+        )
+    ).one()
+    waiting = int(unchained[0])
+    if not seq.chain_link:
+        chained = connection.execute(
+            select(func.count()).where(ledger.c.sequence_id == seq.id, ledger.c.link.is_not(None))
+        ).scalar_one()
+        if chained or _chain_records(connection, seq):
+            report.problem(
+                "the counter has no chain, yet records of one are in the database: its chain "
+                "head was cleared"
+            )
+        elif waiting and seq.chain_link is None:
+            report.chain = (
+                f"not started: {waiting} assignment(s) predate chains "
+                "(run `numbering chain backfill`)"
+            )
+        elif waiting:
+            report.problem(f"chain: {waiting} assignment(s) are not in the chain: added by hand")
+        return
+    head, expected, count, start = GENESIS, 1, 0, None
+    name = None
+    before = len(report.problems) + report.unlisted_problems
+    for item in _walk_chain(connection, seq):
+        count += 1
+        where = _named(item)
+        if item.problem is not None:
+            report.problem(f"chain: {where} cannot be read: {item.problem}")
+            head, expected = item.fingerprint or head, item.link + 1
+            continue
+        if item.link != expected:
+            report.problem(
+                f"chain: {where} comes after link {expected - 1}: "
+                + ("records are missing" if item.link > expected else "a link is used twice")
+            )
+        try:
+            computed = fingerprint(head, item.record)
+        except ChainProblem as exc:
+            computed = f"({exc})"
+        if item.record.get("link") != item.link or computed != item.fingerprint:
+            report.problem(
+                f"chain: {where} does not match its fingerprint: it was changed, or a record "
+                "before it was changed, inserted or removed"
+            )
+        kind = item.record.get("kind")
+        if kind == "start":
+            start = item.record
+            name = item.record.get("counter")
+        elif kind == "rename":
+            name = item.record.get("counter")
+        elif kind == "void" and item.row is None:
+            _check_void(connection, seq, item, report)
+        head, expected = item.fingerprint or computed, item.link + 1
+    if start is None:
+        report.problem("chain: it has no start record")
+    elif name != seq.name:
+        report.problem(f"chain: it names the counter {name!r}, not {seq.name!r}: renamed by hand")
+    if (expected - 1, head) != (seq.chain_link, seq.chain_head):
+        report.problem(
+            f"chain: the counter's head is link {seq.chain_link}, the chain ends at link "
+            f"{expected - 1} with another fingerprint: records were added or removed at its end"
+        )
+    earlier = start.get("earlier", 0) if start else 0
+    if waiting and start is not None:
+        # What awaits the back-fill was there when the chain started: no more rows than
+        # the start record counted, none past where the counter stood then.
+        stood = (start.get("cycle"), start.get("last_value"))
+        past = 0
+        if isinstance(stood[0], int) and isinstance(stood[1], int):
+            past = connection.execute(
+                select(func.count()).where(
+                    ledger.c.sequence_id == seq.id,
+                    ledger.c.link.is_(None),
+                    (ledger.c.cycle > stood[0])
+                    | ((ledger.c.cycle == stood[0]) & (ledger.c.value > stood[1])),
+                )
+            ).scalar_one()
+        if waiting > earlier or past or stood[1] is None:
+            report.problem(
+                f"chain: {waiting} assignment(s) are not in the chain, and the chain's start "
+                f"announced {earlier} earlier one(s) up to value {stood[1]}: added by hand"
+            )
+    broken = len(report.problems) + report.unlisted_problems > before
+    report.chain = (
+        f"{'BROKEN' if broken else 'ok'}, {count} record(s), head {seq.chain_head[:16]}..."
+    )
+    if waiting and earlier:
+        report.chain += (
+            f"; {waiting} of the {earlier} earlier assignment(s) await the back-fill "
+            "(run `numbering chain backfill`)"
+        )
+
+
+def _check_void(connection: Connection, seq: Any, item: _Link, report: AuditReport) -> None:
+    """A void record's row must be voided as the record says."""
+    record = item.record
+    row = connection.execute(
+        select(ledger.c.status, ledger.c.void_reason, ledger.c.voided_at, ledger.c.value).where(
+            ledger.c.sequence_id == seq.id, ledger.c.request_key == record.get("request_key")
+        )
+    ).one_or_none()
+    at = None if row is None or row.voided_at is None else format_time(as_utc(row.voided_at))
+    if row is None or (row.status, row.void_reason, at, row.value) != (
+        STATUS_VOIDED,
+        record.get("reason"),
+        record.get("at"),
+        record.get("value"),
+    ):
+        report.problem(
+            f"chain: link {item.link} voids key {record.get('request_key')!r}, and its ledger "
+            "row does not say so: changed after the void"
+        )
 
 
 def _check_cycle_end(report: AuditReport, seq: Any, cycle: int, expected: int) -> None:
@@ -185,15 +405,7 @@ def export(
     raises before the first row.
     """
     try:
-        if period is None:
-            found = _sequence_rows(connection, name)  # a periodic one: each period's counter
-        else:
-            from numbering.sequences import get_sequence
-
-            counter = get_sequence(connection, name, period)  # checks the period
-            query = select(sequences).where(sequences.c.name == counter.name)
-            found = list(connection.execute(query).all())  # none: the period is unused
-        for seq in found:
+        for seq in _counters(connection, name, period):
             yield from _export_one(connection, seq)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
@@ -220,7 +432,119 @@ def _export_one(connection: Connection, seq: Any) -> Iterator[dict[str, Any]]:
             "assigned_at": _iso(data["assigned_at"]),
             "voided_at": _iso(data["voided_at"]),
             "formatted": data["formatted"],
+            "link": data["link"],
+            "fingerprint": data["fingerprint"],
         }
+
+
+def export_chain(
+    connection: Connection, name: str, period: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the hash chain of sequence ``name`` (each period's, or ``period``'s), one
+    record after another in link order, each with its ``fingerprint``: what
+    ``numbering export --format chain`` writes and the standalone verifier reads."""
+    try:
+        for seq in _counters(connection, name, period):
+            if not seq.chain_link:
+                continue
+            for item in _walk_chain(connection, seq):
+                yield {**item.record, "link": item.link, "fingerprint": item.fingerprint}
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+
+
+def chain_heads(connection: Connection, name: str | None = None) -> list[dict[str, Any]]:
+    """The head of every counter's chain (or sequence ``name``'s counters'): counter,
+    last link, its fingerprint and the time read, to keep somewhere else."""
+    now = format_time(datetime.now(UTC))
+    try:
+        return [
+            {"counter": seq.name, "link": seq.chain_link, "fingerprint": seq.chain_head, "at": now}
+            for seq in _sequence_rows(connection, name)
+            if seq.chain_link
+        ]
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+
+
+@dataclass
+class Backfilled:
+    """What one step of the back-fill did to one counter."""
+
+    counter: str
+    chained: int  # rows chained by this step
+    left: int  # rows of the counter still unchained after it
+    started: bool  # this step started the counter's chain
+
+
+def unchained_counters(connection: Connection) -> list[str]:
+    """The counters whose numbers predate chains: their chain has not started, or rows
+    of theirs are still outside it."""
+    unchained = select(ledger.c.sequence_id).where(ledger.c.link.is_(None)).scalar_subquery()
+    query = (
+        select(sequences.c.name)
+        .where(sequences.c.chain_link.is_(None) | sequences.c.id.in_(unchained))
+        .order_by(sequences.c.name)
+    )
+    return list(connection.execute(query).scalars())
+
+
+def backfill_step(connection: Connection, counter: str, chunk: int) -> Backfilled:
+    """Chain up to ``chunk`` rows of ``counter`` written before chains, oldest value
+    first, in the caller's transaction and under the counter's lock; start its chain
+    first (with a start record that says how many rows were there before it)."""
+    from numbering.store import store_for
+
+    try:
+        seq = store_for(connection).lock_sequence(counter, nowait=False)
+        now = datetime.now(UTC)
+        started = not seq.chain_link
+        if started:
+            earlier = connection.execute(
+                select(func.count()).where(ledger.c.sequence_id == seq.id)
+            ).scalar_one()
+            chain = ChainWriter(seq.id, 0, GENESIS)
+            chain.start(seq, now, earlier=int(earlier))
+        else:
+            chain = ChainWriter(seq.id, int(seq.chain_link), str(seq.chain_head))
+        rows = connection.execute(
+            select(ledger)
+            .where(ledger.c.sequence_id == seq.id, ledger.c.link.is_(None))
+            .order_by(ledger.c.cycle, ledger.c.value)
+            .limit(chunk)
+        ).all()
+        chained = []
+        for found in rows:
+            row = dict(found._mapping)
+            chain.chain_row(row)
+            chained.append(
+                {"row_id": row["id"], "row_link": row["link"], "row_fp": row["fingerprint"]}
+            )
+        if chained:
+            connection.execute(
+                update(ledger)
+                .where(ledger.c.id == bindparam("row_id"))
+                .values(link=bindparam("row_link"), fingerprint=bindparam("row_fp")),
+                chained,
+            )
+        append_records(connection, chain)
+        left = connection.execute(
+            select(func.count()).where(ledger.c.sequence_id == seq.id, ledger.c.link.is_(None))
+        ).scalar_one()
+    except DBAPIError as exc:
+        raise translate_error(exc) from exc
+    return Backfilled(counter, len(chained), int(left), started)
+
+
+def _counters(connection: Connection, name: str, period: str | None) -> list[Any]:
+    """Sequence ``name``'s counters (each period's), or only ``period``'s."""
+    if period is None:
+        return _sequence_rows(connection, name)
+    from numbering.sequences import get_sequence
+
+    counter = get_sequence(connection, name, period)  # checks the period
+    query = select(sequences).where(sequences.c.name == counter.name)
+    return list(connection.execute(query).all())  # none: the period is unused
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -302,9 +626,22 @@ def void(
             .where(ledger.c.id == row.id)
             .values(status=STATUS_VOIDED, void_reason=reason, voided_at=now)
         )
+        if row.link is not None:  # a row awaiting the back-fill is chained voided
+            _chain_void(connection, row, reason, now)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
     return Voided(name, row.request_key, row.value, row.block_count, row.cycle, reason, now)
+
+
+def _chain_void(connection: Connection, row: Any, reason: str, now: datetime) -> None:
+    """Append the void of ``row`` to its counter's chain, under the counter's lock."""
+    chain = locked_chain(connection, row.sequence_id)
+    if chain is None:  # the row is chained, so its counter's chain has started
+        raise AssertionError(f"ledger row {row.id} is chained, its counter is not")
+    chain.append(
+        "void", request_key=row.request_key, cycle=row.cycle, value=row.value, at=now, reason=reason
+    )
+    append_records(connection, chain)
 
 
 def _find_assignment(
@@ -324,6 +661,8 @@ def _find_assignment(
         ledger.c.cycle,
         ledger.c.status,
         ledger.c.void_reason,
+        ledger.c.sequence_id,
+        ledger.c.link,
     )
     if not ids:
         return None

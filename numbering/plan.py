@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, NamedTuple, Protocol
 
+from numbering.chaining import open_chain
 from numbering.errors import (
     InvalidCountError,
     KeyReusedError,
@@ -215,6 +216,10 @@ class CounterUpdate(NamedTuple):
     counter_id: int
     last_value: int | None
     cycle: int
+    #: Its hash chain's last link and fingerprint (None: the counter's numbers predate
+    #: chains and are not back-filled yet).
+    chain_link: int | None = None
+    chain_head: str | None = None
 
 
 class Counter(Protocol):
@@ -229,6 +234,8 @@ class Counter(Protocol):
     last_value: int | None
     cycle: int
     frozen: bool
+    chain_link: int | None
+    chain_head: str | None
 
 
 class SequenceRow(Counter, Protocol):
@@ -303,6 +310,8 @@ class Planned:
     outcomes: list[Outcome]
     rows: list[dict[str, Any]]
     updates: list[CounterUpdate]
+    #: Records for ``numbering_chain`` (a counter's first assignment starts its chain).
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def assign_groups(
@@ -318,6 +327,7 @@ def assign_groups(
     outcomes = dict(done.outcomes)
     rows: list[dict[str, Any]] = []
     updates: list[CounterUpdate] = []
+    records: list[dict[str, Any]] = []
     for key in sorted(done.groups, key=lambda k: k or ""):
         counter: Counter = seq if key is None else counters[key]
         group = done.groups[key]
@@ -327,6 +337,8 @@ def assign_groups(
             continue
         last: int | None = counter.last_value
         cycle: int = counter.cycle
+        chain = open_chain(counter, now)
+        written = len(rows)
         for index, request, day in group:
             try:
                 first, cycle = next_block(counter.name, counter, last, cycle, request.count)
@@ -349,10 +361,19 @@ def assign_groups(
                     "status": ASSIGNED,
                     "assigned_at": now,
                     "formatted": formatted,
+                    "link": None,
+                    "fingerprint": None,
                 }
             )
-        if last != counter.last_value or cycle != counter.cycle:
+        if len(rows) == written:
+            continue  # nothing assigned from this counter: its chain stays as it was
+        if chain is None:
             updates.append(CounterUpdate(counter.id, last, cycle))
+            continue
+        for row in rows[written:]:
+            chain.chain_row(row)
+        records += chain.records
+        updates.append(CounterUpdate(counter.id, last, cycle, chain.link, chain.head))
     for index, original in done.copies.items():
         outcome = outcomes[original]
         if isinstance(outcome, Assignment):
@@ -362,4 +383,4 @@ def assign_groups(
             )  # fmt: skip
             outcome = resend(name, seq, requests[index], known)
         outcomes[index] = outcome
-    return Planned([outcomes[index] for index in range(len(requests))], rows, updates)
+    return Planned([outcomes[index] for index in range(len(requests))], rows, updates, records)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -34,10 +35,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.postgresql import JSONB
 
+from numbering.chain import GENESIS
 from numbering.validation import MAX_KEY_LENGTH, MAX_NAME_LENGTH
 
 __all__ = [
     "as_utc",
+    "CHAIN_LINK_CONSTRAINT",
+    "LEDGER_LINK_CONSTRAINT",
+    "chain_records",
     "LEDGER_KEY_CONSTRAINT",
     "LEDGER_VALUE_CONSTRAINT",
     "SEQUENCE_NAME_CONSTRAINT",
@@ -55,6 +60,8 @@ STATUS_VOIDED = "voided"
 SEQUENCE_NAME_CONSTRAINT = "uq_numbering_sequence_name"
 LEDGER_KEY_CONSTRAINT = "uq_numbering_ledger_request_key"
 LEDGER_VALUE_CONSTRAINT = "uq_numbering_ledger_value"
+LEDGER_LINK_CONSTRAINT = "uq_numbering_ledger_link"
+CHAIN_LINK_CONSTRAINT = "uq_numbering_chain_link"
 
 _ID = BigInteger().with_variant(Integer, "sqlite")
 # MySQL's DATETIME keeps whole seconds unless told otherwise.
@@ -103,6 +110,11 @@ sequences = Table(
     # A period's counter points at its sequence and names its period ("2026", "2026-03").
     Column("parent_id", _ID, nullable=True, index=True),
     Column("period_key", String(16), nullable=True),
+    # The counter's hash chain (numbering.chain): its last link and that record's
+    # fingerprint; 0 and 64 zeros until its first number starts it. NULL for a counter
+    # whose numbers predate chains, until ``numbering chain backfill`` starts its chain.
+    Column("chain_link", BigInteger, nullable=True, server_default="0"),
+    Column("chain_head", String(64), nullable=True, server_default=GENESIS),
     UniqueConstraint("name", name=SEQUENCE_NAME_CONSTRAINT),
     CheckConstraint("period IS NULL OR period IN ('year', 'month', 'day')", name="period_known"),
     CheckConstraint(
@@ -136,12 +148,41 @@ ledger = Table(
     Column("voided_at", _TIME, nullable=True),
     # The first value as displayed, in the sequence's format (NULL without a format).
     Column("formatted", String(255), nullable=True),
+    # The row's place in its counter's hash chain and its fingerprint (numbering.chain);
+    # NULL for a row written before chains, until the back-fill chains it.
+    Column("link", BigInteger, nullable=True),
+    Column("fingerprint", String(64), nullable=True),
     # A request key names one request across all sequences: reusing it elsewhere is refused
     # by the database itself, not only by a look-up that a race could slip past.
     UniqueConstraint("request_key", name=LEDGER_KEY_CONSTRAINT),
     UniqueConstraint("sequence_id", "cycle", "value", name=LEDGER_VALUE_CONSTRAINT),
     CheckConstraint("count >= 1", name="count_positive"),
     CheckConstraint("status IN ('assigned', 'voided')", name="status_known"),
+    # An index, not a constraint: SQLite can add one to a table that has rows.
+    Index(LEDGER_LINK_CONSTRAINT, "sequence_id", "link", unique=True),
+    **_INNODB,
+)
+
+#: The records of a counter's hash chain that are not ledger rows: the start of the
+#: chain, voids, renames and changes of bounds (numbering.chain). Append-only, like the
+#: ledger.
+chain_records = Table(
+    "numbering_chain",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column(
+        "sequence_id",
+        _ID,
+        ForeignKey("numbering_sequence.id", ondelete="RESTRICT"),
+        nullable=False,
+    ),
+    Column("link", BigInteger, nullable=False),
+    Column("kind", String(8), nullable=False),
+    # The record itself, as numbering.chain.canonical wrote it.
+    Column("record", Text, nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    UniqueConstraint("sequence_id", "link", name=CHAIN_LINK_CONSTRAINT),
+    CheckConstraint("kind IN ('start', 'void', 'rename', 'bounds')", name="kind_known"),
     **_INNODB,
 )
 

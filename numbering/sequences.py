@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from numbering.assignment import Bind
 from numbering.backends import backend_for
+from numbering.chaining import append_records, locked_chain, open_chain
 from numbering.database import translate_error
 from numbering.errors import (
     InvalidPolicyError,
@@ -222,7 +223,20 @@ def create_sequence(
         if existing is None:  # pragma: no cover - only if the creator's row vanished
             raise SequenceExistsError(name)
         return _existing(existing, initial, reset, maximum, exist_ok, policy)
+    if period is None:  # a periodic sequence's counters are its periods'
+        _start_chain(bind, name, now)
     return SequenceInfo(name, initial, reset, maximum, None, 0, now, now, format, period, timezone)
+
+
+def _start_chain(bind: Bind, name: str, now: datetime) -> None:
+    """Start the hash chain of the counter this transaction has just created: the chain
+    begins with the sequence (and its numbers take the one-step path from the first)."""
+    from numbering.store import store_for
+
+    row = store_for(bind).lock_sequence(name, nowait=False)
+    chain = open_chain(row, now)  # link 0: starts it
+    if chain is not None:
+        append_records(bind.connection() if isinstance(bind, Session) else bind, chain)
 
 
 def _existing(
@@ -403,15 +417,19 @@ def archive_sequence(bind: Bind, name: str) -> str | None:
         children = bind.execute(
             select(sequences.c.id, sequences.c.name).where(sequences.c.parent_id == seq.id)
         ).all()
-        for child in children:
+        renamed = {child.id: archived + child.name[len(name) :] for child in children}
+        renamed[seq.id] = archived
+        connection = bind.connection() if isinstance(bind, Session) else bind
+        for counter_id, new_name in renamed.items():
             bind.execute(
                 update(sequences)
-                .where(sequences.c.id == child.id)
-                .values(name=archived + child.name[len(name) :], updated_at=now)
+                .where(sequences.c.id == counter_id)
+                .values(name=new_name, updated_at=now)
             )
-        bind.execute(
-            update(sequences).where(sequences.c.id == seq.id).values(name=archived, updated_at=now)
-        )
+            chain = locked_chain(connection, counter_id)
+            if chain is not None:  # the chain says when its counter's name changed
+                chain.append("rename", counter=new_name, at=now)
+                append_records(connection, chain)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
     return archived

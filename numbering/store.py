@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
+from numbering.chaining import chain_parts
 from numbering.errors import SequenceNotFoundError
 from numbering.plan import CounterUpdate, Prior, Request
 from numbering.policies import period_name
-from numbering.schema import ledger, sequences
+from numbering.schema import chain_records, ledger, sequences
 
 if TYPE_CHECKING:
     from numbering.backends.base import Backend
@@ -145,15 +146,28 @@ class CoreStore:
         self.bind.execute(self.backend.insert_if_absent(sequences, values))
 
     def write(
-        self, updates: Sequence[CounterUpdate], rows: Sequence[dict[str, Any]], now: datetime
+        self,
+        updates: Sequence[CounterUpdate],
+        rows: Sequence[dict[str, Any]],
+        now: datetime,
+        records: Sequence[dict[str, Any]] = (),
     ) -> None:
-        """Save the counters' new state and append ``rows`` to the ledger."""
-        for counter_id, last, cycle in updates:
+        """Save the counters' new state, append ``rows`` to the ledger and ``records``
+        to the chains' own table (their starts, voids and renames)."""
+        for counter_id, last, cycle, chain_link, chain_head in updates:
             self.bind.execute(
                 update(sequences)
                 .where(sequences.c.id == counter_id)
-                .values(last_value=last, cycle=cycle, updated_at=now)
+                .values(
+                    last_value=last,
+                    cycle=cycle,
+                    updated_at=now,
+                    chain_link=chain_link,
+                    chain_head=chain_head,
+                )
             )
+        if records:
+            self.bind.execute(insert(chain_records), list(records))
         if rows:
             self.bind.execute(insert(ledger), list(rows))
 
@@ -170,6 +184,7 @@ def plain_params(name: str, request: Request, now: datetime, *, json_text: bool)
         "key": request.key,
         "reference": reference,
         "now": now,
+        **chain_parts(request, now),
     }
 
 

@@ -1,16 +1,21 @@
 """The gapless invariant, checked from the raw tables with plain SQL.
 
 Deliberately independent of numbering's own audit code: a bug there must not be able to
-hide a bug in allocation.
+hide a bug in allocation. The hash chain is checked with numbering.chain, the standalone
+verifier auditors run, fed from the raw rows.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
+from datetime import datetime, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+from numbering import chain
 
 
 def check_gapless(
@@ -62,6 +67,7 @@ def check_gapless(
     assert not missing, f"gaps (cycle, value): {missing[:10]} ({len(missing)} in all)"
     assert not extra, f"values beyond the counter (cycle, value): {extra[:10]}"
 
+    check_chain(engine, name)
     if keys is not None:
         wanted = set(keys)
         assert set(by_key) == wanted, (
@@ -69,3 +75,84 @@ def check_gapless(
             f"unexpected {sorted(set(by_key) - wanted)[:10]}"
         )
     return by_key
+
+
+def _time(value: object) -> str | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(moment, datetime)
+    return chain.format_time(moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc))
+
+
+def check_chain(engine: Engine, name: str) -> int:
+    """Assert that counter ``name``'s hash chain holds every ledger row and verifies (with
+    numbering.chain's verifier, the auditor's, fed from the raw tables); return its
+    length (0: a counter that never gave a number, whose chain has not started)."""
+    with engine.connect() as conn:
+        seq = conn.execute(
+            sa.text(
+                "SELECT id, last_value, chain_link, chain_head FROM numbering_sequence "
+                "WHERE name = :name"
+            ),
+            {"name": name},
+        ).one()
+        count = conn.dialect.identifier_preparer.quote_identifier("count")
+        rows = conn.execute(
+            sa.text(
+                f"SELECT link, fingerprint, cycle, value, {count}, request_key, reference, "
+                "formatted, assigned_at, status, void_reason, voided_at FROM numbering_ledger "
+                "WHERE sequence_id = :id"
+            ),
+            {"id": seq.id},
+        ).all()
+        others = conn.execute(
+            sa.text(
+                "SELECT link, record, fingerprint FROM numbering_chain WHERE sequence_id = :id"
+            ),
+            {"id": seq.id},
+        ).all()
+        parsed_json = conn.dialect.name == "postgresql"  # jsonb comes back parsed
+    assert seq.chain_link is not None, f"counter {name} has no chain: it predates chains"
+    if seq.chain_link == 0:
+        assert rows == [], f"counter {name}'s chain has not started, yet it has rows"
+        assert others == [], f"counter {name}'s chain has not started, yet it has records"
+        return 0
+    unchained = [row.request_key for row in rows if row.link is None]
+    assert not unchained, f"rows outside the chain: {unchained[:10]}"
+    entries: dict[int, dict[str, object]] = {}
+    voided_later = set()
+    for other in others:
+        entry = json.loads(other.record)
+        entries[other.link] = {**entry, "fingerprint": other.fingerprint}
+        if entry["kind"] == "void":
+            voided_later.add(entry["request_key"])
+    for row in rows:
+        reference = row.reference
+        if isinstance(reference, str) and not parsed_json:
+            reference = json.loads(reference)
+        later = row.request_key in voided_later
+        entries[row.link] = {
+            **chain.record(
+                "assign",
+                row.link,
+                cycle=row.cycle,
+                value=row.value,
+                count=row[4],
+                request_key=row.request_key,
+                reference=reference,
+                formatted=row.formatted,
+                at=_time(row.assigned_at),
+                status="assigned" if later else row.status,
+                void_reason=None if later else row.void_reason,
+                voided_at=None if later else _time(row.voided_at),
+            ),
+            "fingerprint": row.fingerprint,
+        }
+    assert sorted(entries) == list(range(1, len(entries) + 1)), "links are not 1, 2, 3, ..."
+    [report] = chain.verify((link, entries[link]) for link in sorted(entries))
+    assert report.ok, f"chain of {name}: {report.problems[:5]}"
+    assert (report.links, report.head) == (seq.chain_link, seq.chain_head), (
+        f"counter {name}'s head is not its chain's last record"
+    )
+    return report.links

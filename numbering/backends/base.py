@@ -108,6 +108,44 @@ class Durability:
     facts: list[str] = field(default_factory=list)
 
 
+# The ledger's columns that nothing may change once a row is written.
+_KEPT = (
+    "id", "sequence_id", "cycle", "value", "count", "request_key", "assigned_at", "reference",
+    "formatted",
+)  # fmt: skip
+
+
+def only_a_void(same: str) -> str:
+    """The one UPDATE of a ledger row revision 0002 allows (``same``: the engine's
+    null-safe equality): assigned -> voided with a reason and a time, nothing else."""
+    kept = " AND ".join(f"NEW.{column} {same} OLD.{column}" for column in _KEPT)
+    return (
+        "OLD.status = 'assigned' AND NEW.status = 'voided' AND NEW.void_reason IS NOT NULL "
+        f"AND NEW.voided_at IS NOT NULL AND {kept}"
+    )
+
+
+def only_a_void_or_chaining(same: str) -> str:
+    """Revision 0004's: :func:`only_a_void` (keeping the row's place in the chain), or
+    chaining a row written before chains, once (its link and fingerprint set, nothing
+    else changed)."""
+    kept = " AND ".join(f"NEW.{column} {same} OLD.{column}" for column in _KEPT)
+    void = (
+        f"{only_a_void(same)} AND NEW.link {same} OLD.link "
+        f"AND NEW.fingerprint {same} OLD.fingerprint"
+    )
+    chaining = (
+        "OLD.link IS NULL AND OLD.fingerprint IS NULL AND NEW.link IS NOT NULL "
+        f"AND NEW.fingerprint IS NOT NULL AND {kept} AND NEW.status {same} OLD.status "
+        f"AND NEW.void_reason {same} OLD.void_reason AND NEW.voided_at {same} OLD.voided_at"
+    )
+    return f"({void}) OR ({chaining})"
+
+
+#: What the chain table's triggers say to an UPDATE or a DELETE.
+CHAIN_APPEND_ONLY = "numbering_chain is append-only: its records are never deleted or changed"
+
+
 def driver_error(dialect: sa.Dialect, exc: Exception) -> sa.exc.DBAPIError:
     """``exc``, a driver's own error raised outside SQLAlchemy's statement handling (for
     example while a checked-out connection is being set up), wrapped as SQLAlchemy wraps
@@ -342,13 +380,15 @@ class Backend:
     def migration_unlock(self, connection: Connection) -> None:
         """Release what :meth:`migration_lock` took, where the transaction's end does not."""
 
-    def ledger_triggers(self) -> list[str]:
-        """DDL that makes the ledger append-only, as revision 0002 creates it. Changing it
-        takes a new revision: a revision's DDL never changes once released."""
+    def ledger_triggers(self, chain: bool = False) -> list[str]:
+        """DDL that makes the ledger append-only, as revision 0002 creates it, or with
+        ``chain`` as revision 0004 does (a row may also be chained once, and the chain's
+        own table takes no UPDATE or DELETE at all). Changing it takes a new revision: a
+        revision's DDL never changes once released."""
         raise NotImplementedError(f"{self.label}: ledger_triggers")
 
-    def drop_ledger_triggers(self) -> list[str]:
-        """DDL that undoes :meth:`ledger_triggers` (revision 0002's downgrade)."""
+    def drop_ledger_triggers(self, chain: bool = False) -> list[str]:
+        """DDL that undoes :meth:`ledger_triggers` (revision 0002's or 0004's downgrade)."""
         raise NotImplementedError(f"{self.label}: drop_ledger_triggers")
 
     def constraint_names(self, connection: Connection, table: str) -> set[str]:

@@ -34,12 +34,14 @@ from sqlalchemy.sql import Executable
 
 from numbering import errors
 from numbering.backends.base import (
+    CHAIN_APPEND_ONLY,
     Backend,
     Durability,
     SessionLock,
     SessionOptions,
     connected,
     driver_error,
+    only_a_void_or_chaining,
 )
 from numbering.plan import Request
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT
@@ -172,27 +174,40 @@ def _errno(orig: BaseException | None) -> int | None:
 # index reads the one row.
 _FIRST = "COALESCE(last_value + 1, initial_value)"
 _WRAPS = f"reset_value IS NOT NULL AND {_FIRST} >= reset_value"
-# Whether the counter is plain and has room for the block (see the comment above).
+# Whether the counter is plain and has room for the block (see the comment above; a
+# counter whose chain has not started, link 0, is not: its first number starts it).
 _PLAIN = """\
-CASE WHEN parent_id IS NOT NULL OR period IS NOT NULL OR format IS NOT NULL OR frozen THEN 0
+CASE WHEN parent_id IS NOT NULL OR period IS NOT NULL OR format IS NOT NULL OR frozen
+          OR chain_link = 0 THEN 0
      WHEN reset_value IS NULL
      THEN COALESCE(CAST(last_value AS DECIMAL(20)), CAST(initial_value AS DECIMAL(20)) - 1)
           + %(count)s <= COALESCE(max_value, 9223372036854775807)
      ELSE %(count)s = 1 END"""
+# The row's chain, as on PostgreSQL: the counter's new head is the SHA-256 of its old
+# head and the row's assign record, sent in pieces around the cycle, link and value
+# (numbering.chaining.chain_parts); computed from the counter's old values, so the chain
+# columns come first in the UPDATE (its assignments run left to right).
+_CHAIN_HEAD = f"""\
+SHA2(CONCAT(chain_head, CHAR(10 USING utf8mb4), %(chain_before_cycle)s,
+            CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END, %(chain_before_link)s,
+            chain_link + 1, %(chain_before_value)s,
+            CASE WHEN {_WRAPS} THEN initial_value ELSE {_FIRST} END, %(chain_end)s), 256)"""
 _TAKE_PLAIN_UPDATE = f"""\
 UPDATE numbering_sequence
-   SET cycle = (@numbering_cycle := CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END),
+   SET chain_head = (@numbering_head := {_CHAIN_HEAD}),
+       chain_link = (@numbering_link := chain_link + 1),
+       cycle = (@numbering_cycle := CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END),
        last_value = (@numbering_last := CASE WHEN {_WRAPS} THEN initial_value
                                              ELSE {_FIRST} + (:count - 1) END),
        updated_at = :now
  WHERE name = :name
-   AND {_PLAIN.replace("%(count)s", ":count")}"""
+   AND {_PLAIN}""".replace("%(", ":").replace(")s", "")
 _TAKE_PLAIN_INSERT = """\
 INSERT INTO numbering_ledger
        (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
-        formatted)
+        formatted, link, fingerprint)
 SELECT id, @numbering_cycle, @numbering_last - :count + 1, :count, :key, :reference,
-       'assigned', :now, NULL
+       'assigned', :now, NULL, @numbering_link, @numbering_head
   FROM numbering_sequence WHERE name = :name"""
 _NOW = sa.bindparam("now", type_=mysql.DATETIME(fsp=6))
 _REFERENCE = sa.bindparam("reference", type_=sa.JSON())
@@ -218,10 +233,11 @@ _TAKE_PLAIN_MYSQL: list[Executable] = [
 _TAKE_PLAIN_ONE_TRIP = f"""\
 INSERT INTO numbering_ledger
        (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
-        formatted)
+        formatted, link, fingerprint)
 SELECT id, (@numbering_cycle := CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END),
        CASE WHEN {_WRAPS} THEN initial_value ELSE {_FIRST} END,
-       %(count)s, (@numbering_key := %(key)s), %(reference)s, 'assigned', %(now)s, NULL
+       %(count)s, (@numbering_key := %(key)s), %(reference)s, 'assigned', %(now)s, NULL,
+       (@numbering_link := chain_link + 1), (@numbering_head := {_CHAIN_HEAD})
   FROM numbering_sequence
  WHERE name = %(name)s
    AND {_PLAIN}
@@ -230,7 +246,7 @@ RETURNING value, cycle;
 UPDATE numbering_sequence
    SET cycle = @numbering_cycle,
        last_value = CASE WHEN {_WRAPS} THEN initial_value ELSE {_FIRST} + (%(count)s - 1) END,
-       updated_at = %(now)s
+       updated_at = %(now)s, chain_link = @numbering_link, chain_head = @numbering_head
  WHERE name = %(name)s AND @numbering_key = %(key)s"""
 
 
@@ -377,20 +393,35 @@ class MySQL(Backend):
         insert = mysql_insert(table).values(dict(values))
         return insert.on_duplicate_key_update({column: table.c[column]})
 
-    def ledger_triggers(self) -> list[str]:
-        return [
+    def ledger_triggers(self, chain: bool = False) -> list[str]:
+        allowed = only_a_void_or_chaining("<=>") if chain else _ONLY_A_VOID
+        ddl = [
             "CREATE TRIGGER numbering_ledger_no_delete BEFORE DELETE ON numbering_ledger "
             f"FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{APPEND_ONLY}'",
             "CREATE TRIGGER numbering_ledger_only_void BEFORE UPDATE ON numbering_ledger "
-            f"FOR EACH ROW BEGIN IF NOT ({_ONLY_A_VOID}) THEN "
+            f"FOR EACH ROW BEGIN IF NOT ({allowed}) THEN "
             f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{APPEND_ONLY}'; END IF; END",
         ]
+        if chain:
+            ddl += [
+                "CREATE TRIGGER numbering_chain_no_delete BEFORE DELETE ON numbering_chain "
+                f"FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{CHAIN_APPEND_ONLY}'",
+                "CREATE TRIGGER numbering_chain_no_update BEFORE UPDATE ON numbering_chain "
+                f"FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{CHAIN_APPEND_ONLY}'",
+            ]
+        return ddl
 
-    def drop_ledger_triggers(self) -> list[str]:
-        return [
+    def drop_ledger_triggers(self, chain: bool = False) -> list[str]:
+        ddl = [
             "DROP TRIGGER numbering_ledger_only_void",
             "DROP TRIGGER numbering_ledger_no_delete",
         ]
+        if chain:
+            ddl += [
+                "DROP TRIGGER numbering_chain_no_update",
+                "DROP TRIGGER numbering_chain_no_delete",
+            ]
+        return ddl
 
     def write_chunk(
         self,

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
 from numbering.backends.base import (
+    CHAIN_APPEND_ONLY,
     Backend,
     ChunkIds,
     Durability,
@@ -32,6 +33,7 @@ from numbering.backends.base import (
     SessionLock,
     SessionOptions,
     connected,
+    only_a_void_or_chaining,
 )
 from numbering.errors import (
     ConnectionLost,
@@ -197,28 +199,41 @@ _WRAPS = f"reset_value IS NOT NULL AND {_FIRST} >= reset_value"
 #: (django-sequences' upsert holds its lock as briefly). A counter that is not plain is
 #: not updated and nothing is inserted. The block's bounds are compared in numeric, so
 #: that a counter at the end of bigint's range is refused by the general path, with
-#: numbering's error, not by an overflow. pyformat (psycopg2's style).
+#: numbering's error, not by an overflow. The row is chained in the same UPDATE: the
+#: counter's new head is the SHA-256 of its old head and the row's assign record
+#: (numbering.chain), whose text the client sends in pieces around the values only the
+#: UPDATE knows (``numbering.chaining.chain_parts``). A counter whose numbers predate
+#: chains (NULL head) gets an unchained row, as on the general path; a counter's first
+#: number (link 0: it starts the chain) takes the general path. pyformat (psycopg2's
+#: style).
 TAKE_PLAIN = f"""\
 WITH counter AS (
   UPDATE numbering_sequence
      SET cycle = CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END,
          last_value = CASE WHEN {_WRAPS} THEN initial_value
                            ELSE {_FIRST} + (%(count)s - 1) END,
-         updated_at = %(now)s
+         updated_at = %(now)s,
+         chain_link = chain_link + 1,
+         chain_head = encode(sha256(convert_to(
+             chain_head || chr(10) || %(chain_before_cycle)s
+             || (CASE WHEN {_WRAPS} THEN cycle + 1 ELSE cycle END)::text
+             || %(chain_before_link)s || (chain_link + 1)::text || %(chain_before_value)s
+             || (CASE WHEN {_WRAPS} THEN initial_value ELSE {_FIRST} END)::text
+             || %(chain_end)s, 'UTF8')), 'hex')
    WHERE name = %(name)s AND parent_id IS NULL AND period IS NULL AND format IS NULL
-     AND NOT frozen
+     AND NOT frozen AND coalesce(chain_link, 1) > 0
      AND CASE WHEN reset_value IS NULL
               THEN coalesce(last_value::numeric, initial_value::numeric - 1) + %(count)s
                    <= coalesce(max_value, 9223372036854775807)
               ELSE %(count)s = 1 END
-  RETURNING id, cycle, last_value
+  RETURNING id, cycle, last_value, chain_link, chain_head
 )
 INSERT INTO numbering_ledger
        (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
-        formatted)
+        formatted, link, fingerprint)
 SELECT id, cycle, last_value - %(count)s + 1, CAST(%(count)s AS bigint),
        CAST(%(key)s AS text), CAST(%(reference)s AS jsonb), 'assigned',
-       CAST(%(now)s AS timestamptz), NULL
+       CAST(%(now)s AS timestamptz), NULL, chain_link, chain_head
   FROM counter
 RETURNING value, cycle"""
 
@@ -489,12 +504,13 @@ class PostgreSQL(Backend):
             sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
         )
 
-    def ledger_triggers(self) -> list[str]:
-        return [
+    def ledger_triggers(self, chain: bool = False) -> list[str]:
+        allowed = only_a_void_or_chaining("IS NOT DISTINCT FROM") if chain else _ONLY_A_VOID
+        ddl = [
             f"""
     CREATE FUNCTION numbering_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-        IF TG_OP = 'UPDATE' AND {_ONLY_A_VOID} THEN
+        IF TG_OP = 'UPDATE' AND {allowed} THEN
             RETURN NEW;
         END IF;
         RAISE EXCEPTION '{APPEND_ONLY}' USING ERRCODE = '55000';
@@ -505,13 +521,34 @@ class PostgreSQL(Backend):
             "CREATE TRIGGER numbering_ledger_no_truncate BEFORE TRUNCATE ON numbering_ledger "
             "FOR EACH STATEMENT EXECUTE FUNCTION numbering_ledger_append_only()",
         ]
+        if chain:
+            ddl += [
+                f"""
+    CREATE FUNCTION numbering_chain_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION '{CHAIN_APPEND_ONLY}' USING ERRCODE = '55000';
+    END $$
+    """,
+                "CREATE TRIGGER numbering_chain_append_only BEFORE UPDATE OR DELETE ON "
+                "numbering_chain FOR EACH ROW EXECUTE FUNCTION numbering_chain_append_only()",
+                "CREATE TRIGGER numbering_chain_no_truncate BEFORE TRUNCATE ON numbering_chain "
+                "FOR EACH STATEMENT EXECUTE FUNCTION numbering_chain_append_only()",
+            ]
+        return ddl
 
-    def drop_ledger_triggers(self) -> list[str]:
-        return [
+    def drop_ledger_triggers(self, chain: bool = False) -> list[str]:
+        ddl = [
             "DROP TRIGGER numbering_ledger_no_truncate ON numbering_ledger",
             "DROP TRIGGER numbering_ledger_append_only ON numbering_ledger",
             "DROP FUNCTION numbering_ledger_append_only()",
         ]
+        if chain:
+            ddl += [
+                "DROP TRIGGER numbering_chain_no_truncate ON numbering_chain",
+                "DROP TRIGGER numbering_chain_append_only ON numbering_chain",
+                "DROP FUNCTION numbering_chain_append_only()",
+            ]
+        return ddl
 
     def constraint_names(self, connection: Connection, table: str) -> set[str]:
         return set(

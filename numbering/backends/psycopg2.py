@@ -70,7 +70,8 @@ SELECT s.*, CASE WHEN row_number() OVER () = 1 THEN (
 
 _UPDATE_COUNTER = (
     "UPDATE numbering_sequence SET last_value = %(counter_last)s, "
-    "cycle = %(counter_cycle)s, updated_at = %(now)s WHERE id = %(counter_id)s;"
+    "cycle = %(counter_cycle)s, updated_at = %(now)s, chain_link = %(counter_link)s, "
+    "chain_head = %(counter_head)s WHERE id = %(counter_id)s;"
 )
 
 # The counters of several sequences in one statement: a transaction over 12 sequences
@@ -79,24 +80,39 @@ _UPDATE_COUNTER = (
 # which is cheaper to plan than the join.
 _UPDATE_COUNTERS = """\
 UPDATE numbering_sequence s
-   SET last_value = c.last_value, cycle = c.cycle, updated_at = %(now)s
+   SET last_value = c.last_value, cycle = c.cycle, updated_at = %(now)s,
+       chain_link = c.chain_link, chain_head = c.chain_head
   FROM unnest(%(counter_ids)s::bigint[], %(counter_lasts)s::bigint[],
-              %(counter_cycles)s::bigint[])
-       AS c(id, last_value, cycle)
+              %(counter_cycles)s::bigint[], %(counter_links)s::bigint[],
+              %(counter_heads)s::text[])
+       AS c(id, last_value, cycle, chain_link, chain_head)
  WHERE s.id = c.id;"""
 
 # One INSERT for any number of ledger rows: one array per column.
 _INSERT_LEDGER = """\
 INSERT INTO numbering_ledger
        (sequence_id, cycle, value, count, request_key, reference, status, assigned_at,
-        formatted)
-SELECT sequence_id, cycle, value, count, request_key, reference, status, %(now)s, formatted
+        formatted, link, fingerprint)
+SELECT sequence_id, cycle, value, count, request_key, reference, status, %(now)s, formatted,
+       link, fingerprint
   FROM unnest(%(sequence_id)s::bigint[], %(cycle)s::bigint[], %(value)s::bigint[],
               %(count)s::bigint[], %(request_key)s::text[], %(reference)s::jsonb[],
-              %(status)s::text[], %(formatted)s::text[])
-       AS r(sequence_id, cycle, value, count, request_key, reference, status, formatted)"""
+              %(status)s::text[], %(formatted)s::text[], %(link)s::bigint[],
+              %(fingerprint)s::text[])
+       AS r(sequence_id, cycle, value, count, request_key, reference, status, formatted,
+            link, fingerprint)"""
 
-_LEDGER_ARRAYS = ("sequence_id", "cycle", "value", "count", "request_key", "status", "formatted")
+_LEDGER_ARRAYS = (
+    "sequence_id", "cycle", "value", "count", "request_key", "status", "formatted", "link",
+    "fingerprint",
+)  # fmt: skip
+
+# A chain's records besides the ledger rows (its start, voids, renames).
+_INSERT_CHAIN = """\
+INSERT INTO numbering_chain (sequence_id, link, kind, record, fingerprint)
+SELECT * FROM unnest(%(chain_counters)s::bigint[], %(chain_links)s::bigint[],
+                     %(chain_kinds)s::text[], %(chain_records)s::text[],
+                     %(chain_fingerprints)s::text[]);"""
 
 
 class Psycopg2Store(CoreStore):
@@ -134,7 +150,11 @@ class Psycopg2Store(CoreStore):
         return (found[0].value, found[0].cycle) if found else None
 
     def write(
-        self, updates: Sequence[CounterUpdate], rows: Sequence[dict[str, Any]], now: datetime
+        self,
+        updates: Sequence[CounterUpdate],
+        rows: Sequence[dict[str, Any]],
+        now: datetime,
+        records: Sequence[dict[str, Any]] = (),
     ) -> None:
         statements: list[str] = []
         params: dict[str, Any] = {"now": now}
@@ -142,14 +162,29 @@ class Psycopg2Store(CoreStore):
         # (a joined UPDATE would apply an arbitrary one of two rows for the same counter).
         counters = list({update.counter_id: update for update in updates}.values())
         if len(counters) == 1:
-            [(counter_id, last, cycle)] = counters
+            [(counter_id, last, cycle, link, head)] = counters
             statements.append(_UPDATE_COUNTER)
-            params.update(counter_id=counter_id, counter_last=last, counter_cycle=cycle)
+            params.update(
+                counter_id=counter_id,
+                counter_last=last,
+                counter_cycle=cycle,
+                counter_link=link,
+                counter_head=head,
+            )
         elif counters:
             statements.append(_UPDATE_COUNTERS)
-            params["counter_ids"] = [counter_id for counter_id, _, _ in counters]
-            params["counter_lasts"] = [last for _, last, _ in counters]
-            params["counter_cycles"] = [cycle for _, _, cycle in counters]
+            params["counter_ids"] = [counter.counter_id for counter in counters]
+            params["counter_lasts"] = [counter.last_value for counter in counters]
+            params["counter_cycles"] = [counter.cycle for counter in counters]
+            params["counter_links"] = [counter.chain_link for counter in counters]
+            params["counter_heads"] = [counter.chain_head for counter in counters]
+        if records:
+            statements.append(_INSERT_CHAIN)
+            params["chain_counters"] = [r["sequence_id"] for r in records]
+            params["chain_links"] = [r["link"] for r in records]
+            params["chain_kinds"] = [r["kind"] for r in records]
+            params["chain_records"] = [r["record"] for r in records]
+            params["chain_fingerprints"] = [r["fingerprint"] for r in records]
         if rows:
             statements.append(_INSERT_LEDGER)
             for column in _LEDGER_ARRAYS:

@@ -23,7 +23,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Executable
 
-from numbering.backends.base import Backend, Durability, SessionOptions
+from numbering.backends.base import (
+    CHAIN_APPEND_ONLY,
+    Backend,
+    Durability,
+    SessionOptions,
+    only_a_void_or_chaining,
+)
 from numbering.errors import DatabaseError, KeyRaceConflict, LockNotAvailable, NumberingError
 from numbering.schema import LEDGER_KEY_CONSTRAINT, SEQUENCE_NAME_CONSTRAINT, sequences
 
@@ -168,24 +174,43 @@ class SQLite(Backend):
     def consumer_lock(self, engine: Engine, queue: str) -> FileLock:
         return FileLock(engine, queue)
 
-    def ledger_triggers(self) -> list[str]:
-        return [
+    def ledger_triggers(self, chain: bool = False) -> list[str]:
+        allowed = only_a_void_or_chaining("IS") if chain else _ONLY_A_VOID
+        ddl = [
             f"""
     CREATE TRIGGER numbering_ledger_no_delete BEFORE DELETE ON numbering_ledger
     BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END
     """,
             f"""
     CREATE TRIGGER numbering_ledger_only_void BEFORE UPDATE ON numbering_ledger
-    WHEN NOT ({_ONLY_A_VOID})
+    WHEN NOT ({allowed})
     BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END
     """,
         ]
+        if chain:
+            ddl += [
+                f"""
+    CREATE TRIGGER numbering_chain_no_delete BEFORE DELETE ON numbering_chain
+    BEGIN SELECT RAISE(ABORT, '{CHAIN_APPEND_ONLY}'); END
+    """,
+                f"""
+    CREATE TRIGGER numbering_chain_no_update BEFORE UPDATE ON numbering_chain
+    BEGIN SELECT RAISE(ABORT, '{CHAIN_APPEND_ONLY}'); END
+    """,
+            ]
+        return ddl
 
-    def drop_ledger_triggers(self) -> list[str]:
-        return [
+    def drop_ledger_triggers(self, chain: bool = False) -> list[str]:
+        ddl = [
             "DROP TRIGGER numbering_ledger_no_delete",
             "DROP TRIGGER numbering_ledger_only_void",
         ]
+        if chain:
+            ddl += [
+                "DROP TRIGGER numbering_chain_no_delete",
+                "DROP TRIGGER numbering_chain_no_update",
+            ]
+        return ddl
 
     def durability(self, engine: Engine, *, allow_async_standby: bool = False) -> Durability:
         with engine.connect() as connection:

@@ -24,7 +24,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import insert, update
+from sqlalchemy.orm import Session
 
+from numbering.chaining import append_records, open_chain
 from numbering.errors import InvalidRequestError
 from numbering.schema import STATUS_ASSIGNED, ledger, sequences
 from numbering.sequences import SequenceInfo, _find
@@ -74,19 +76,28 @@ def agree(
             "(docs/django.md, 'The bounds are stored with the sequence')"
         )
     now = datetime.now(timezone.utc)
+    block: dict[str, Any] | None = None
     if before >= initial_value:  # django-sequences' values of this cycle, as one block
-        bind.execute(
-            insert(ledger).values(
-                sequence_id=row.id,
-                cycle=0,
-                value=initial_value,
-                count=before - initial_value + 1,
-                request_key=f"takeover:{name}:{row.id}",
-                reference={"taken_over_from": "django-sequences"},
-                status=STATUS_ASSIGNED,
-                assigned_at=now,
-            )
-        )
+        block = {
+            "sequence_id": row.id,
+            "cycle": 0,
+            "value": initial_value,
+            "count": before - initial_value + 1,
+            "request_key": f"takeover:{name}:{row.id}",
+            "reference": {"taken_over_from": "django-sequences"},
+            "status": STATUS_ASSIGNED,
+            "assigned_at": now,
+            "formatted": None,
+        }
+    chain = open_chain(row, now, initial_value=initial_value)
+    if chain is not None:
+        if row.chain_link:  # started before this call: the chain says the bounds changed
+            chain.append("bounds", initial_value=initial_value, reset_value=reset_value, at=now)
+        if block is not None:
+            chain.chain_row(block)
+        append_records(bind.connection() if isinstance(bind, Session) else bind, chain)
+    if block is not None:
+        bind.execute(insert(ledger).values(block))
     bind.execute(
         update(sequences)
         .where(sequences.c.id == row.id)

@@ -29,7 +29,7 @@ from numbering import (
     create_sequence,
 )
 from numbering.errors import InvalidCountError, SequenceFrozenError
-from numbering.plan import new_key
+from numbering.plan import Request, new_key
 from numbering.validation import MAX_INT64
 
 #: Round trips the one-step path makes, by engine (SQLite has none: general path). On
@@ -236,12 +236,14 @@ def test_mariadb_reads_only_the_named_counter(mariadb_url: str) -> None:
     WHERE, MariaDB picked that index on a small table and locked every sequence:
     deadlocks in `make bench-mariadb`)."""
     from numbering.backends.mysql import _TAKE_PLAIN_ONE_TRIP, _TAKE_PLAIN_UPDATE
+    from numbering.chaining import chain_parts
 
     engine = create_engine(mariadb_url)
     numbers = Allocator(engine)
     for i in range(5):
         numbers.create_sequence(f"s{i}")
     params = {"name": "s0", "count": 1, "now": "2026-12-07 00:00:00", "key": "k"}
+    params.update(chain_parts(Request("k"), datetime.now(timezone.utc)))  # the row's record
     insert, update = _TAKE_PLAIN_ONE_TRIP.split(";\n")
     with engine.connect() as conn:
         conn.exec_driver_sql("SET @numbering_key = 'k'")  # as the INSERT leaves it
@@ -292,7 +294,6 @@ def test_mariadb_separate_statements_agree(mariadb_url: str) -> None:
     """Through drivers without multi-statements (PyMySQL) the one-step path sends the
     UPDATE and the INSERT as two statements: the same blocks, loops and refusals."""
     from numbering.backends import backend_for
-    from numbering.plan import Request
     from numbering.store import CoreStore
 
     engine = create_engine(mariadb_url)

@@ -3,11 +3,14 @@ with no database (numbering.plan)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import pytest
 
+from numbering import chain
+from numbering.chaining import assign_record
 from numbering.errors import (
     InvalidCountError,
     InvalidPolicyError,
@@ -19,6 +22,7 @@ from numbering.plan import (
     Assignment,
     CounterUpdate,
     Outcome,
+    Planned,
     Prior,
     Request,
     assign_groups,
@@ -43,6 +47,8 @@ class Row:
     format: str | None = None
     period: str | None = None
     timezone: str | None = None
+    chain_link: int | None = 0  # a counter created since chains: not started
+    chain_head: str | None = chain.GENESIS
 
 
 def plan(
@@ -58,6 +64,12 @@ def plan(
         counters[key] = (periods or {}).get(key) or Row(100 + len(counters), f"{seq.name}/{key}")
     planned = assign_groups(seq.name, seq, requests, done, counters, NOW)
     return planned.outcomes, planned.rows, planned.updates
+
+
+def planned(seq: Row, requests: list[Request]) -> Planned:
+    """Step 2's whole result for a sequence without periods."""
+    done = sort_requests(seq.name, seq, requests, {}, {})
+    return assign_groups(seq.name, seq, requests, done, {}, NOW)
 
 
 def blocks(outcomes: list[Outcome]) -> list[object]:
@@ -76,7 +88,7 @@ def test_new_requests_get_consecutive_blocks_and_one_counter_update() -> None:
         (1, 11, 3, "b"),
         (1, 14, 1, "c"),
     ]
-    assert updates == [CounterUpdate(1, 14, 0)]
+    assert [update[:3] for update in updates] == [(1, 14, 0)]
 
 
 def test_a_resend_gets_its_block_and_writes_nothing() -> None:
@@ -126,7 +138,7 @@ def test_a_looping_sequence_wraps_and_refuses_a_block_that_straddles_the_wrap() 
     seq = Row(1, "seconds", initial_value=0, reset_value=3, last_value=1)
     outcomes, _, updates = plan(seq, [Request("a"), Request("b"), Request("c", 2)])
     assert blocks(outcomes) == [(2, 1, 0, False), (0, 1, 1, False), (1, 2, 1, False)]
-    assert updates == [CounterUpdate(1, 2, 1)]
+    assert [update[:3] for update in updates] == [(1, 2, 1)]
     [straddles] = plan(replace(seq, last_value=0), [Request("d", 3)])[0]
     assert isinstance(straddles, InvalidCountError)
     assert "does not fit in the 2 value(s) left" in str(straddles)
@@ -138,14 +150,17 @@ def test_exhaustion_fails_the_requests_that_do_not_fit_and_keeps_the_rest() -> N
     outcomes, _, updates = plan(seq, [Request("a", 3), Request("b"), Request("c")])
     assert isinstance(outcomes[0], SequenceExhaustedError)
     assert blocks(outcomes)[1:] == [(top - 1, 1, 0, False), (top, 1, 0, False)]
-    assert updates == [CounterUpdate(1, top, 0)]
+    assert [update[:3] for update in updates] == [(1, top, 0)]
     [after] = plan(replace(seq, last_value=top), [Request("d")])[0]
     assert isinstance(after, SequenceExhaustedError)
 
 
 def test_periods_draw_from_their_own_counters_in_key_order() -> None:
     seq = Row(1, "fy", period="year", format="INV-{year}-{number:03d}")
-    periods = {"2025": Row(20, "fy/2025", last_value=4), "2026": Row(21, "fy/2026")}
+    periods = {
+        "2025": Row(20, "fy/2025", last_value=4, chain_link=None),  # numbers predate chains
+        "2026": Row(21, "fy/2026"),
+    }
     requests = [
         Request("a", date="2026-02-01"),
         Request("b", date="2025-12-31"),
@@ -158,7 +173,47 @@ def test_periods_draw_from_their_own_counters_in_key_order() -> None:
         (2, "2026", "INV-2026-002"),
     ]
     assert [r["sequence_id"] for r in rows] == [20, 21, 21]
-    assert updates == [CounterUpdate(20, 5, 0), CounterUpdate(21, 2, 0)]
+    assert [update[:3] for update in updates] == [(20, 5, 0), (21, 2, 0)]
+    # 2025's counter gave numbers before chains: its row stays unchained; 2026's first
+    # numbers start its chain (link 1 is the start record).
+    assert [r["link"] for r in rows] == [None, 2, 3]
+    assert [r["fingerprint"] is None for r in rows] == [True, False, False]
+    assert [update.chain_link for update in updates] == [None, 3]
+
+
+def test_rows_are_chained_in_order_after_the_counter_s_head() -> None:
+    """A counter's first number starts its chain; the next batch continues from the
+    head the first left on the counter, and the verifier accepts the whole chain and
+    names a changed record."""
+    seq = Row(1, "invoices")
+    first = planned(seq, [Request("a", reference={"total": 1.5}), Request("b", 2)])
+    [start] = first.records
+    assert (start["kind"], start["link"]) == ("start", 1)
+    assert [r["link"] for r in first.rows] == [2, 3]
+    [update] = first.updates
+    assert update.chain_head == first.rows[-1]["fingerprint"]
+    after = replace(seq, last_value=3, chain_link=update.chain_link, chain_head=update.chain_head)
+    second = planned(after, [Request("c")])
+    assert second.records == []
+    assert [r["link"] for r in second.rows] == [4]
+    exported = [{**json.loads(start["record"]), "fingerprint": start["fingerprint"]}]
+    exported += [
+        {**assign_record(row, row["link"]), "fingerprint": row["fingerprint"]}
+        for row in first.rows + second.rows
+    ]
+    [report] = chain.verify(enumerate(exported, 1))
+    assert report.ok, report.problems
+    assert (report.links, report.assignments, report.head) == (4, 3, second.rows[-1]["fingerprint"])
+    exported[1]["reference"] = {"total": 2.5}
+    [report] = chain.verify(enumerate(exported, 1))
+    assert [problem.split(":")[0] for problem in report.problems] == ["line 2"]
+
+
+def test_a_counter_whose_numbers_predate_chains_stays_unchained() -> None:
+    found = planned(Row(1, "old", last_value=7, chain_link=None, chain_head=None), [Request("a")])
+    assert found.records == []
+    assert found.rows[0]["link"] is None
+    assert found.updates == [CounterUpdate(1, 8, 0, None, None)]
 
 
 def test_frozen_sequences_and_periods_assign_nothing() -> None:
