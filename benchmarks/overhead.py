@@ -33,19 +33,22 @@ import psycopg2
 
 from benchmarks.cpu import print_audit
 from benchmarks.run import prepare_database
-from numbering import Allocator, create_engine
+from numbering import Allocator, chain, create_engine
 from numbering.backends.psycopg2 import _INSERT_LEDGER, _LOCK_AND_LOOK_UP, _UPDATE_COUNTER
+from numbering.chaining import assign_record
 
 _PREPARE = [
     "PREPARE numbering_lock(text[], text[]) AS "
     + _LOCK_AND_LOOK_UP.split(";\n", 1)[1].replace("%(keys)s", "$2").replace("%(names)s", "$1"),
-    "PREPARE numbering_update(bigint, bigint, timestamptz, bigint) AS UPDATE numbering_sequence "
-    "SET last_value = $1, cycle = $2, updated_at = $3 WHERE id = $4",
+    "PREPARE numbering_update(bigint, bigint, timestamptz, bigint, bigint, text) AS "
+    "UPDATE numbering_sequence SET last_value = $1, cycle = $2, updated_at = $3, "
+    "chain_link = $5, chain_head = $6 WHERE id = $4",
     "PREPARE numbering_insert(timestamptz, bigint[], bigint[], bigint[], bigint[], text[], "
-    "jsonb[], text[], text[]) AS "
+    "jsonb[], text[], text[], bigint[], text[]) AS "
     + _INSERT_LEDGER.replace("%(now)s", "$1").split("FROM unnest(")[0]
-    + "FROM unnest($2, $3, $4, $5, $6, $7, $8, $9) "
-    "AS r(sequence_id, cycle, value, count, request_key, reference, status, formatted)",
+    + "FROM unnest($2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+    "AS r(sequence_id, cycle, value, count, request_key, reference, status, formatted, link, "
+    "fingerprint)",
 ]
 
 
@@ -93,11 +96,21 @@ class RawNumbers:
         if row["numbering_priors"]:
             raise RuntimeError(f"key {key!r} is already in the ledger")
         value = row["initial_value"] if row["last_value"] is None else row["last_value"] + 1
+        now = dt.datetime.now(dt.timezone.utc)
+        # Chained as numbering chains it (the sequence's chain started when it was made).
+        link = row["chain_link"] + 1
+        written = {
+            "cycle": row["cycle"], "value": value, "count": 1, "request_key": key,
+            "reference": None, "formatted": None, "assigned_at": now, "status": "assigned",
+        }  # fmt: skip
+        fingerprint = chain.fingerprint(row["chain_head"], assign_record(written, link))
         params = {
-            "now": dt.datetime.now(dt.timezone.utc),
+            "now": now,
             "counter_id": row["id"],
             "counter_last": value,
             "counter_cycle": row["cycle"],
+            "counter_link": link,
+            "counter_head": fingerprint,
             "sequence_id": [row["id"]],
             "cycle": [row["cycle"]],
             "value": [value],
@@ -106,14 +119,17 @@ class RawNumbers:
             "reference": [None],
             "status": ["assigned"],
             "formatted": [None],
+            "link": [link],
+            "fingerprint": [fingerprint],
         }
         if self.prepared:
             writes = (
                 "EXECUTE numbering_update(%(counter_last)s, %(counter_cycle)s, %(now)s, "
-                "%(counter_id)s); "
+                "%(counter_id)s, %(counter_link)s, %(counter_head)s); "
                 "EXECUTE numbering_insert(%(now)s, %(sequence_id)s::bigint[], %(cycle)s::bigint[], "
                 "%(value)s::bigint[], %(count)s::bigint[], %(request_key)s::text[], "
-                "%(reference)s::jsonb[], %(status)s::text[], %(formatted)s::text[]); COMMIT"
+                "%(reference)s::jsonb[], %(status)s::text[], %(formatted)s::text[], "
+                "%(link)s::bigint[], %(fingerprint)s::text[]); COMMIT"
             )
         else:
             writes = _UPDATE_COUNTER + "\n" + _INSERT_LEDGER + ";\nCOMMIT"

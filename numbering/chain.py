@@ -104,9 +104,9 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _escape(text: str) -> str:
-    # json.dumps with ensure_ascii=False escapes exactly what the encoding says.
-    return json.dumps(text, ensure_ascii=False)
+#: A string as the encoding writes it: json's own (C) string encoder, which escapes
+#: exactly ", \ and U+0000-U+001F and keeps every other character.
+_escape = json.encoder.encode_basestring
 
 
 def _number(number: float) -> str:
@@ -138,23 +138,27 @@ def _number(number: float) -> str:
 def canonical(value: Any) -> str:
     """``value`` (what JSON holds: dict, list, str, int, float, bool, None) as canonical
     JSON text (see the module doc)."""
+    kind = type(value)
+    if kind is str:
+        return _escape(value)
     if value is None:
         return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
         return str(value)
-    if isinstance(value, float):
-        return _number(value)
-    if isinstance(value, str):
-        return _escape(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(canonical(item) for item in value) + "]"
-    if isinstance(value, dict):
+    if kind is dict:
         items = sorted((str(key), item) for key, item in value.items())
-        return "{" + ",".join(f"{_escape(key)}:{canonical(item)}" for key, item in items) + "}"
+        return "{" + ",".join([_escape(key) + ":" + canonical(item) for key, item in items]) + "}"
+    if kind is float:
+        return _number(value)
+    if kind is list or kind is tuple:
+        return "[" + ",".join([canonical(item) for item in value]) + "]"
+    # Subclasses (an IntEnum, an OrderedDict) as their JSON kind.
+    bases: tuple[Any, ...] = (int, float, str, dict, list, tuple)
+    for base in bases:
+        if isinstance(value, base):
+            return canonical(base(value))
     raise ChainProblem(f"{type(value).__name__} cannot be written in JSON")
 
 

@@ -767,6 +767,10 @@ def demo(ctx: click.Context) -> None:
             f"audit {report.sequence}: {state}: {report.values} value(s) in "
             f"{report.assignments} assignment(s), gapless: {'yes' if report.ok else 'no'}"
         )
+        if report.chain:
+            click.echo(
+                f"  hash chain: {report.chain} (numbering chain head, docs/tamper-evidence.md)"
+            )
         for problem in report.problems:
             click.echo(f"  - {problem}")
     if not all(report.ok for report in reports):

@@ -137,7 +137,7 @@ def audit(connection: Connection, name: str | None = None) -> list[AuditReport]:
 
 def _audit_one(connection: Connection, seq: Any) -> AuditReport:
     report = AuditReport(seq.name, seq.last_value, seq.cycle)
-    rows = connection.execution_options(yield_per=STREAM_CHUNK).execute(
+    rows = connection.execute(
         select(
             ledger.c.cycle,
             ledger.c.value,
@@ -148,6 +148,7 @@ def _audit_one(connection: Connection, seq: Any) -> AuditReport:
         )
         .where(ledger.c.sequence_id == seq.id)
         .order_by(ledger.c.cycle, ledger.c.value)
+        .execution_options(yield_per=STREAM_CHUNK)
     )
     cycle = 0
     expected = seq.initial_value  # the next value the ledger should hold
@@ -229,10 +230,11 @@ def _walk_chain(connection: Connection, seq: Any) -> Iterator[_Link]:
         parsed.append(_Link(other.link, found, other.fingerprint))
         if found.get("kind") == "void" and isinstance(found.get("request_key"), str):
             voided_later[found["request_key"]] = found
-    rows = connection.execution_options(yield_per=STREAM_CHUNK).execute(
+    rows = connection.execute(
         select(ledger)
         .where(ledger.c.sequence_id == seq.id, ledger.c.link.is_not(None))
         .order_by(ledger.c.link)
+        .execution_options(yield_per=STREAM_CHUNK)
     )
     pending = iter(parsed)
     other = next(pending, None)
@@ -292,6 +294,7 @@ def _audit_chain(connection: Connection, seq: Any, report: AuditReport) -> None:
         return
     head, expected, count, start = GENESIS, 1, 0, None
     name = None
+    voids: list[_Link] = []
     before = len(report.problems) + report.unlisted_problems
     for item in _walk_chain(connection, seq):
         count += 1
@@ -321,8 +324,10 @@ def _audit_chain(connection: Connection, seq: Any, report: AuditReport) -> None:
         elif kind == "rename":
             name = item.record.get("counter")
         elif kind == "void" and item.row is None:
-            _check_void(connection, seq, item, report)
+            voids.append(item)  # checked once the rows' stream is read
         head, expected = item.fingerprint or computed, item.link + 1
+    for item in voids:
+        _check_void(connection, seq, item, report)
     if start is None:
         report.problem("chain: it has no start record")
     elif name != seq.name:
@@ -412,10 +417,11 @@ def export(
 
 
 def _export_one(connection: Connection, seq: Any) -> Iterator[dict[str, Any]]:
-    rows = connection.execution_options(yield_per=STREAM_CHUNK).execute(
+    rows = connection.execute(
         select(ledger)
         .where(ledger.c.sequence_id == seq.id)
         .order_by(ledger.c.cycle, ledger.c.value)
+        .execution_options(yield_per=STREAM_CHUNK)
     )
     for row in rows:
         data = row._mapping  # by name: Row.count is tuple.count

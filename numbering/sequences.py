@@ -43,7 +43,7 @@ from numbering.policies import (
     period_name,
     render,
 )
-from numbering.schema import as_utc, ledger, sequences
+from numbering.schema import as_utc, chain_records, ledger, sequences
 from numbering.validation import (
     MAX_INT64,
     MAX_NAME_LENGTH,
@@ -377,11 +377,23 @@ def delete_sequence(bind: Bind, name: str) -> SequenceInfo:
         ).scalar_one()
         if used:
             raise SequenceInUseError(name, int(used))
-        bind.execute(delete(sequences).where(sequences.c.parent_id == seq.id))
-        bind.execute(delete(sequences).where(sequences.c.id == seq.id))
+        _delete_counters(bind, seq.id)
     except DBAPIError as exc:
         raise translate_error(exc) from exc
     return info
+
+
+def _delete_counters(bind: Bind, sequence_id: int) -> None:
+    """Delete a sequence that never gave a number: its period counters, the start of
+    its chain (which holds nothing else), and its own row."""
+    counters = select(sequences.c.id).where(
+        (sequences.c.id == sequence_id) | (sequences.c.parent_id == sequence_id)
+    )
+    bind.execute(
+        delete(chain_records).where(chain_records.c.sequence_id.in_(counters.scalar_subquery()))
+    )
+    bind.execute(delete(sequences).where(sequences.c.parent_id == sequence_id))
+    bind.execute(delete(sequences).where(sequences.c.id == sequence_id))
 
 
 def archive_sequence(bind: Bind, name: str) -> str | None:
@@ -406,8 +418,7 @@ def archive_sequence(bind: Bind, name: str) -> str | None:
             )
         ).scalar_one()
         if not used:
-            bind.execute(delete(sequences).where(sequences.c.parent_id == seq.id))
-            bind.execute(delete(sequences).where(sequences.c.id == seq.id))
+            _delete_counters(bind, seq.id)
             return name
         now = datetime.now(UTC)
         suffix = f":deleted:{now:%Y%m%dT%H%M%S%f}"

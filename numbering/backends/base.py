@@ -144,6 +144,14 @@ def only_a_void_or_chaining(same: str) -> str:
 
 #: What the chain table's triggers say to an UPDATE or a DELETE.
 CHAIN_APPEND_ONLY = "numbering_chain is append-only: its records are never deleted or changed"
+#: The one DELETE the chain table takes: the start of a chain that holds nothing else,
+#: with its counter (a sequence created by mistake and deleted before it gave a number).
+CHAIN_START_ALONE = (
+    "OLD.kind = 'start' AND OLD.link = 1 "
+    "AND NOT EXISTS (SELECT 1 FROM numbering_ledger WHERE sequence_id = OLD.sequence_id) "
+    "AND EXISTS (SELECT 1 FROM numbering_sequence WHERE id = OLD.sequence_id "
+    "AND chain_link = 1)"
+)
 
 
 def driver_error(dialect: sa.Dialect, exc: Exception) -> sa.exc.DBAPIError:

@@ -35,6 +35,7 @@ from sqlalchemy.sql import Executable
 from numbering import errors
 from numbering.backends.base import (
     CHAIN_APPEND_ONLY,
+    CHAIN_START_ALONE,
     Backend,
     Durability,
     SessionLock,
@@ -405,7 +406,8 @@ class MySQL(Backend):
         if chain:
             ddl += [
                 "CREATE TRIGGER numbering_chain_no_delete BEFORE DELETE ON numbering_chain "
-                f"FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{CHAIN_APPEND_ONLY}'",
+                f"FOR EACH ROW BEGIN IF NOT ({CHAIN_START_ALONE}) THEN "
+                f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{CHAIN_APPEND_ONLY}'; END IF; END",
                 "CREATE TRIGGER numbering_chain_no_update BEFORE UPDATE ON numbering_chain "
                 f"FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{CHAIN_APPEND_ONLY}'",
             ]

@@ -26,6 +26,7 @@ from sqlalchemy.sql import Executable
 
 from numbering.backends.base import (
     CHAIN_APPEND_ONLY,
+    CHAIN_START_ALONE,
     Backend,
     ChunkIds,
     Durability,
@@ -526,6 +527,11 @@ class PostgreSQL(Backend):
                 f"""
     CREATE FUNCTION numbering_chain_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
+        IF TG_OP = 'DELETE' THEN
+            IF {CHAIN_START_ALONE} THEN
+                RETURN OLD;
+            END IF;
+        END IF;
         RAISE EXCEPTION '{CHAIN_APPEND_ONLY}' USING ERRCODE = '55000';
     END $$
     """,

@@ -25,6 +25,7 @@ from sqlalchemy.sql import Executable
 
 from numbering.backends.base import (
     CHAIN_APPEND_ONLY,
+    CHAIN_START_ALONE,
     Backend,
     Durability,
     SessionOptions,
@@ -191,6 +192,7 @@ class SQLite(Backend):
             ddl += [
                 f"""
     CREATE TRIGGER numbering_chain_no_delete BEFORE DELETE ON numbering_chain
+    WHEN NOT ({CHAIN_START_ALONE})
     BEGIN SELECT RAISE(ABORT, '{CHAIN_APPEND_ONLY}'); END
     """,
                 f"""

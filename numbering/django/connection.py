@@ -12,6 +12,7 @@ django-sequences' counter row.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import _AdhocProxiedConnection
 
@@ -65,6 +67,20 @@ class _DjangoSQLiteDateTime(sqlite.DATETIME):
         return process
 
 
+def _decoded(json_type: Any) -> Any:
+    """``json_type`` (a dialect's JSON type) with its values decoded when the driver
+    gives them as text."""
+
+    class _Decoded(json_type):
+        def result_processor(self, dialect: Any, coltype: Any) -> Any:
+            def process(value: Any) -> Any:
+                return json.loads(value) if isinstance(value, str) else value
+
+            return process
+
+    return _Decoded
+
+
 class _Proxy(_AdhocProxiedConnection):
     """SQLAlchemy's ad hoc proxy, with the per-connection ``info`` numbering's backends
     keep state in (for this borrowing only)."""
@@ -98,6 +114,16 @@ def _engine_for(vendor: str, driver: str) -> Engine:
                 engine.dialect.colspecs = {
                     **engine.dialect.colspecs,
                     sa.DateTime: _DjangoSQLiteDateTime,
+                }
+            if vendor == "postgresql":
+                # Django's PostgreSQL connections hand json and jsonb back as text (its
+                # JSONField decodes them): decode them here, as SQLAlchemy's own
+                # connections would have (a reference read back, its fingerprint).
+                colspecs = engine.dialect.colspecs
+                engine.dialect.colspecs = {
+                    **colspecs,
+                    sa.JSON: _decoded(colspecs.get(sa.JSON, sa.JSON)),
+                    JSONB: _decoded(colspecs.get(JSONB, JSONB)),
                 }
             # Django owns the transaction: SQLAlchemy's own begin, commit and rollback do
             # nothing on these engines (they never hold a connection of their own).

@@ -49,6 +49,7 @@ def test_benchmark_smoke_run(pg_empty_url: str, tmp_path: Path) -> None:
         "numbering (fleet of 2)",
         "numbering (redis, 2 batches in flight)",
         "numbering (redis, replies in another database)",
+        "numbering (redis, no hash chain)",
     ):
         assert f"| {system}" in report
     assert "Result: every ledger gapless." in report
