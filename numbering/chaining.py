@@ -30,6 +30,7 @@ __all__ = [
     "ChainWriter",
     "append_records",
     "assign_record",
+    "chain_parts",
     "locked_chain",
     "open_chain",
     "stored_reference",

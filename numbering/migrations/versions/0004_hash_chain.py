@@ -82,8 +82,6 @@ def downgrade() -> None:
     backend = backend_for(op.get_bind())
     for statement in backend.drop_ledger_triggers(chain=True):
         op.execute(statement)
-    for statement in backend.ledger_triggers():
-        op.execute(statement)
     op.drop_table("numbering_chain")
     op.drop_index("uq_numbering_ledger_link", "numbering_ledger")
     with op.batch_alter_table("numbering_ledger") as table:
@@ -92,3 +90,5 @@ def downgrade() -> None:
     with op.batch_alter_table("numbering_sequence") as table:
         table.drop_column("chain_head")
         table.drop_column("chain_link")
+    for statement in backend.ledger_triggers():  # revision 0002's, last
+        op.execute(statement)
