@@ -17,19 +17,21 @@ The counter row keeps the chain's last link and fingerprint (``chain_link``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from numbering.chain import VERSION, canonical, fingerprint, record
+from numbering.chain import VERSION, canonical, fingerprint, format_time, record
 
 __all__ = [
     "ChainWriter",
     "append_records",
     "assign_record",
+    "assign_text",
     "chain_parts",
     "locked_chain",
     "open_chain",
@@ -68,6 +70,35 @@ def assign_record(row: Any, link: int, *, voided_later: bool = False) -> dict[st
     )
 
 
+def _time(moment: datetime | None) -> str:
+    """:func:`numbering.chain.format_time` as JSON, quicker for the common case."""
+    if moment is None:
+        return "null"
+    if moment.tzinfo is timezone.utc:
+        return f'"{moment.isoformat(timespec="microseconds")[:-6]}Z"'
+    return f'"{format_time(moment)}"'
+
+
+def assign_text(row: Any, link: int, *, voided_later: bool = False) -> str:
+    """The canonical text of :func:`assign_record` (``canonical(assign_record(...))``,
+    which a unit test holds it to), written straight out: the worker chains every row
+    it writes, and the generic encoder cost about 10 us a row."""
+    voided = not voided_later and row["status"] == _VOIDED
+    reference = row["reference"]
+    encoded = "null" if reference is None else canonical(stored_reference(reference))
+    status, reason, voided_at = '"assigned"', "null", "null"
+    if voided:
+        status = '"voided"'
+        reason, voided_at = canonical(row["void_reason"]), _time(row["voided_at"])
+    return (
+        f'{{"at":{_time(row["assigned_at"])},"count":{int(row["count"])},'
+        f'"cycle":{int(row["cycle"])},"formatted":{canonical(row["formatted"])},'
+        f'"kind":"assign","link":{int(link)},"reference":{encoded},'
+        f'"request_key":{canonical(row["request_key"])},"status":{status},'
+        f'"value":{int(row["value"])},"void_reason":{reason},"voided_at":{voided_at}}}'
+    )
+
+
 @dataclass
 class ChainWriter:
     """One counter's chain as a transaction extends it."""
@@ -99,7 +130,8 @@ class ChainWriter:
         in the chain and its fingerprint."""
         self.link += 1
         row["link"] = self.link
-        row["fingerprint"] = self.head = fingerprint(self.head, assign_record(row, self.link))
+        text = f"{self.head}\n{assign_text(row, self.link)}"
+        row["fingerprint"] = self.head = hashlib.sha256(text.encode()).hexdigest()
 
     def start(
         self, counter: Any, now: datetime, earlier: int = 0, initial_value: int | None = None
